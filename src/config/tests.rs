@@ -1,0 +1,357 @@
+use super::*;
+
+fn parse_svc(text: &str) -> Result<Vec<ServiceSpec>, ConfigErrors> {
+    parse_services(
+        text,
+        Path::new("svc.toml"),
+        &ServiceDefaults::default(),
+        &mut ServicesIndex::default(),
+    )
+}
+
+fn one_error(text: &str) -> ConfigError {
+    let errs = parse_svc(text).expect_err("expected an error").0;
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    errs.into_iter().next().unwrap()
+}
+
+#[test]
+fn every_shipped_config_file_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        if text.contains("[[service]]")
+            || path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("services")
+        {
+            parse_svc(&text).unwrap_or_else(|e| panic!("{e}"));
+        } else {
+            let (config, _) = check(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert!(!config.sources.is_empty() || path.ends_with("dev.toml"));
+        }
+        seen += 1;
+    }
+    assert!(seen >= 2, "config/ must hold the shipped examples");
+}
+
+#[test]
+fn embedded_default_is_config_beacon_toml() {
+    let c = Config::embedded_default();
+    assert_eq!(c.dns.listen, "127.0.0.1:1053".parse().unwrap());
+    assert_eq!(c.dns.zone, "cluster.local");
+    assert_eq!(c.health.rise, 2);
+    assert_eq!(c.health.timeout, Duration::from_millis(500));
+    assert_eq!(
+        c.sources,
+        vec![SourceConfig::File {
+            path: "services.toml".into()
+        }]
+    );
+}
+
+#[test]
+fn contract_example_values_are_typed() {
+    let text = r#"
+[dns]
+listen = "127.0.0.1:1053"
+zone = "Cluster.Local."
+ttl = 5
+forward = ["127.0.0.53:53", "10.0.0.1"]
+forward_allow = ["127.0.0.0/8", "10.1.2.3"]
+cache_size = 10000
+[admin]
+listen = "127.0.0.1:9153"
+[health]
+interval = "1s"
+timeout = "500ms"
+rise = 2
+fall = 3
+[[source]]
+type = "file"
+path = "services.toml"
+[[source]]
+type = "docker"
+network = "demo"
+"#;
+    let c = Config::parse(text, Path::new("b.toml"), Path::new("/etc/beacon")).unwrap();
+    assert_eq!(c.dns.zone, "cluster.local");
+    assert_eq!(c.dns.forward[1], "10.0.0.1:53".parse().unwrap());
+    assert_eq!(c.dns.forward_allow[1], "10.1.2.3/32".parse().unwrap());
+    assert_eq!(
+        c.sources[0],
+        SourceConfig::File {
+            path: "/etc/beacon/services.toml".into()
+        }
+    );
+    assert_eq!(
+        c.sources[1],
+        SourceConfig::Docker {
+            socket: "/var/run/docker.sock".into(),
+            network: Some("demo".into())
+        }
+    );
+}
+
+#[test]
+fn unknown_key_lists_valid_keys_with_position() {
+    let errs = Config::parse(
+        "[dns]\nlisten = \"127.0.0.1:53\"\nlistn = 1\n",
+        Path::new("b.toml"),
+        Path::new(""),
+    )
+    .unwrap_err()
+    .0;
+    assert_eq!(errs.len(), 1);
+    let e = &errs[0];
+    assert_eq!((e.line, e.col), (3, 1), "{e}");
+    assert!(e.message.contains("unknown key `listn`"), "{e}");
+    assert!(
+        e.message.contains("`listen`") && e.message.contains("`zone`"),
+        "{e}"
+    );
+    assert!(e.to_string().starts_with("b.toml:3:1: "), "{e}");
+}
+
+#[test]
+fn bad_duration_and_rise_zero() {
+    let errs = Config::parse(
+        "[health]\ninterval = \"fast\"\n",
+        Path::new("b.toml"),
+        Path::new(""),
+    )
+    .unwrap_err()
+    .0;
+    assert_eq!(errs[0].line, 2);
+    let errs = Config::parse(
+        "[health]\nrise = 0\nfall = 0\n",
+        Path::new("b.toml"),
+        Path::new(""),
+    )
+    .unwrap_err()
+    .0;
+    assert_eq!(errs.len(), 2, "every error is reported: {errs:?}");
+    assert_eq!((errs[0].line, errs[0].col), (2, 8));
+    assert!(
+        errs[0]
+            .message
+            .contains("rise = 0 is out of range; allowed: 1 to 100")
+    );
+}
+
+#[test]
+fn unknown_source_type() {
+    let errs = Config::parse(
+        "[[source]]\ntype = \"consul\"\n",
+        Path::new("b.toml"),
+        Path::new(""),
+    )
+    .unwrap_err()
+    .0;
+    assert!(errs[0].message.contains("valid types: `file`, `docker`"));
+}
+
+#[test]
+fn services_file_full_example() {
+    let specs = parse_svc(
+        r#"
+[[service]]
+name = "Web"
+vip = "127.0.0.20"
+balance = "maglev"
+fail_open = true
+proxy_protocol = "v2"
+idle_timeout = "30s"
+  [[service.port]]
+  name = "http"
+  port = 80
+  target_port = 9001
+  [[service.endpoint]]
+  ip = "127.0.0.11"
+  hostname = "web-0"
+  weight = 3
+  [[service.endpoint]]
+  ip = "::1"
+  ready = false
+  port = 9101
+  [service.health]
+  kind = "http"
+  path = "/healthz"
+  rise = 1
+"#,
+    )
+    .unwrap();
+    let s = &specs[0];
+    assert_eq!(s.key, ServiceKey::new("default", "web"));
+    assert_eq!(s.balance, Balance::Maglev);
+    assert!(s.fail_open);
+    assert_eq!(s.proxy.proxy_protocol, Some(ProxyProtocol::V2));
+    assert_eq!(s.proxy.idle_timeout, Duration::from_secs(30));
+    assert_eq!(s.ports[0].target_port, 9001);
+    assert_eq!(s.endpoints[0].weight, 3);
+    assert_eq!(
+        s.endpoints[1].addr(&s.ports[0]),
+        "[::1]:9101".parse().unwrap()
+    );
+    assert!(!s.endpoints[1].ready);
+    assert_eq!(
+        s.health.probe,
+        ProbeKind::Http {
+            path: "/healthz".into(),
+            host: None
+        }
+    );
+    assert_eq!((s.health.rise, s.health.fall), (1, 3));
+}
+
+#[test]
+fn endpoint_ip_not_an_ip() {
+    let e = one_error("[[service]]\nname = \"web\"\n[[service.endpoint]]\nip = \"10.0.0.300\"\n");
+    assert_eq!((e.line, e.col), (4, 6));
+    assert!(
+        e.message
+            .contains("endpoint ip `10.0.0.300` is not an IP address"),
+        "{e}"
+    );
+}
+
+#[test]
+fn port_out_of_range() {
+    let e = one_error("[[service]]\nname = \"web\"\n[[service.port]]\nport = 70000\n");
+    assert_eq!((e.line, e.col), (4, 8));
+    assert!(e.message.contains("allowed: 1 to 65535"), "{e}");
+}
+
+#[test]
+fn duplicate_service_names_first_definition() {
+    let e = one_error("[[service]]\nname = \"web\"\n[[service]]\nname = \"WEB\"\n");
+    assert_eq!(e.line, 4);
+    assert!(
+        e.message
+            .contains("duplicate service `web.default` (first defined at svc.toml:2:8)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn duplicate_service_across_files() {
+    let mut index = ServicesIndex::default();
+    let d = ServiceDefaults::default();
+    parse_services(
+        "[[service]]\nname = \"web\"\n",
+        Path::new("a.toml"),
+        &d,
+        &mut index,
+    )
+    .unwrap();
+    let errs = parse_services(
+        "[[service]]\nname = \"web\"\n",
+        Path::new("b.toml"),
+        &d,
+        &mut index,
+    )
+    .unwrap_err()
+    .0;
+    assert!(
+        errs[0]
+            .to_string()
+            .starts_with("b.toml:2:8: duplicate service")
+    );
+    assert!(errs[0].message.contains("a.toml:2:8"));
+}
+
+#[test]
+fn two_services_claiming_one_listen_address() {
+    let text = r#"
+[[service]]
+name = "a"
+[[service.port]]
+port = 80
+listen = "127.0.0.1:8080"
+[[service]]
+name = "b"
+[[service.port]]
+port = 81
+listen = "127.0.0.1:8080"
+"#;
+    let e = one_error(text);
+    assert_eq!(e.line, 11);
+    assert!(
+        e.message.contains("already claimed by service `a.default`"),
+        "{e}"
+    );
+    // A vip:port collides with an explicit listen too.
+    let text = "[[service]]\nname = \"a\"\nvip = \"127.0.0.5\"\n[[service.port]]\nport = 80\n[[service]]\nname = \"b\"\n[[service.port]]\nport = 1\nlisten = \"127.0.0.5:80\"\n";
+    assert!(one_error(text).message.contains("127.0.0.5:80"));
+}
+
+#[test]
+fn unknown_balance_lists_policies() {
+    let e = one_error("[[service]]\nname = \"a\"\nbalance = \"fastest\"\n");
+    assert!(
+        e.message
+            .contains("`round_robin`, `least_conn`, `p2c`, `maglev`, `random`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_labels_and_duplicate_endpoints() {
+    let e = one_error("[[service]]\nname = \"web_1\"\n");
+    assert!(e.message.contains("not a valid DNS label"));
+    let e = one_error(
+        "[[service]]\nname = \"a\"\n[[service.endpoint]]\nip = \"10.0.0.1\"\n[[service.endpoint]]\nip = \"10.0.0.1\"\n",
+    );
+    assert_eq!(e.line, 6);
+    assert!(e.message.contains("listed twice"));
+}
+
+#[test]
+fn syntax_error_has_position() {
+    let e = one_error("[[service]]\nname = \"web\n");
+    assert_eq!(e.line, 2, "{e}");
+}
+
+#[test]
+fn unknown_endpoint_key() {
+    let e = one_error(
+        "[[service]]\nname = \"a\"\n[[service.endpoint]]\nip = \"10.0.0.1\"\nwieght = 2\n",
+    );
+    assert_eq!((e.line, e.col), (5, 1), "{e}");
+    assert!(
+        e.message.contains("unknown key `wieght`") && e.message.contains("`weight`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn check_reports_services_errors_with_their_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("beacon.toml"),
+        "[[source]]\ntype = \"file\"\npath = \"svc\"\n",
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("svc")).unwrap();
+    std::fs::write(dir.path().join("svc/a.toml"), "[[service]]\nname = \"a\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("svc/b.toml"),
+        "[[service]]\nname = \"b\"\nvip = \"x\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("svc/notes.txt"), "ignored").unwrap();
+    let errs = check(&dir.path().join("beacon.toml")).unwrap_err().0;
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].path.ends_with("svc/b.toml"));
+    assert_eq!(errs[0].line, 3);
+    std::fs::write(dir.path().join("svc/b.toml"), "[[service]]\nname = \"b\"\n").unwrap();
+    let (_, n) = check(&dir.path().join("beacon.toml")).unwrap();
+    assert_eq!(n, 2);
+}

@@ -1,0 +1,23 @@
+//! beacon: service discovery and load balancing for containers.
+//!
+//! Independent control loops around one consistent snapshot:
+//!
+//! ```text
+//!  sources/file ─┐                      ┌─► dns     (answers from the snapshot)
+//!  sources/docker├─ Update ─► registry ─┼─► proxy   (balancers rebuilt from the snapshot)
+//!  sources/dev  ─┘    ▲   (one writer,  └─► health  (probes what the snapshot lists)
+//!                     │    Arc<Snapshot>)      │
+//!                     └──── HealthEvent ───────┘
+//! ```
+//!
+//! - [`sources`] say what exists (`Reset`, then `Upsert`/`Remove`).
+//! - [`registry`] is the one writer; it publishes an immutable
+//!   [`model::Snapshot`] on a `watch` channel.
+//! - [`dns`], [`proxy`] and [`health`] each reconcile against the latest
+//!   snapshot; none of them imports another or any source. Only [`app`]
+//!   knows every part.
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod model;
+pub mod registry;

@@ -1,0 +1,439 @@
+//! The vocabulary every part of beacon shares: services, ports, endpoints,
+//! health, and the immutable [`Snapshot`] the registry publishes.
+//!
+//! No I/O lives here. Sources build [`ServiceSpec`]s (what exists), the
+//! registry combines them with [`Health`] (what is alive) into a
+//! [`Snapshot`], and DNS, proxy and health read that snapshot.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Identifies a service: `<name>.<namespace>`. Names are stored lower-case
+/// (DNS matching is case-insensitive and the config validator lower-cases).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServiceKey {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl ServiceKey {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_ascii_lowercase().into(),
+            name: name.to_ascii_lowercase().into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.name, self.namespace)
+    }
+}
+
+/// Which source said a service exists, e.g. `file:services.toml` or `docker`.
+pub type SourceId = Arc<str>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Port {
+    /// Port name, used for SRV (`_<name>._<proto>`). May be empty.
+    pub name: Arc<str>,
+    /// The service port: SRV answers and the vip listener.
+    pub port: u16,
+    /// The endpoints' port unless an endpoint overrides it.
+    pub target_port: u16,
+    pub protocol: Protocol,
+    /// Explicit proxy listener for this port.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastConn,
+    P2c,
+    Maglev,
+    Random,
+}
+
+impl Balance {
+    pub const ALL: [(&'static str, Balance); 5] = [
+        ("round_robin", Balance::RoundRobin),
+        ("least_conn", Balance::LeastConn),
+        ("p2c", Balance::P2c),
+        ("maglev", Balance::Maglev),
+        ("random", Balance::Random),
+    ];
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ProbeKind {
+    /// A TCP connect to the endpoint's port.
+    Tcp,
+    /// `GET path` with a Host header; healthy on 2xx/3xx.
+    Http {
+        path: Arc<str>,
+        host: Option<Arc<str>>,
+    },
+    /// Trust the source.
+    None,
+}
+
+/// The health check of a service, with defaults from `[health]` applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HealthSpec {
+    pub probe: ProbeKind,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successes to turn healthy.
+    pub rise: u32,
+    /// Consecutive failures to turn unhealthy.
+    pub fall: u32,
+    /// Interval while an endpoint is between states (HAProxy's `fastinter`).
+    #[serde(with = "humantime_serde")]
+    pub fast_interval: Duration,
+    /// Consecutive proxy connect failures that eject an endpoint (0: never).
+    pub eject_after: u32,
+    /// First ejection lasts this long; each further one doubles, capped.
+    #[serde(with = "humantime_serde")]
+    pub eject_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub eject_max: Duration,
+    /// At most this share (percent) of a service's endpoints ejected at once.
+    pub eject_max_percent: u8,
+    /// Whether a new endpoint starts healthy (before its first probe result).
+    pub start_healthy: bool,
+}
+
+impl Default for HealthSpec {
+    fn default() -> Self {
+        Self {
+            probe: ProbeKind::Tcp,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 3,
+            fast_interval: Duration::from_millis(250),
+            eject_after: 5,
+            eject_base: Duration::from_secs(30),
+            eject_max: Duration::from_secs(300),
+            eject_max_percent: 50,
+            start_healthy: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyProtocol {
+    V1,
+    V2,
+}
+
+/// Proxy behaviour of a service, with global defaults from `[proxy]` applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProxySpec {
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Connect attempts per client connection (each on another endpoint when possible).
+    pub connect_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Per-service cap on concurrent connections (None: only the global cap).
+    pub max_connections: Option<u32>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Close open connections to an endpoint when it leaves the serving set.
+    pub close_on_removal: bool,
+}
+
+impl Default for ProxySpec {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(2),
+            connect_attempts: 3,
+            idle_timeout: Duration::from_secs(3600),
+            max_connections: None,
+            proxy_protocol: None,
+            close_on_removal: false,
+        }
+    }
+}
+
+/// One backend of a service as its source describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    /// `<hostname>.<svc>.<ns>.svc.<zone>` resolves to this endpoint.
+    pub hostname: Option<Arc<str>>,
+    pub weight: u32,
+    /// What the source says (Kubernetes readiness, Docker HEALTHCHECK).
+    pub ready: bool,
+    /// Overrides every port's `target_port` for this endpoint.
+    pub port: Option<u16>,
+}
+
+impl Endpoint {
+    pub fn new(ip: IpAddr) -> Self {
+        Self {
+            ip,
+            hostname: None,
+            weight: 1,
+            ready: true,
+            port: None,
+        }
+    }
+
+    /// The address to connect to for a service port.
+    pub fn addr(&self, port: &Port) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port.unwrap_or(port.target_port))
+    }
+}
+
+/// What a source says about one service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceSpec {
+    pub key: ServiceKey,
+    /// ClusterIP-like address: A/AAAA answer it and the proxy listens on it.
+    pub vip: Option<IpAddr>,
+    pub balance: Balance,
+    pub ports: Vec<Port>,
+    /// Unique by `ip` within a service.
+    pub endpoints: Vec<Endpoint>,
+    pub health: HealthSpec,
+    pub proxy: ProxySpec,
+    /// Serve every endpoint when none is healthy (panic mode).
+    pub fail_open: bool,
+}
+
+impl ServiceSpec {
+    pub fn new(key: ServiceKey) -> Self {
+        Self {
+            key,
+            vip: None,
+            balance: Balance::default(),
+            ports: Vec::new(),
+            endpoints: Vec::new(),
+            health: HealthSpec::default(),
+            proxy: ProxySpec::default(),
+            fail_open: false,
+        }
+    }
+
+    pub fn is_headless(&self) -> bool {
+        self.vip.is_none()
+    }
+}
+
+/// The probe's verdict on an endpoint, after rise/fall hysteresis.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "reason")]
+pub enum ProbeState {
+    /// No verdict yet; counts as healthy when the spec says `start_healthy`.
+    #[default]
+    Unknown,
+    Up,
+    Down(Arc<str>),
+}
+
+/// Live health of one endpoint, as the health loop reported it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Health {
+    pub probe: ProbeState,
+    /// Passive ejection in force, with its reason (`ejected: 5 connect failures`).
+    pub ejected: Option<Arc<str>>,
+}
+
+/// One endpoint with its health and the combined verdict.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointState {
+    #[serde(flatten)]
+    pub endpoint: Endpoint,
+    pub health: Health,
+    /// ready in source AND probe healthy AND not ejected.
+    pub healthy: bool,
+    /// Why it is (not) healthy, for people.
+    pub reason: Arc<str>,
+}
+
+impl EndpointState {
+    pub fn new(endpoint: Endpoint, health: Health, spec: &HealthSpec) -> Self {
+        let (healthy, reason) = verdict(&endpoint, &health, spec);
+        Self {
+            endpoint,
+            health,
+            healthy,
+            reason,
+        }
+    }
+}
+
+/// The combined verdict: served only if the source says ready, the probe
+/// does not say down, and no passive ejection is in force.
+pub fn verdict(endpoint: &Endpoint, health: &Health, spec: &HealthSpec) -> (bool, Arc<str>) {
+    if !endpoint.ready {
+        return (false, "not ready in source".into());
+    }
+    if let Some(why) = &health.ejected {
+        return (false, why.clone());
+    }
+    match (&health.probe, &spec.probe) {
+        (_, ProbeKind::None) => (true, "ready in source (no probe)".into()),
+        (ProbeState::Down(why), _) => (false, why.clone()),
+        (ProbeState::Up, _) => (true, "probe passing".into()),
+        (ProbeState::Unknown, _) if spec.start_healthy => (true, "awaiting first probe".into()),
+        (ProbeState::Unknown, _) => (false, "awaiting first probe".into()),
+    }
+}
+
+/// A service as it is served right now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceState {
+    pub spec: Arc<ServiceSpec>,
+    pub source: SourceId,
+    /// Same order as `spec.endpoints`.
+    pub endpoints: Vec<EndpointState>,
+    /// True when no endpoint is healthy and `fail_open` serves them all.
+    pub panic: bool,
+}
+
+impl ServiceState {
+    pub fn new(spec: Arc<ServiceSpec>, source: SourceId, endpoints: Vec<EndpointState>) -> Self {
+        let panic = spec.fail_open && !endpoints.is_empty() && !endpoints.iter().any(|e| e.healthy);
+        Self {
+            spec,
+            source,
+            endpoints,
+            panic,
+        }
+    }
+
+    pub fn key(&self) -> &ServiceKey {
+        &self.spec.key
+    }
+
+    /// The endpoints DNS answers and the proxy connects to: the healthy
+    /// ones, or all of them in panic mode.
+    pub fn serving(&self) -> impl Iterator<Item = &EndpointState> + '_ {
+        let panic = self.panic;
+        self.endpoints.iter().filter(move |e| panic || e.healthy)
+    }
+
+    pub fn endpoint(&self, ip: IpAddr) -> Option<&EndpointState> {
+        self.endpoints.iter().find(|e| e.endpoint.ip == ip)
+    }
+}
+
+/// One consistent, immutable view of everything beacon serves. Published by
+/// the registry; readers hold an `Arc<Snapshot>` and never lock.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Snapshot {
+    /// Grows by one with every published change.
+    pub version: u64,
+    /// Every source has synced once (or the startup timeout passed).
+    pub ready: bool,
+    pub services: BTreeMap<ServiceKey, Arc<ServiceState>>,
+}
+
+impl Snapshot {
+    pub fn service(&self, key: &ServiceKey) -> Option<&Arc<ServiceState>> {
+        self.services.get(key)
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.services.values().map(|s| s.endpoints.len()).sum()
+    }
+}
+
+/// The outcome of one proxy connect attempt: the passive health signal the
+/// proxy reports and the health loop turns into ejections.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectOutcome {
+    pub service: ServiceKey,
+    pub ip: IpAddr,
+    pub success: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(ready: bool) -> Endpoint {
+        Endpoint {
+            ready,
+            ..Endpoint::new("127.0.0.1".parse().unwrap())
+        }
+    }
+
+    #[test]
+    fn verdict_needs_ready_probe_and_no_ejection() {
+        let spec = HealthSpec::default();
+        let up = Health {
+            probe: ProbeState::Up,
+            ejected: None,
+        };
+        assert!(verdict(&ep(true), &up, &spec).0);
+        assert_eq!(&*verdict(&ep(false), &up, &spec).1, "not ready in source");
+        let down = Health {
+            probe: ProbeState::Down("probe failed: connection refused 3/3".into()),
+            ejected: None,
+        };
+        assert_eq!(
+            verdict(&ep(true), &down, &spec),
+            (false, "probe failed: connection refused 3/3".into())
+        );
+        let ejected = Health {
+            probe: ProbeState::Up,
+            ejected: Some("ejected: 5 connect failures".into()),
+        };
+        assert!(!verdict(&ep(true), &ejected, &spec).0);
+    }
+
+    #[test]
+    fn unknown_probe_follows_start_healthy() {
+        let mut spec = HealthSpec::default();
+        assert!(verdict(&ep(true), &Health::default(), &spec).0);
+        spec.start_healthy = false;
+        assert!(!verdict(&ep(true), &Health::default(), &spec).0);
+    }
+
+    #[test]
+    fn fail_open_serves_all_when_none_healthy() {
+        let mut spec = ServiceSpec::new(ServiceKey::new("default", "web"));
+        spec.fail_open = true;
+        let spec = Arc::new(spec);
+        let eps = vec![EndpointState::new(
+            ep(false),
+            Health::default(),
+            &spec.health,
+        )];
+        let state = ServiceState::new(spec.clone(), "test".into(), eps);
+        assert!(state.panic);
+        assert_eq!(state.serving().count(), 1);
+    }
+}

@@ -1,0 +1,399 @@
+//! The registry: the one writer of beacon's state.
+//!
+//! Sources send [`Update`]s, the health loop sends health changes; the
+//! registry task applies each [`Event`] with the pure [`apply`] and, when
+//! something changed, publishes a new immutable [`Snapshot`] on a `watch`
+//! channel. Readers ([`Reader`]) never lock and never wait on the writer.
+//!
+//! ## Which source owns a service
+//! Every source keeps its own desired set. When two sources name the same
+//! service, the source listed first in the config wins; the other one's
+//! definition is kept aside (and logged as a conflict) and takes over as
+//! soon as the winner stops naming the service. The rule is level-triggered:
+//! the outcome depends only on what each source says now, never on order
+//! of arrival.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{
+    EndpointState, Health, ProbeState, ServiceKey, ServiceSpec, ServiceState, Snapshot, SourceId,
+};
+
+/// What a source says. `Reset` is the whole truth of that source: whatever
+/// it does not list is gone. A source sends one after every (re)connect or
+/// full re-read, then `Upsert`/`Remove`.
+#[derive(Clone, Debug)]
+pub enum Update {
+    Reset(Vec<ServiceSpec>),
+    Upsert(ServiceSpec),
+    Remove(ServiceKey),
+}
+
+/// A change of one endpoint's health, from the health loop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HealthChange {
+    /// The probe verdict after rise/fall hysteresis.
+    Probe(ProbeState),
+    /// Passive ejection begins (`Some(reason)`) or ends (`None`).
+    Ejected(Option<Arc<str>>),
+}
+
+#[derive(Clone, Debug)]
+pub enum Event {
+    Source {
+        source: SourceId,
+        update: Update,
+    },
+    Health {
+        service: ServiceKey,
+        ip: IpAddr,
+        change: HealthChange,
+    },
+    /// The startup timeout passed: serve what is known.
+    StartupTimeout,
+}
+
+/// The registry's mutable state. Only the registry task touches it.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Sources in priority order (config order, then order of appearance).
+    sources: Vec<SourceId>,
+    synced: HashSet<SourceId>,
+    desired: HashMap<SourceId, BTreeMap<ServiceKey, Arc<ServiceSpec>>>,
+    health: HashMap<ServiceKey, HashMap<IpAddr, Health>>,
+    snapshot: Snapshot,
+}
+
+/// What one [`apply`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changed {
+    pub services: Vec<ServiceKey>,
+    pub ready: bool,
+}
+
+impl Changed {
+    pub fn any(&self) -> bool {
+        self.ready || !self.services.is_empty()
+    }
+}
+
+impl State {
+    /// A state that becomes ready once every one of `sources` has sent its
+    /// first `Reset`. With no sources it is ready at once.
+    pub fn new(sources: Vec<SourceId>) -> Self {
+        let ready = sources.is_empty();
+        Self {
+            sources,
+            snapshot: Snapshot {
+                ready,
+                ..Snapshot::default()
+            },
+            ..Self::default()
+        }
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// Publishes the current state as a new version.
+    fn next_snapshot(&mut self) -> Arc<Snapshot> {
+        self.snapshot.version += 1;
+        Arc::new(self.snapshot.clone())
+    }
+
+    fn owner(&self, key: &ServiceKey) -> Option<(&SourceId, &Arc<ServiceSpec>)> {
+        self.sources
+            .iter()
+            .find_map(|s| self.desired.get(s)?.get(key).map(|spec| (s, spec)))
+    }
+
+    /// Recomputes one service from the desired sets and health; true if the
+    /// served state changed.
+    fn rebuild(&mut self, key: &ServiceKey) -> bool {
+        let Some((source, spec)) = self.owner(key) else {
+            self.health.remove(key);
+            return self.snapshot.services.remove(key).is_some();
+        };
+        let (source, spec) = (source.clone(), spec.clone());
+        let health = self.health.entry(key.clone()).or_default();
+        health.retain(|ip, _| spec.endpoints.iter().any(|e| e.ip == *ip));
+        let endpoints = spec
+            .endpoints
+            .iter()
+            .map(|e| {
+                let h = health.get(&e.ip).cloned().unwrap_or_default();
+                EndpointState::new(e.clone(), h, &spec.health)
+            })
+            .collect();
+        let state = ServiceState::new(spec, source, endpoints);
+        if self
+            .snapshot
+            .services
+            .get(key)
+            .is_some_and(|s| **s == state)
+        {
+            return false;
+        }
+        self.snapshot.services.insert(key.clone(), Arc::new(state));
+        true
+    }
+
+    fn source_update(&mut self, source: SourceId, update: Update) -> Changed {
+        if !self.sources.contains(&source) {
+            self.sources.push(source.clone());
+        }
+        let desired = self.desired.entry(source.clone()).or_default();
+        let mut touched: Vec<ServiceKey> = Vec::new();
+        let put = |desired: &mut BTreeMap<ServiceKey, Arc<ServiceSpec>>, spec: ServiceSpec| {
+            if desired.get(&spec.key).is_some_and(|old| **old == spec) {
+                return None;
+            }
+            let key = spec.key.clone();
+            desired.insert(key.clone(), Arc::new(spec));
+            Some(key)
+        };
+        match update {
+            Update::Reset(specs) => {
+                let listed: HashSet<ServiceKey> = specs.iter().map(|s| s.key.clone()).collect();
+                let gone: Vec<ServiceKey> = desired
+                    .keys()
+                    .filter(|k| !listed.contains(*k))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    desired.remove(&key);
+                    touched.push(key);
+                }
+                for spec in specs {
+                    touched.extend(put(desired, spec));
+                }
+            }
+            Update::Upsert(spec) => touched.extend(put(desired, spec)),
+            Update::Remove(key) => {
+                if desired.remove(&key).is_some() {
+                    touched.push(key);
+                }
+            }
+        }
+        let mut changed = Changed::default();
+        for key in touched {
+            if let Some((owner, _)) = self.owner(&key)
+                && *owner != source
+                && self.desired[&source].contains_key(&key)
+            {
+                tracing::warn!(
+                    service = %key, source = %source, owner = %owner,
+                    "service named by two sources; the one listed first in the config wins"
+                );
+            }
+            if self.rebuild(&key) {
+                changed.services.push(key);
+            }
+        }
+        if self.synced.insert(source) {
+            changed.ready = self.check_ready();
+        }
+        changed
+    }
+
+    fn check_ready(&mut self) -> bool {
+        if self.snapshot.ready || !self.sources.iter().all(|s| self.synced.contains(s)) {
+            return false;
+        }
+        self.snapshot.ready = true;
+        true
+    }
+
+    fn health_update(&mut self, service: ServiceKey, ip: IpAddr, change: HealthChange) -> Changed {
+        let known = self
+            .snapshot
+            .services
+            .get(&service)
+            .is_some_and(|s| s.endpoint(ip).is_some());
+        if !known {
+            return Changed::default();
+        }
+        let health = self
+            .health
+            .entry(service.clone())
+            .or_default()
+            .entry(ip)
+            .or_default();
+        match change {
+            HealthChange::Probe(p) => health.probe = p,
+            HealthChange::Ejected(e) => health.ejected = e,
+        }
+        let mut changed = Changed::default();
+        if self.rebuild(&service) {
+            changed.services.push(service);
+        }
+        changed
+    }
+}
+
+/// Applies one event to the state. Pure: no I/O, no clock.
+pub fn apply(state: &mut State, event: Event) -> Changed {
+    match event {
+        Event::Source { source, update } => state.source_update(source, update),
+        Event::Health {
+            service,
+            ip,
+            change,
+        } => state.health_update(service, ip, change),
+        Event::StartupTimeout => {
+            if state.snapshot.ready {
+                return Changed::default();
+            }
+            let missing: Vec<&SourceId> = state
+                .sources
+                .iter()
+                .filter(|s| !state.synced.contains(*s))
+                .collect();
+            tracing::warn!(
+                ?missing,
+                "startup timeout passed before every source synced; serving what is known"
+            );
+            state.snapshot.ready = true;
+            Changed {
+                ready: true,
+                ..Changed::default()
+            }
+        }
+    }
+}
+
+/// A cheap, cloneable handle to the latest snapshot.
+#[derive(Clone, Debug)]
+pub struct Reader {
+    rx: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl Reader {
+    /// The latest snapshot. Never blocks.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.rx.borrow().clone()
+    }
+
+    /// Waits until a snapshot newer than the last one seen by this reader
+    /// is published, and returns it. `None` when the registry has stopped.
+    pub async fn changed(&mut self) -> Option<Arc<Snapshot>> {
+        self.rx.changed().await.ok()?;
+        Some(self.rx.borrow_and_update().clone())
+    }
+
+    /// Marks the current snapshot as seen and returns it.
+    pub fn latest(&mut self) -> Arc<Snapshot> {
+        self.rx.borrow_and_update().clone()
+    }
+
+    /// Waits until the registry is ready.
+    pub async fn ready(&mut self) -> Option<Arc<Snapshot>> {
+        let snap = self.rx.wait_for(|s| s.ready).await.ok()?;
+        Some(snap.clone())
+    }
+
+    /// A reader over a fixed snapshot, for tests and benches.
+    pub fn fixed(snapshot: Snapshot) -> Self {
+        let (tx, rx) = watch::channel(Arc::new(snapshot));
+        std::mem::forget(tx);
+        Self { rx }
+    }
+}
+
+/// The sending side, one clone per source and one for health.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    tx: mpsc::Sender<Event>,
+}
+
+impl Handle {
+    /// Sends an event; false when the registry has stopped.
+    pub async fn send(&self, event: Event) -> bool {
+        self.tx.send(event).await.is_ok()
+    }
+
+    pub async fn source(&self, source: &SourceId, update: Update) -> bool {
+        self.send(Event::Source {
+            source: source.clone(),
+            update,
+        })
+        .await
+    }
+
+    pub async fn health(&self, service: ServiceKey, ip: IpAddr, change: HealthChange) -> bool {
+        self.send(Event::Health {
+            service,
+            ip,
+            change,
+        })
+        .await
+    }
+}
+
+/// Starts the registry task. `sources` lists the configured sources in
+/// priority order; readiness waits for each of them (or `startup_timeout`).
+pub fn spawn(
+    sources: Vec<SourceId>,
+    startup_timeout: Duration,
+    shutdown: CancellationToken,
+) -> (Handle, Reader, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<Event>(4096);
+    let mut state = State::new(sources);
+    let (snap_tx, snap_rx) = watch::channel(Arc::new(state.snapshot.clone()));
+    let timeout_tx = tx.clone();
+    let task = tokio::spawn(async move {
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(startup_timeout).await;
+            let _ = timeout_tx.send(Event::StartupTimeout).await;
+        });
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = rx.recv() => match event {
+                    Some(e) => e,
+                    None => break,
+                },
+            };
+            let mut changed = apply(&mut state, event);
+            // Coalesce a burst into one published version.
+            while let Ok(event) = rx.try_recv() {
+                let more = apply(&mut state, event);
+                changed.ready |= more.ready;
+                changed.services.extend(more.services);
+            }
+            if changed.any() {
+                let snap = state.next_snapshot();
+                metrics::gauge!("beacon_registry_version").set(snap.version as f64);
+                publish_endpoint_gauges(&snap, &changed.services);
+                snap_tx.send_replace(snap);
+            }
+        }
+        timer.abort();
+    });
+    (Handle { tx }, Reader { rx: snap_rx }, task)
+}
+
+/// Updates `beacon_endpoints{service,state}` for the services that changed.
+fn publish_endpoint_gauges(snap: &Snapshot, changed: &[ServiceKey]) {
+    for key in changed {
+        let (healthy, total) = snap.services.get(key).map_or((0, 0), |svc| {
+            let healthy = svc.endpoints.iter().filter(|e| e.healthy).count();
+            (healthy, svc.endpoints.len())
+        });
+        let service = key.to_string();
+        metrics::gauge!("beacon_endpoints", "service" => service.clone(), "state" => "healthy")
+            .set(healthy as f64);
+        metrics::gauge!("beacon_endpoints", "service" => service, "state" => "unhealthy")
+            .set((total - healthy) as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests;

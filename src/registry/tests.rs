@@ -1,0 +1,187 @@
+use super::*;
+use crate::model::{Endpoint, ProbeState};
+
+fn spec(name: &str, ips: &[&str]) -> ServiceSpec {
+    let mut s = ServiceSpec::new(ServiceKey::new("default", name));
+    s.endpoints = ips
+        .iter()
+        .map(|ip| Endpoint::new(ip.parse().unwrap()))
+        .collect();
+    s
+}
+
+fn src(name: &str) -> SourceId {
+    name.into()
+}
+
+fn reset(state: &mut State, source: &str, specs: Vec<ServiceSpec>) -> Changed {
+    apply(
+        state,
+        Event::Source {
+            source: src(source),
+            update: Update::Reset(specs),
+        },
+    )
+}
+
+fn key(name: &str) -> ServiceKey {
+    ServiceKey::new("default", name)
+}
+
+#[test]
+fn reset_drops_what_it_does_not_list() {
+    let mut st = State::new(vec![src("a")]);
+    reset(
+        &mut st,
+        "a",
+        vec![spec("web", &["10.0.0.1"]), spec("db", &["10.0.0.2"])],
+    );
+    assert_eq!(st.snapshot().services.len(), 2);
+    let changed = reset(&mut st, "a", vec![spec("web", &["10.0.0.1"])]);
+    assert_eq!(changed.services, vec![key("db")]);
+    assert!(st.snapshot().service(&key("db")).is_none());
+    assert!(st.snapshot().service(&key("web")).is_some());
+}
+
+#[test]
+fn no_change_means_no_new_version() {
+    let mut st = State::new(vec![src("a")]);
+    assert!(reset(&mut st, "a", vec![spec("web", &["10.0.0.1"])]).any());
+    let again = reset(&mut st, "a", vec![spec("web", &["10.0.0.1"])]);
+    assert!(!again.any(), "identical reset must not change anything");
+    let upsert_same = apply(
+        &mut st,
+        Event::Source {
+            source: src("a"),
+            update: Update::Upsert(spec("web", &["10.0.0.1"])),
+        },
+    );
+    assert!(!upsert_same.any());
+    let remove_absent = apply(
+        &mut st,
+        Event::Source {
+            source: src("a"),
+            update: Update::Remove(key("nope")),
+        },
+    );
+    assert!(!remove_absent.any());
+}
+
+#[test]
+fn ready_after_every_source_synced() {
+    let mut st = State::new(vec![src("a"), src("b")]);
+    assert!(!st.snapshot().ready);
+    let c = reset(&mut st, "a", vec![]);
+    assert!(!c.ready && !st.snapshot().ready);
+    let c = reset(&mut st, "b", vec![]);
+    assert!(c.ready && st.snapshot().ready);
+}
+
+#[test]
+fn startup_timeout_makes_ready() {
+    let mut st = State::new(vec![src("a")]);
+    assert!(apply(&mut st, Event::StartupTimeout).ready);
+    assert!(st.snapshot().ready);
+    assert!(!apply(&mut st, Event::StartupTimeout).any());
+}
+
+#[test]
+fn first_listed_source_wins_and_the_other_takes_over() {
+    let mut st = State::new(vec![src("file"), src("docker")]);
+    reset(&mut st, "docker", vec![spec("web", &["10.0.0.9"])]);
+    assert_eq!(
+        &*st.snapshot().service(&key("web")).unwrap().source,
+        "docker"
+    );
+    reset(&mut st, "file", vec![spec("web", &["10.0.0.1"])]);
+    let web = st.snapshot().service(&key("web")).unwrap().clone();
+    assert_eq!(&*web.source, "file");
+    assert_eq!(web.endpoints[0].endpoint.ip.to_string(), "10.0.0.1");
+    // docker says the same again: file still wins, nothing changes.
+    assert!(!reset(&mut st, "docker", vec![spec("web", &["10.0.0.9"])]).any());
+    // file stops naming it: docker's definition takes over.
+    reset(&mut st, "file", vec![]);
+    let web = st.snapshot().service(&key("web")).unwrap();
+    assert_eq!(&*web.source, "docker");
+}
+
+#[test]
+fn health_changes_verdict_and_is_kept_across_updates() {
+    let mut st = State::new(vec![src("a")]);
+    reset(&mut st, "a", vec![spec("web", &["10.0.0.1", "10.0.0.2"])]);
+    let ip: IpAddr = "10.0.0.1".parse().unwrap();
+    let c = apply(
+        &mut st,
+        Event::Health {
+            service: key("web"),
+            ip,
+            change: HealthChange::Probe(ProbeState::Down("probe failed".into())),
+        },
+    );
+    assert_eq!(c.services, vec![key("web")]);
+    let web = st.snapshot().service(&key("web")).unwrap().clone();
+    assert!(!web.endpoint(ip).unwrap().healthy);
+    assert_eq!(web.serving().count(), 1);
+    // The same verdict again changes nothing.
+    let again = apply(
+        &mut st,
+        Event::Health {
+            service: key("web"),
+            ip,
+            change: HealthChange::Probe(ProbeState::Down("probe failed".into())),
+        },
+    );
+    assert!(!again.any());
+    // A source update that keeps the endpoint keeps its health.
+    reset(&mut st, "a", vec![spec("web", &["10.0.0.1", "10.0.0.3"])]);
+    let web = st.snapshot().service(&key("web")).unwrap();
+    assert!(!web.endpoint(ip).unwrap().healthy);
+    // An endpoint that leaves and comes back starts fresh.
+    reset(&mut st, "a", vec![spec("web", &["10.0.0.3"])]);
+    reset(&mut st, "a", vec![spec("web", &["10.0.0.1", "10.0.0.3"])]);
+    assert!(
+        st.snapshot()
+            .service(&key("web"))
+            .unwrap()
+            .endpoint(ip)
+            .unwrap()
+            .healthy
+    );
+}
+
+#[test]
+fn health_for_unknown_endpoint_is_ignored() {
+    let mut st = State::new(vec![src("a")]);
+    reset(&mut st, "a", vec![spec("web", &["10.0.0.1"])]);
+    let c = apply(
+        &mut st,
+        Event::Health {
+            service: key("web"),
+            ip: "10.9.9.9".parse().unwrap(),
+            change: HealthChange::Ejected(Some("ejected".into())),
+        },
+    );
+    assert!(!c.any());
+}
+
+#[tokio::test]
+async fn task_publishes_versions_and_coalesces() {
+    let shutdown = CancellationToken::new();
+    let (handle, mut reader, task) =
+        spawn(vec![src("a")], Duration::from_secs(60), shutdown.clone());
+    assert!(!reader.current().ready);
+    handle
+        .source(&src("a"), Update::Reset(vec![spec("web", &["10.0.0.1"])]))
+        .await;
+    let snap = reader.ready().await.unwrap();
+    assert!(snap.version >= 1);
+    assert!(snap.service(&key("web")).is_some());
+    let v = reader.latest().version;
+    handle
+        .source(&src("a"), Update::Upsert(spec("web", &["10.0.0.2"])))
+        .await;
+    let snap = reader.changed().await.unwrap();
+    assert_eq!(snap.version, v + 1);
+    shutdown.cancel();
+    task.await.unwrap();
+}
