@@ -123,7 +123,7 @@ enum Node<'s> {
     /// Exists, holds no records (empty non-terminals and `ns.dns`).
     Empty,
     Service(&'s ServiceState),
-    Endpoint(&'s ServiceState, &'s EndpointState),
+    Endpoint(&'s EndpointState),
     Srv(&'s ServiceState, &'s crate::model::Port),
 }
 
@@ -180,7 +180,7 @@ impl<'a> Builder<'a> {
                 };
                 self.addresses(owner, ips, qtype, rotate);
             }
-            (Node::Endpoint(_, ep), RecordType::A | RecordType::AAAA) => {
+            (Node::Endpoint(ep), RecordType::A | RecordType::AAAA) => {
                 self.addresses(owner, vec![ep.endpoint.ip], qtype, rotate);
             }
             (Node::Srv(svc, port), RecordType::SRV) => self.srv(owner, svc, port),
@@ -226,7 +226,7 @@ impl<'a> Builder<'a> {
                 let ep = svc
                     .serving()
                     .find(|e| endpoint_label(e).as_bytes().eq_ignore_ascii_case(host))?;
-                Some(Node::Endpoint(svc, ep))
+                Some(Node::Endpoint(ep))
             }
             [port, proto, svc, ns, s] if is(s, "svc") => {
                 let svc = self.service(ns, svc)?;
@@ -250,10 +250,7 @@ impl<'a> Builder<'a> {
     }
 
     fn service(&self, ns: &[u8], name: &[u8]) -> Option<&'a ServiceState> {
-        let key = ServiceKey::new(
-            &String::from_utf8_lossy(ns),
-            &String::from_utf8_lossy(name),
-        );
+        let key = ServiceKey::new(&String::from_utf8_lossy(ns), &String::from_utf8_lossy(name));
         let svc = self.snapshot.service(&key)?;
         self.service_exists(&key).then_some(&**svc)
     }
@@ -266,9 +263,10 @@ impl<'a> Builder<'a> {
         let k = rotate % ips.len();
         ips.rotate_left(k);
         let ttl = self.ttl();
-        self.out
-            .answers
-            .extend(ips.into_iter().map(|ip| address_record(owner.clone(), ttl, ip)));
+        self.out.answers.extend(
+            ips.into_iter()
+                .map(|ip| address_record(owner.clone(), ttl, ip)),
+        );
     }
 
     fn srv(&mut self, owner: Name, svc: &ServiceState, port: &crate::model::Port) {
@@ -360,10 +358,16 @@ pub fn endpoint_label(ep: &EndpointState) -> String {
 /// The name of a service or endpoint in `zone`, for PTR answers.
 fn service_name(zone: &Zone, key: &ServiceKey, host: Option<&str>) -> Option<Name> {
     let mut name = zone.apex.prepend_label("svc").ok()?;
-    name = name.prepend_label(Label::from_raw_bytes(key.namespace.as_bytes()).ok()?).ok()?;
-    name = name.prepend_label(Label::from_raw_bytes(key.name.as_bytes()).ok()?).ok()?;
+    name = name
+        .prepend_label(Label::from_raw_bytes(key.namespace.as_bytes()).ok()?)
+        .ok()?;
+    name = name
+        .prepend_label(Label::from_raw_bytes(key.name.as_bytes()).ok()?)
+        .ok()?;
     if let Some(host) = host {
-        name = name.prepend_label(Label::from_raw_bytes(host.as_bytes()).ok()?).ok()?;
+        name = name
+            .prepend_label(Label::from_raw_bytes(host.as_bytes()).ok()?)
+            .ok()?;
     }
     Some(name)
 }
