@@ -421,4 +421,4 @@ fn reverse(snapshot: &Snapshot, zone: &Zone, query: &Query) -> Outcome {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
