@@ -1,0 +1,5 @@
+//! beacon's integration tests: one binary, a harness that starts the real
+//! `beacon` on free loopback ports and stops it on drop.
+
+mod harness;
+mod spine;
