@@ -145,16 +145,37 @@ pub mod dev {
     /// Where `dev` proxies `web`.
     pub const WEB_LISTEN: &str = "127.0.0.1:8080";
 
+    /// Where the demo listens; the defaults are the documented ones.
+    #[derive(Clone, Debug)]
+    pub struct DevOptions {
+        pub dns: SocketAddr,
+        pub admin: SocketAddr,
+        pub web: SocketAddr,
+    }
+
+    impl Default for DevOptions {
+        fn default() -> Self {
+            Self {
+                dns: "127.0.0.1:1053".parse().unwrap(),
+                admin: "127.0.0.1:9153".parse().unwrap(),
+                web: WEB_LISTEN.parse().unwrap(),
+            }
+        }
+    }
+
     /// Starts the demo backends and returns the config and the demo source.
     pub async fn prepare(
+        opts: &DevOptions,
         shutdown: CancellationToken,
     ) -> std::io::Result<(Config, Vec<Box<dyn Source>>)> {
-        let config = Config::parse(
+        let mut config = Config::parse(
             DEV_CONFIG,
             std::path::Path::new("<dev>"),
             std::path::Path::new(""),
         )
         .expect("the embedded dev config is valid (a test checks it)");
+        config.dns.listen = opts.dns;
+        config.admin.listen = Some(opts.admin);
         let mut web = ServiceSpec::new(ServiceKey::new("default", "web"));
         web.health = config.health.clone();
         web.proxy = config.proxy.defaults.clone();
@@ -163,7 +184,7 @@ pub mod dev {
             port: 8080,
             target_port: 8080,
             protocol: Protocol::Tcp,
-            listen: Some(WEB_LISTEN.parse().unwrap()),
+            listen: Some(opts.web),
         });
         for i in 0..3u8 {
             let ip = IpAddr::from([127, 0, 0, 11 + i]);
