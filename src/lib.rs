@@ -19,5 +19,6 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod health;
 pub mod model;
 pub mod registry;
