@@ -18,7 +18,12 @@
 //!   knows every part.
 #![deny(unsafe_code)]
 
+pub mod admin;
+pub mod app;
+pub mod backend;
 pub mod config;
 pub mod health;
 pub mod model;
 pub mod registry;
+pub mod sources;
+pub mod telemetry;

@@ -31,7 +31,7 @@ use crate::model::{
 #[derive(Clone, Debug)]
 pub enum Update {
     Reset(Vec<ServiceSpec>),
-    Upsert(ServiceSpec),
+    Upsert(Box<ServiceSpec>),
     Remove(ServiceKey),
 }
 
@@ -175,7 +175,7 @@ impl State {
                     touched.extend(put(desired, spec));
                 }
             }
-            Update::Upsert(spec) => touched.extend(put(desired, spec)),
+            Update::Upsert(spec) => touched.extend(put(desired, *spec)),
             Update::Remove(key) => {
                 if desired.remove(&key).is_some() {
                     touched.push(key);

@@ -53,7 +53,7 @@ fn no_change_means_no_new_version() {
         &mut st,
         Event::Source {
             source: src("a"),
-            update: Update::Upsert(spec("web", &["10.0.0.1"])),
+            update: Update::Upsert(Box::new(spec("web", &["10.0.0.1"]))),
         },
     );
     assert!(!upsert_same.any());
@@ -178,7 +178,10 @@ async fn task_publishes_versions_and_coalesces() {
     assert!(snap.service(&key("web")).is_some());
     let v = reader.latest().version;
     handle
-        .source(&src("a"), Update::Upsert(spec("web", &["10.0.0.2"])))
+        .source(
+            &src("a"),
+            Update::Upsert(Box::new(spec("web", &["10.0.0.2"]))),
+        )
         .await;
     let snap = reader.changed().await.unwrap();
     assert_eq!(snap.version, v + 1);

@@ -1,0 +1,185 @@
+//! Wiring: builds every loop from the config, connects them with channels,
+//! and runs them until shutdown. The only module that knows every part.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigErrors, SourceConfig};
+use crate::registry::{self, Reader};
+use crate::sources::{Source, file::FileSource};
+
+/// Why beacon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad config or services file: exit code 2.
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    /// Anything else (a port in use, ...): exit code 1.
+    #[error(transparent)]
+    Runtime(#[from] anyhow::Error),
+}
+
+/// A started beacon.
+pub struct Running {
+    pub reader: Reader,
+    pub admin_addr: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Builds the configured sources (reading files once: a broken one is a
+/// config error), plus `extra` ones (the dev demo).
+pub fn build_sources(config: &Config) -> Result<Vec<Box<dyn Source>>, StartError> {
+    let defaults = config.service_defaults();
+    let mut out: Vec<Box<dyn Source>> = Vec::new();
+    for s in &config.sources {
+        match s {
+            SourceConfig::File { path } => {
+                out.push(Box::new(FileSource::load(path, defaults.clone())?))
+            }
+            SourceConfig::Docker { .. } => {
+                return Err(anyhow::anyhow!(
+                    "the docker source is not available in this build yet"
+                )
+                .into());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Starts every loop. Returns once every listener is bound.
+pub async fn start(
+    config: Config,
+    extra_sources: Vec<Box<dyn Source>>,
+    shutdown: CancellationToken,
+) -> Result<Running, StartError> {
+    let mut sources = build_sources(&config)?;
+    sources.extend(extra_sources);
+    let ids = sources.iter().map(|s| s.id()).collect();
+    let (handle, reader, registry_task) =
+        registry::spawn(ids, config.startup_timeout, shutdown.clone());
+    let mut tasks = vec![registry_task];
+    for source in sources {
+        let id = source.id();
+        let task = source.run(handle.clone(), shutdown.clone());
+        tasks.push(tokio::spawn(tracing::Instrument::instrument(
+            task,
+            tracing::info_span!("source", source.id = %id),
+        )));
+    }
+    let metrics = crate::telemetry::metrics();
+    let admin_addr = match config.admin.listen {
+        Some(addr) => {
+            let (local, task) =
+                crate::admin::spawn(addr, reader.clone(), metrics, shutdown.clone())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("admin: cannot listen on {addr}: {e}"))?;
+            tracing::info!(addr = %local, "admin listening");
+            tasks.push(task);
+            Some(local)
+        }
+        None => None,
+    };
+    let mut ready = reader.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Some(snap) = ready.ready().await {
+            tracing::info!(
+                services = snap.services.len(),
+                endpoints = snap.endpoint_count(),
+                "ready"
+            );
+        }
+    }));
+    Ok(Running {
+        reader,
+        admin_addr,
+        tasks,
+    })
+}
+
+impl Running {
+    /// After `shutdown` was cancelled: waits up to `grace` for every loop.
+    pub async fn stop(self, grace: Duration) {
+        let all = futures_join(self.tasks);
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(?grace, "shutdown grace passed; closing what is left");
+        }
+    }
+}
+
+async fn futures_join(tasks: Vec<JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// Runs until `shutdown` is cancelled, then drains within the grace.
+pub async fn run(
+    config: Config,
+    extra_sources: Vec<Box<dyn Source>>,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let grace = config.shutdown_grace;
+    let running = start(config, extra_sources, shutdown.clone()).await?;
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    running.stop(grace).await;
+    Ok(())
+}
+
+/// `beacon dev`: the demo config, three demo backends, and a `web` service.
+pub mod dev {
+    use std::net::{IpAddr, SocketAddr};
+
+    use tokio_util::sync::CancellationToken;
+
+    use crate::config::Config;
+    use crate::model::{Endpoint, Port, Protocol, ServiceKey, ServiceSpec};
+    use crate::sources::{Source, StaticSource};
+
+    /// The text of `config/dev.toml`.
+    pub const DEV_CONFIG: &str = include_str!("../config/dev.toml");
+    /// Where `dev` proxies `web`.
+    pub const WEB_LISTEN: &str = "127.0.0.1:8080";
+
+    /// Starts the demo backends and returns the config and the demo source.
+    pub async fn prepare(
+        shutdown: CancellationToken,
+    ) -> std::io::Result<(Config, Vec<Box<dyn Source>>)> {
+        let config = Config::parse(
+            DEV_CONFIG,
+            std::path::Path::new("<dev>"),
+            std::path::Path::new(""),
+        )
+        .expect("the embedded dev config is valid (a test checks it)");
+        let mut web = ServiceSpec::new(ServiceKey::new("default", "web"));
+        web.health = config.health.clone();
+        web.proxy = config.proxy.defaults.clone();
+        web.ports.push(Port {
+            name: "http".into(),
+            port: 8080,
+            target_port: 8080,
+            protocol: Protocol::Tcp,
+            listen: Some(WEB_LISTEN.parse().unwrap()),
+        });
+        for i in 0..3u8 {
+            let ip = IpAddr::from([127, 0, 0, 11 + i]);
+            let name = format!("web-{i}");
+            let (addr, _) =
+                crate::backend::start(&name, SocketAddr::new(ip, 0), shutdown.clone()).await?;
+            let mut ep = Endpoint::new(ip);
+            ep.hostname = Some(name.as_str().into());
+            ep.port = Some(addr.port());
+            web.endpoints.push(ep);
+            tracing::info!(backend = %name, %addr, "demo backend listening");
+        }
+        let source: Box<dyn Source> = Box::new(StaticSource {
+            id: "dev".into(),
+            services: vec![web],
+        });
+        Ok((config, vec![source]))
+    }
+}
