@@ -365,3 +365,38 @@ fn first_probes_of_a_big_batch_are_spread_over_the_interval() {
         "{per_tenth:?}"
     );
 }
+
+#[test]
+fn checks_and_ejections_are_counted() {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let mut world = World::new();
+    let mut s = spec("web", &[1, 2]);
+    s.health.eject_after = 1;
+    let snap = world.set(vec![s]);
+    metrics::with_local_recorder(&recorder, || {
+        let mut sup = Supervisor::with_rng(fastrand::Rng::with_seed(9));
+        let now = Instant::now();
+        let mut fx = Effects::default();
+        sup.reconcile(&snap, now, &mut fx);
+        let l = launched(&mut sup, now + Duration::from_secs(1));
+        sup.on_result(&l[0].service, l[0].ip, l[0].id, Ok(()), now, &mut fx);
+        sup.on_result(&l[1].service, l[1].ip, l[1].id, Err(REFUSED), now, &mut fx);
+        let outcome = ConnectOutcome {
+            service: key("web"),
+            ip: ip(1),
+            success: false,
+        };
+        sup.on_outcome(&outcome, now, &mut fx);
+    });
+    let text = handle.render();
+    for line in [
+        "beacon_health_checks_total{result=\"success\"} 1",
+        "beacon_health_checks_total{result=\"failure\"} 1",
+        "beacon_endpoint_ejections_total{service=\"web.default\"} 1",
+    ] {
+        assert!(text.contains(line), "missing {line} in {text}");
+    }
+}
