@@ -22,6 +22,7 @@ pub mod admin;
 pub mod app;
 pub mod backend;
 pub mod config;
+pub mod dns;
 pub mod health;
 pub mod model;
 pub mod registry;
