@@ -26,6 +26,9 @@ pub enum StartError {
 pub struct Running {
     pub reader: Reader,
     pub admin_addr: Option<SocketAddr>,
+    pub dns_addr: Option<SocketAddr>,
+    /// Feeds passive health signals (the proxy's connect outcomes).
+    pub outcomes: tokio::sync::mpsc::Sender<crate::model::ConnectOutcome>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -70,6 +73,24 @@ pub async fn start(
             tracing::info_span!("source", source.id = %id),
         )));
     }
+    // Passive health signals: the proxy's connect outcomes feed health.
+    let (outcomes_tx, outcomes_rx) = tokio::sync::mpsc::channel(4096);
+    tasks.push(crate::health::spawn(
+        reader.clone(),
+        handle.clone(),
+        outcomes_rx,
+        shutdown.clone(),
+    ));
+    let dns_addr = if config.dns.enabled {
+        let dns = crate::dns::spawn(&config.dns, reader.clone(), shutdown.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let addr = dns.local_addr;
+        tasks.push(tokio::spawn(dns.join()));
+        Some(addr)
+    } else {
+        None
+    };
     let metrics = crate::telemetry::metrics();
     let admin_addr = match config.admin.listen {
         Some(addr) => {
@@ -96,6 +117,8 @@ pub async fn start(
     Ok(Running {
         reader,
         admin_addr,
+        dns_addr,
+        outcomes: outcomes_tx,
         tasks,
     })
 }
