@@ -20,4 +20,5 @@
 
 pub mod config;
 pub mod model;
+pub mod proxy;
 pub mod registry;
