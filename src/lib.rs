@@ -25,6 +25,7 @@ pub mod config;
 pub mod dns;
 pub mod health;
 pub mod model;
+pub mod proxy;
 pub mod registry;
 pub mod sources;
 pub mod telemetry;
