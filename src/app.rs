@@ -29,6 +29,8 @@ pub struct Running {
     pub dns_addr: Option<SocketAddr>,
     /// Feeds passive health signals (the proxy's connect outcomes).
     pub outcomes: tokio::sync::mpsc::Sender<crate::model::ConnectOutcome>,
+    proxy: Option<crate::proxy::Proxy>,
+    drain_timeout: Duration,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -91,6 +93,14 @@ pub async fn start(
     } else {
         None
     };
+    let proxy = config.proxy.enabled.then(|| {
+        crate::proxy::spawn(
+            &config.proxy,
+            reader.clone(),
+            outcomes_tx.clone(),
+            shutdown.clone(),
+        )
+    });
     let metrics = crate::telemetry::metrics();
     let admin_addr = match config.admin.listen {
         Some(addr) => {
@@ -119,6 +129,8 @@ pub async fn start(
         admin_addr,
         dns_addr,
         outcomes: outcomes_tx,
+        proxy,
+        drain_timeout: config.proxy.drain_timeout.unwrap_or(config.shutdown_grace),
         tasks,
     })
 }
@@ -126,7 +138,17 @@ pub async fn start(
 impl Running {
     /// After `shutdown` was cancelled: waits up to `grace` for every loop.
     pub async fn stop(self, grace: Duration) {
-        let all = futures_join(self.tasks);
+        let proxy = self.proxy;
+        let drain = self.drain_timeout.min(grace);
+        let all = async move {
+            // Live connections drain while the other loops finish.
+            let drained = async move {
+                if let Some(p) = proxy {
+                    p.drain(drain).await;
+                }
+            };
+            tokio::join!(drained, futures_join(self.tasks));
+        };
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!(?grace, "shutdown grace passed; closing what is left");
         }

@@ -31,7 +31,12 @@ fn setup(health: &str) -> Setup {
     let port = free_port();
     let proxy = free_addr();
     let backends = (1..=3)
-        .map(|i| BackendProcess::start(&format!("web-{i}"), format!("127.0.0.5{i}:{port}").parse().unwrap()))
+        .map(|i| {
+            BackendProcess::start(
+                &format!("web-{i}"),
+                format!("127.0.0.5{i}:{port}").parse().unwrap(),
+            )
+        })
         .collect();
     let beacon = Beacon::start(Options {
         extra: "[[source]]\ntype = \"file\"\npath = \"services.toml\"\n".into(),
@@ -39,7 +44,11 @@ fn setup(health: &str) -> Setup {
         ..Options::default()
     });
     beacon.wait_ready();
-    Setup { beacon, backends, proxy }
+    Setup {
+        beacon,
+        backends,
+        proxy,
+    }
 }
 
 fn dns_ips(s: &Setup) -> BTreeSet<String> {
@@ -62,7 +71,9 @@ const TCP_HEALTH: &str = "[service.health]\nkind = \"tcp\"\ninterval = \"200ms\"
 #[test]
 fn a_stopped_backend_leaves_dns_and_the_proxy_and_comes_back() {
     let mut s = setup(TCP_HEALTH);
-    eventually(Duration::from_secs(3), "all three in DNS", || (dns_ips(&s) == all3()).then_some(()));
+    eventually(Duration::from_secs(3), "all three in DNS", || {
+        (dns_ips(&s) == all3()).then_some(())
+    });
     assert_eq!(reached(&s, 30).len(), 3);
 
     s.backends[1].stop();
@@ -74,34 +85,50 @@ fn a_stopped_backend_leaves_dns_and_the_proxy_and_comes_back() {
     });
     let gone_after = stopped.elapsed();
     let names = reached(&s, 30);
-    assert!(!names.contains("web-2"), "no new connection to the stopped backend: {names:?}");
+    assert!(
+        !names.contains("web-2"),
+        "no new connection to the stopped backend: {names:?}"
+    );
     eprintln!("gone from DNS after {gone_after:?}");
 
     s.backends[1] = BackendProcess::start("web-2", s.backends[1].addr);
     let started = Instant::now();
     let bound = Duration::from_millis(2 * 200 + 100 + 200);
-    eventually(bound, "restarted backend back in DNS", || (dns_ips(&s) == all3()).then_some(()));
+    eventually(bound, "restarted backend back in DNS", || {
+        (dns_ips(&s) == all3()).then_some(())
+    });
     eprintln!("back in DNS after {:?}", started.elapsed());
     assert!(reached(&s, 30).contains("web-2"));
 }
 
 #[test]
 fn an_http_probe_failing_with_500_removes_the_endpoint() {
-    let s = setup("[service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 2\n");
-    eventually(Duration::from_secs(3), "all three in DNS", || (dns_ips(&s) == all3()).then_some(()));
-    assert_eq!(http_get(s.backends[2].addr, "/fail").unwrap().0, 200);
-    eventually(Duration::from_millis(2 * 200 + 100 + 200), "500-answering backend gone", || {
-        (!dns_ips(&s).contains("127.0.0.53")).then_some(())
+    let s = setup(
+        "[service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 2\n",
+    );
+    eventually(Duration::from_secs(3), "all three in DNS", || {
+        (dns_ips(&s) == all3()).then_some(())
     });
+    assert_eq!(http_get(s.backends[2].addr, "/fail").unwrap().0, 200);
+    eventually(
+        Duration::from_millis(2 * 200 + 100 + 200),
+        "500-answering backend gone",
+        || (!dns_ips(&s).contains("127.0.0.53")).then_some(()),
+    );
     assert!(!reached(&s, 30).contains("web-3"));
     let json = s.beacon.services_json();
     let ep = &json["services"][0]["endpoints"][2];
     assert_eq!(ep["healthy"], false);
-    assert!(ep["reason"].as_str().unwrap().starts_with("probe failed"), "{ep}");
+    assert!(
+        ep["reason"].as_str().unwrap().starts_with("probe failed"),
+        "{ep}"
+    );
     assert_eq!(http_get(s.backends[2].addr, "/recover").unwrap().0, 200);
-    eventually(Duration::from_millis(2 * 200 + 100 + 200), "recovered backend back", || {
-        (dns_ips(&s) == all3()).then_some(())
-    });
+    eventually(
+        Duration::from_millis(2 * 200 + 100 + 200),
+        "recovered backend back",
+        || (dns_ips(&s) == all3()).then_some(()),
+    );
 }
 
 /// A backend whose listener goes up and down every 300 ms; connections it
@@ -152,7 +179,13 @@ fn a_flapping_backend_never_fails_a_new_client_connection() {
     stop.store(true, Ordering::Relaxed);
     flapper.join().unwrap();
     assert!(ok > 100, "only {ok} requests in 4 s");
-    assert!(failures.is_empty(), "{} of {} client connections failed: {:?}", failures.len(), ok + failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {} client connections failed: {:?}",
+        failures.len(),
+        ok + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
 }
 
 #[test]
@@ -165,9 +198,15 @@ fn passive_ejection_works_with_probes_disabled() {
     for _ in 0..30 {
         fetch_name(s.proxy).expect("connect failures are retried elsewhere");
     }
-    eventually(Duration::from_secs(2), "web-2 ejected", || (!dns_ips(&s).contains("127.0.0.52")).then_some(()));
+    eventually(Duration::from_secs(2), "web-2 ejected", || {
+        (!dns_ips(&s).contains("127.0.0.52")).then_some(())
+    });
     let json = s.beacon.services_json();
     let ep = &json["services"][0]["endpoints"][1];
-    assert!(ep["reason"].as_str().unwrap().starts_with("ejected"), "{ep}");
-    let _ = TcpStream::connect_timeout(&s.proxy, Duration::from_secs(1)).expect("proxy still accepts");
+    assert!(
+        ep["reason"].as_str().unwrap().starts_with("ejected"),
+        "{ep}"
+    );
+    let _ =
+        TcpStream::connect_timeout(&s.proxy, Duration::from_secs(1)).expect("proxy still accepts");
 }
