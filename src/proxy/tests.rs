@@ -506,20 +506,60 @@ async fn refusing_backend_costs_the_client_nothing() {
     for _ in 0..20 {
         assert_eq!(greet(addr).await.1.as_deref(), Some("live"));
     }
-    // Half the picks hit the refusing endpoint first: reported as failures.
+    // Half the picks hit the refusing endpoint first: each failure is
+    // reported; successes only when they end a failure streak (never here).
     let mut failures = 0;
-    let mut successes = 0;
     while let Ok(o) = h.outcomes.try_recv() {
-        if o.success {
-            assert_eq!(o.ip, live.addr.ip());
-            successes += 1;
-        } else {
-            assert_eq!(o.ip, dead.ip());
-            failures += 1;
-        }
+        assert!(!o.success, "a success with no failure before it: {o:?}");
+        assert_eq!(o.ip, dead.ip());
+        failures += 1;
     }
-    assert_eq!(successes, 20);
     assert_eq!(failures, 10);
+    assert_eq!(live.accepted.load(Ordering::SeqCst), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_after_failures_is_reported() {
+    let mut h = harness();
+    let (baddr, mut accepted) = scripted_backend("127.0.0.43").await;
+    let spec = service("flap", "127.0.1.26:0", &[baddr], Balance::RoundRobin);
+    h.set(vec![spec]).await;
+    let addr = h.addr("127.0.1.26:0").await;
+    // Connects succeed (the backend accepts): nothing to report.
+    let _c = TcpStream::connect(addr).await.unwrap();
+    let _s = tokio::time::timeout(T, accepted.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(h.outcomes.try_recv().is_err());
+    // Mark a failure streak on the endpoint, then connect again.
+    let key = (ServiceKey::new("default", "flap"), baddr);
+    h.proxy()
+        .shared
+        .endpoints
+        .get(&key)
+        .unwrap()
+        .load
+        .failures
+        .store(3, Ordering::Relaxed);
+    let _c2 = TcpStream::connect(addr).await.unwrap();
+    let o = tokio::time::timeout(T, h.outcomes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((o.ip, o.success), (baddr.ip(), true));
+    assert_eq!(
+        h.proxy()
+            .shared
+            .endpoints
+            .get(&key)
+            .unwrap()
+            .load
+            .failures
+            .load(Ordering::Relaxed),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
