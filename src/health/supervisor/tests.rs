@@ -404,3 +404,35 @@ fn checks_and_ejections_are_counted() {
         assert!(text.contains(line), "missing {line} in {text}");
     }
 }
+
+#[test]
+fn the_interval_runs_from_launch_so_slow_probes_keep_the_rate() {
+    let mut world = World::new();
+    let snap = world.set(vec![spec("web", &[1])]);
+    let mut sup = Supervisor::with_rng(fastrand::Rng::with_seed(10));
+    let start = Instant::now();
+    let mut fx = Effects::default();
+    sup.reconcile(&snap, start, &mut fx);
+    let at = sup.next_deadline().unwrap();
+    let l = launched(&mut sup, at);
+    // The probe takes 400 ms: the next one is still about 1 s after launch.
+    sup.on_result(
+        &l[0].service,
+        l[0].ip,
+        l[0].id,
+        Ok(()),
+        at + Duration::from_millis(400),
+        &mut fx,
+    );
+    let next = sup.next_deadline().unwrap() - at;
+    assert!(
+        next >= Duration::from_millis(900) && next <= Duration::from_millis(1100),
+        "{next:?}"
+    );
+    // A probe slower than the interval is followed by the next one at once.
+    let at = sup.next_deadline().unwrap();
+    let l = launched(&mut sup, at);
+    let late = at + Duration::from_millis(1500);
+    sup.on_result(&l[0].service, l[0].ip, l[0].id, Ok(()), late, &mut fx);
+    assert_eq!(sup.next_deadline(), Some(late));
+}
