@@ -363,9 +363,11 @@ impl Supervisor {
         self.timers.push(Reverse((due, id, service.clone(), ip)));
     }
 
-    /// ±10%, so endpoints drift apart instead of probing in lockstep.
+    /// 80-100% of the interval, so endpoints drift apart instead of probing
+    /// in lockstep, while the interval stays an upper bound: a failure is
+    /// seen within `fall × interval` (what users are promised).
     fn jitter(&mut self, d: Duration) -> Duration {
-        d.mul_f64(0.9 + 0.2 * self.rng.f64())
+        d.mul_f64(0.8 + 0.2 * self.rng.f64())
     }
 }
 

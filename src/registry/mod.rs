@@ -288,6 +288,12 @@ impl Reader {
         Some(self.rx.borrow_and_update().clone())
     }
 
+    /// True when a snapshot newer than the last one seen by this reader was
+    /// published. One atomic load: cheap enough for a per-packet check.
+    pub fn has_changed(&self) -> bool {
+        self.rx.has_changed().unwrap_or(false)
+    }
+
     /// Marks the current snapshot as seen and returns it.
     pub fn latest(&mut self) -> Arc<Snapshot> {
         self.rx.borrow_and_update().clone()

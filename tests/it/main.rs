@@ -1,0 +1,6 @@
+//! beacon's integration tests: one binary, a harness that starts the real
+//! `beacon` on free loopback ports and stops it on drop.
+
+mod harness;
+mod health_e2e;
+mod spine;
