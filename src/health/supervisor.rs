@@ -88,6 +88,10 @@ struct Target {
     hyst: Hysteresis,
     /// When the next probe is due; `None` while one is in flight.
     due: Option<Instant>,
+    /// When the last probe was launched: the next one is due an interval
+    /// later (or at once when the probe took longer), so the probe rate
+    /// does not sag with probe latency.
+    launched: Instant,
 }
 
 impl Target {
@@ -219,7 +223,7 @@ impl Supervisor {
             if resync {
                 let before = (tracked.targets.len(), tracked.eject.ejected_count());
                 let aborts = fx.aborts.len();
-                sync_targets(key, tracked, &mut self.next_id, fx, &mut started);
+                sync_targets(key, tracked, now, &mut self.next_id, fx, &mut started);
                 self.totals.targets = self.totals.targets - before.0 + tracked.targets.len();
                 self.totals.ejected =
                     self.totals.ejected - before.1 + tracked.eject.ejected_count();
@@ -251,6 +255,7 @@ impl Supervisor {
                 continue;
             }
             t.due = None;
+            t.launched = now;
             self.totals.in_flight += 1;
             launches.push(Launch {
                 id,
@@ -307,6 +312,7 @@ impl Supervisor {
             tracing::debug!(service = %service, %ip, state = ?state, "probe verdict changed");
             fx.report(service, ip, HealthChange::Probe(state));
         }
+        let launched = t.launched;
         let interval = if t.hyst.changing(th) {
             t.health.fast_interval.min(t.health.interval)
         } else {
@@ -317,7 +323,7 @@ impl Supervisor {
             tracing::debug!(service = %service, %ip, "probe passed: ejection ended");
             fx.report(service, ip, HealthChange::Ejected(None));
         }
-        let due = now + self.jitter(interval);
+        let due = (launched + self.jitter(interval)).max(now);
         self.schedule(service, ip, due);
     }
 
@@ -374,6 +380,7 @@ fn in_flight(targets: &HashMap<IpAddr, Target>) -> impl Iterator<Item = u64> + '
 fn sync_targets(
     key: &ServiceKey,
     tracked: &mut Tracked,
+    now: Instant,
     next_id: &mut u64,
     fx: &mut Effects,
     started: &mut Vec<(ServiceKey, IpAddr, Duration)>,
@@ -429,6 +436,7 @@ fn sync_targets(
                 health: spec.health.clone(),
                 hyst,
                 due: None,
+                launched: now,
             },
         );
         keep.insert(ip);
