@@ -369,3 +369,334 @@ fn from_inspect_reads_state_health_labels_and_networks() {
     let c = from_inspect(&serde_json::from_str(exited).unwrap());
     assert_eq!(c.state, RunState::Stopped);
 }
+
+// === a fake engine on a unix socket: the loop without Docker ===
+
+mod fake {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex};
+
+    use axum::body::Body;
+    use axum::extract::State;
+    use axum::http::{StatusCode, Uri};
+    use axum::response::{IntoResponse, Response};
+    use serde_json::{Value, json};
+    use tokio::sync::mpsc;
+
+    #[derive(Default)]
+    pub struct Engine {
+        /// id → `docker inspect` JSON.
+        pub containers: BTreeMap<String, Value>,
+        events: Vec<mpsc::UnboundedSender<String>>,
+        /// Every event so far, replayed to each new subscriber like the
+        /// engine's `since` does.
+        history: Vec<String>,
+        pub inspects: usize,
+    }
+
+    /// A fake Docker engine: `/version`, `/containers/json`,
+    /// `/containers/{id}/json` and a streaming `/events`.
+    pub struct Fake {
+        pub path: PathBuf,
+        pub engine: Arc<Mutex<Engine>>,
+        server: Option<tokio::task::JoinHandle<()>>,
+    }
+
+    pub fn inspect_json(
+        id: &str,
+        ip: &str,
+        status: &str,
+        health: Option<&str>,
+        labels: Value,
+    ) -> Value {
+        let mut state =
+            json!({"Status": status, "Running": status == "running", "Paused": status == "paused"});
+        if let Some(h) = health {
+            state["Health"] = json!({"Status": h});
+        }
+        json!({
+            "Id": id,
+            "Name": format!("/{id}"),
+            "State": state,
+            "Config": {"Labels": labels},
+            "NetworkSettings": {"Networks": {"demo": {"IPAddress": ip}}}
+        })
+    }
+
+    async fn handle(State(engine): State<Arc<Mutex<Engine>>>, uri: Uri) -> Response {
+        let path = uri.path();
+        // Strip the `/v1.xx` prefix bollard adds after negotiation.
+        let path = match path.strip_prefix("/v1.") {
+            Some(rest) => rest.find('/').map_or("", |i| &rest[i..]),
+            None => path,
+        };
+        let mut e = engine.lock().unwrap();
+        if path == "/version" {
+            return axum::Json(
+                json!({"ApiVersion": "1.41", "MinAPIVersion": "1.12", "Version": "fake"}),
+            )
+            .into_response();
+        }
+        if path == "/containers/json" {
+            let list: Vec<Value> = e
+                .containers
+                .values()
+                .filter(|c| c["State"]["Status"] == "running" || c["State"]["Status"] == "paused")
+                .map(|c| json!({"Id": c["Id"], "Labels": c["Config"]["Labels"]}))
+                .collect();
+            return axum::Json(Value::Array(list)).into_response();
+        }
+        if path == "/events" {
+            let (tx, rx) = mpsc::unbounded_channel::<String>();
+            for line in &e.history {
+                let _ = tx.send(line.clone());
+            }
+            e.events.push(tx);
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                let line = rx.recv().await?;
+                Some((Ok::<_, std::io::Error>(line + "\n"), rx))
+            });
+            return Body::from_stream(stream).into_response();
+        }
+        if let Some(id) = path
+            .strip_prefix("/containers/")
+            .and_then(|p| p.strip_suffix("/json"))
+        {
+            e.inspects += 1;
+            return match e.containers.get(id) {
+                Some(c) => axum::Json(c.clone()).into_response(),
+                None => (
+                    StatusCode::NOT_FOUND,
+                    axum::Json(json!({"message": "No such container"})),
+                )
+                    .into_response(),
+            };
+        }
+        (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"message": "unknown path"})),
+        )
+            .into_response()
+    }
+
+    impl Fake {
+        pub fn new(path: PathBuf) -> Self {
+            Self {
+                path,
+                engine: Arc::default(),
+                server: None,
+            }
+        }
+
+        pub fn up(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+            let listener = tokio::net::UnixListener::bind(&self.path).unwrap();
+            let app = axum::Router::new()
+                .fallback(handle)
+                .with_state(self.engine.clone());
+            self.server = Some(tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            }));
+        }
+
+        /// The engine goes away: the socket disappears and every event
+        /// stream ends.
+        pub fn down(&mut self) {
+            if let Some(s) = self.server.take() {
+                s.abort();
+            }
+            let _ = std::fs::remove_file(&self.path);
+            self.engine.lock().unwrap().events.clear();
+        }
+
+        pub fn set(&self, id: &str, c: Value) {
+            self.engine.lock().unwrap().containers.insert(id.into(), c);
+        }
+
+        pub fn remove(&self, id: &str) {
+            self.engine.lock().unwrap().containers.remove(id);
+        }
+
+        pub fn event(&self, typ: &str, action: &str, id: &str, attrs: Value) {
+            let line =
+                json!({"Type": typ, "Action": action, "Actor": {"ID": id, "Attributes": attrs}})
+                    .to_string();
+            let mut e = self.engine.lock().unwrap();
+            e.history.push(line.clone());
+            e.events.retain(|tx| tx.send(line.clone()).is_ok());
+        }
+    }
+}
+
+mod with_fake_engine {
+    use std::time::Duration;
+
+    use serde_json::json;
+    use tokio_util::sync::CancellationToken;
+
+    use super::fake::{Fake, inspect_json};
+    use crate::config::ServiceDefaults;
+    use crate::model::{ServiceKey, Snapshot};
+    use crate::registry;
+    use crate::sources::Source;
+    use crate::sources::docker::DockerSource;
+
+    fn serving(s: &Snapshot, name: &str) -> Vec<String> {
+        s.service(&ServiceKey::new("default", name))
+            .map(|svc| svc.serving().map(|e| e.endpoint.ip.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    async fn wait_for(reader: &mut registry::Reader, what: &str, f: impl Fn(&Snapshot) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            if f(&reader.latest()) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, reader.changed())
+                .await
+                .is_err()
+            {
+                panic!(
+                    "not within 3 s: {what}; web serves {:?}",
+                    serving(&reader.current(), "web")
+                );
+            }
+        }
+    }
+
+    fn labels(service: &str) -> serde_json::Value {
+        json!({"beacon.service": service, "beacon.port": "8080"})
+    }
+
+    #[tokio::test]
+    async fn follows_events_keeps_state_without_engine_and_resets_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fake = Fake::new(dir.path().join("docker.sock"));
+        fake.set(
+            "c1",
+            inspect_json("c1", "10.0.0.1", "running", None, labels("web")),
+        );
+        fake.set(
+            "c2",
+            inspect_json("c2", "10.0.0.2", "running", Some("healthy"), labels("web")),
+        );
+        fake.set(
+            "other",
+            inspect_json("other", "10.0.0.9", "running", None, json!({})),
+        );
+        fake.up();
+
+        let source = DockerSource::new(fake.path.clone(), None, ServiceDefaults::default());
+        let shutdown = CancellationToken::new();
+        let (handle, mut reader, _t) =
+            registry::spawn(vec![source.id()], Duration::from_secs(60), shutdown.clone());
+        tokio::spawn(Box::new(source).run(handle, shutdown.clone()));
+        wait_for(&mut reader, "initial list", |s| {
+            s.ready && serving(s, "web") == ["10.0.0.1", "10.0.0.2"]
+        })
+        .await;
+
+        // A new labeled container starts.
+        fake.set(
+            "c3",
+            inspect_json("c3", "10.0.0.3", "running", Some("starting"), labels("web")),
+        );
+        fake.event("container", "start", "c3", labels("web"));
+        wait_for(&mut reader, "c3 listed but not ready", |s| {
+            s.service(&ServiceKey::new("default", "web"))
+                .and_then(|w| {
+                    w.endpoints
+                        .iter()
+                        .find(|e| e.endpoint.ip.to_string() == "10.0.0.3")
+                })
+                .is_some_and(|e| !e.endpoint.ready && !e.healthy)
+        })
+        .await;
+        fake.set(
+            "c3",
+            inspect_json("c3", "10.0.0.3", "running", Some("healthy"), labels("web")),
+        );
+        fake.event("container", "health_status: healthy", "c3", labels("web"));
+        wait_for(&mut reader, "c3 healthy", |s| serving(s, "web").len() == 3).await;
+
+        // Unhealthy → not served; paused → gone.
+        fake.set(
+            "c2",
+            inspect_json(
+                "c2",
+                "10.0.0.2",
+                "running",
+                Some("unhealthy"),
+                labels("web"),
+            ),
+        );
+        fake.event("container", "health_status: unhealthy", "c2", labels("web"));
+        wait_for(&mut reader, "c2 unhealthy", |s| {
+            serving(s, "web") == ["10.0.0.1", "10.0.0.3"]
+        })
+        .await;
+        fake.set(
+            "c1",
+            inspect_json("c1", "10.0.0.1", "paused", None, labels("web")),
+        );
+        fake.event("container", "pause", "c1", labels("web"));
+        wait_for(&mut reader, "c1 paused", |s| {
+            serving(s, "web") == ["10.0.0.3"]
+        })
+        .await;
+
+        // Unlabeled containers' events cost no inspect; exec events neither.
+        let before = fake.engine.lock().unwrap().inspects;
+        fake.event("container", "die", "other", json!({}));
+        fake.event(
+            "container",
+            "exec_start: /beacon probe",
+            "c3",
+            labels("web"),
+        );
+        // A marker event that does inspect, to know the two above were handled.
+        fake.event("container", "rename", "c3", labels("web"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while fake.engine.lock().unwrap().inspects == before {
+            assert!(tokio::time::Instant::now() < deadline, "rename not handled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(fake.engine.lock().unwrap().inspects, before + 1);
+
+        // The engine goes away: the last state stays.
+        let version = reader.current().version;
+        fake.down();
+        fake.set(
+            "c1",
+            inspect_json("c1", "10.0.0.1", "running", None, labels("web")),
+        );
+        fake.remove("c3");
+        fake.set(
+            "c4",
+            inspect_json("c4", "10.0.0.4", "running", None, labels("api")),
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let s = reader.current();
+        assert_eq!(s.version, version, "nothing sent while the engine is away");
+        assert_eq!(serving(&s, "web"), ["10.0.0.3"]);
+
+        // It comes back: a fresh list replaces everything.
+        fake.up();
+        wait_for(&mut reader, "resync after reconnect", |s| {
+            serving(s, "web") == ["10.0.0.1"] && serving(s, "api") == ["10.0.0.4"]
+        })
+        .await;
+        // c2 is still listed (unhealthy), c3 is gone.
+        let s = reader.current();
+        let web = s.service(&ServiceKey::new("default", "web")).unwrap();
+        let ips: Vec<String> = web
+            .endpoints
+            .iter()
+            .map(|e| e.endpoint.ip.to_string())
+            .collect();
+        assert_eq!(ips, ["10.0.0.1", "10.0.0.2"]);
+        shutdown.cancel();
+    }
+}
