@@ -10,6 +10,10 @@
 //! beacon.weight    = "1"                      optional, 1-65535
 //! beacon.hostname  = "web-0"                  optional: web-0.web.<ns>.svc.<zone>
 //! beacon.balance   = "round_robin"            optional balance policy
+//! beacon.vip       = "172.28.0.53"            optional ClusterIP-like address:
+//!                                             A/AAAA answer it and the proxy
+//!                                             listens on vip:port (an address
+//!                                             of beacon's, e.g. its container IP)
 //! ```
 //!
 //! Several running containers with the same `beacon.service` (and
@@ -62,6 +66,7 @@ pub const LABEL_LISTEN: &str = "beacon.listen";
 pub const LABEL_WEIGHT: &str = "beacon.weight";
 pub const LABEL_HOSTNAME: &str = "beacon.hostname";
 pub const LABEL_BALANCE: &str = "beacon.balance";
+pub const LABEL_VIP: &str = "beacon.vip";
 
 /// A full re-list this often, in case an event was lost.
 pub const RESYNC_EVERY: Duration = Duration::from_secs(60);
@@ -145,6 +150,7 @@ pub struct Member {
     pub key: ServiceKey,
     pub ports: Vec<Port>,
     pub balance: Option<Balance>,
+    pub vip: Option<IpAddr>,
     pub endpoint: Endpoint,
 }
 
@@ -199,6 +205,13 @@ pub fn member(c: &Container, network: Option<&str>) -> Result<Option<Member>, La
         },
         None => None,
     };
+    let vip = match c.labels.get(LABEL_VIP) {
+        Some(v) => match v.trim().parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => return Err(bad(LABEL_VIP, v, "not an IP address")),
+        },
+        None => None,
+    };
     let ip = container_ip(c, network)?;
     let ready = !matches!(c.health, HealthStatus::Starting | HealthStatus::Unhealthy);
     Ok(Some(Member {
@@ -206,6 +219,7 @@ pub fn member(c: &Container, network: Option<&str>) -> Result<Option<Member>, La
         key,
         ports,
         balance,
+        vip,
         endpoint: Endpoint {
             ip,
             hostname,
@@ -344,8 +358,8 @@ fn names(networks: &BTreeMap<String, Option<IpAddr>>) -> String {
     networks.keys().cloned().collect::<Vec<_>>().join(", ")
 }
 
-/// One service from its members (any order). Ports, listeners and balance
-/// come from the member whose container name sorts first, so the result
+/// One service from its members (any order). Ports, listeners, vip and
+/// balance come from the member whose container name sorts first, so the result
 /// does not depend on event order. None when there are no members.
 pub fn service_spec<'a>(
     key: &ServiceKey,
@@ -367,6 +381,7 @@ pub fn service_spec<'a>(
         spec.health.probe = ProbeKind::None;
     }
     spec.balance = first.balance.unwrap_or_default();
+    spec.vip = first.vip;
     let mut seen = HashSet::new();
     for m in &members {
         if m.ports != first.ports {

@@ -40,6 +40,7 @@ fn minimal_labels_make_a_ready_endpoint_in_default_namespace() {
     assert_eq!(&*m.ports[0].name, "");
     assert_eq!(m.ports[0].listen, None);
     assert_eq!(m.balance, None);
+    assert_eq!(m.vip, None);
 }
 
 #[test]
@@ -55,9 +56,11 @@ fn every_label_is_read() {
             ("beacon.weight", "7"),
             ("beacon.hostname", "api-0"),
             ("beacon.balance", "least_conn"),
+            ("beacon.vip", "172.28.0.53"),
         ],
     );
     let m = member(&c, None).unwrap().unwrap();
+    assert_eq!(m.vip, Some("172.28.0.53".parse().unwrap()));
     assert_eq!(m.key, ServiceKey::new("shop", "api"));
     assert_eq!(m.endpoint.weight, 7);
     assert_eq!(m.endpoint.hostname.as_deref(), Some("api-0"));
@@ -139,6 +142,10 @@ fn malformed_labels_are_errors_that_name_the_label() {
         (
             &[("beacon.service", "w"), ("beacon.balance", "fastest")],
             "valid: round_robin",
+        ),
+        (
+            &[("beacon.service", "w"), ("beacon.vip", "web")],
+            "label beacon.vip=`web`: not an IP address",
         ),
         (
             &[("beacon.service", "w"), ("beacon.listen", "0.0.0.0:80")],
@@ -232,6 +239,7 @@ fn containers_with_one_service_label_form_one_service() {
     b.labels.insert("beacon.port".into(), "9999".into());
     let mut a = web("web-a", "10.0.0.13");
     a.labels.insert("beacon.balance".into(), "p2c".into());
+    a.labels.insert("beacon.vip".into(), "10.0.0.100".into());
     let cs = [
         b,
         a,
@@ -252,7 +260,8 @@ fn containers_with_one_service_label_form_one_service() {
     assert_eq!(web.balance, Balance::P2c);
     assert_eq!(web.health.rise, 5);
     assert_eq!(web.proxy.connect_attempts, 9);
-    assert!(web.is_headless());
+    assert_eq!(web.vip, Some("10.0.0.100".parse().unwrap()));
+    assert!(all[&ServiceKey::new("default", "db")].is_headless());
     // Order of members does not matter.
     let reversed = all_services(members.iter().rev(), &defaults);
     assert_eq!(all, reversed);
