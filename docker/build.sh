@@ -22,9 +22,16 @@ RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
     cargo build --release --locked --offline --target "$target" --bin beacon
 bin="$target_dir/$target/release/beacon"
 
-if ldd "$bin" >/dev/null 2>&1; then
-    echo "build.sh: $bin is not static" >&2
+# Static (or static-pie): no shared library is NEEDED.
+if readelf -d "$bin" | grep -q NEEDED; then
+    echo "build.sh: $bin needs shared libraries:" >&2
+    readelf -d "$bin" | grep NEEDED >&2
     exit 1
+fi
+
+# The compose files give beacon (uid 65534) the socket's group.
+if [ -S /var/run/docker.sock ]; then
+    echo "DOCKER_GID=$(stat -c %g /var/run/docker.sock)" > "$here/.env"
 fi
 
 if [ "${1:-}" = "--binary" ]; then
@@ -35,7 +42,8 @@ fi
 # A context with only the binary and the Dockerfile: nothing else is sent.
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
-cp "$bin" "$ctx/beacon"
+# Line tables help backtraces on the host; the image does not need them.
+strip -o "$ctx/beacon" "$bin" 2>/dev/null || cp "$bin" "$ctx/beacon"
 cp "$here/Dockerfile" "$ctx/Dockerfile"
 docker build --quiet --tag "$image" "$ctx" >/dev/null
-echo "build.sh: built $image from $bin ($(du -h "$bin" | cut -f1))"
+echo "build.sh: built $image ($(du -h "$ctx/beacon" | cut -f1) binary) from $bin" >&2

@@ -70,6 +70,10 @@ enum Command {
         /// Pause between requests.
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         interval: std::time::Duration,
+        /// Before counting, retry the first request this long (while the
+        /// service comes up).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
     },
     /// Exit 0 when URL answers (http:// with 2xx/3xx, tcp:// connects);
     /// for Docker HEALTHCHECKs in scratch images.
@@ -272,6 +276,7 @@ fn client(command: Command) -> ExitCode {
                 count,
                 dns,
                 interval,
+                wait,
             } => {
                 let url = match client::parse_url(&url) {
                     Ok(u) => u,
@@ -280,6 +285,14 @@ fn client(command: Command) -> ExitCode {
                         return ExitCode::from(2);
                     }
                 };
+                let deadline = tokio::time::Instant::now() + wait;
+                while let Err(e) = client::get_once(&url, dns, timeout).await {
+                    if tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    eprintln!("beacon: {e} (retrying)");
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
                 let mut failed = 0;
                 let mut tally = std::collections::BTreeMap::<String, u32>::new();
                 for i in 0..count {
