@@ -1,3 +1,7 @@
-//! The one integration test binary.
+//! beacon's integration tests: one binary, a harness that starts the real
+//! `beacon` on free loopback ports and stops it on drop.
 
 mod docker;
+mod harness;
+mod health_e2e;
+mod spine;
