@@ -84,6 +84,8 @@ pub struct Cleanup {
     containers: Mutex<Vec<String>>,
     networks: Mutex<Vec<String>>,
     images: Mutex<Vec<String>>,
+    /// (compose file, project name)
+    compose: Mutex<Vec<(PathBuf, String)>>,
 }
 
 impl Drop for Cleanup {
@@ -91,6 +93,11 @@ impl Drop for Cleanup {
         let quiet = |args: &[&str]| {
             let _ = Command::new("docker").args(args).output();
         };
+        for (file, project) in self.compose.lock().unwrap().drain(..) {
+            let _ = compose_cmd(&file, &project, "")
+                .args(["down", "-v", "--remove-orphans", "-t", "1"])
+                .output();
+        }
         for c in self.containers.lock().unwrap().drain(..) {
             quiet(&["rm", "-f", "-v", &c]);
         }
@@ -129,6 +136,14 @@ impl Cleanup {
         tag
     }
 
+    /// Registers a compose project for `down` on drop.
+    pub fn compose(&self, file: &Path, project: &str) {
+        self.compose
+            .lock()
+            .unwrap()
+            .push((file.to_path_buf(), project.to_string()));
+    }
+
     pub fn network(&self) -> String {
         let name = unique("net");
         docker(&["network", "create", &name]);
@@ -145,6 +160,18 @@ impl Cleanup {
         docker(&all);
         name
     }
+}
+
+/// `docker-compose -f FILE -p PROJECT` with the test's image and the
+/// socket's group in the environment.
+fn compose_cmd(file: &Path, project: &str, image: &str) -> Command {
+    let mut c = Command::new("docker-compose");
+    c.arg("-f").arg(file).args(["-p", project, "--ansi", "never"]);
+    c.env("DOCKER_GID", socket_gid());
+    if !image.is_empty() {
+        c.env("BEACON_IMAGE", image);
+    }
+    c
 }
 
 fn ip_of(container: &str, network: &str) -> IpAddr {
@@ -449,4 +476,349 @@ async fn docker_source_keeps_state_without_engine_and_resyncs() {
     )
     .await;
     shutdown.cancel();
+}
+
+// === beacon in a container: DNS and proxy from the docker source ===
+
+/// The group of the engine's socket, for `--group-add` (beacon runs as 65534).
+fn socket_gid() -> String {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/var/run/docker.sock")
+        .expect("/var/run/docker.sock")
+        .gid()
+        .to_string()
+}
+
+/// The A records of `name` from `server` (UDP).
+async fn dns_a(server: std::net::SocketAddr, name: &str) -> BTreeSet<IpAddr> {
+    let answer = beacon::client::query(
+        server,
+        name,
+        hickory_proto::rr::RecordType::A,
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("DNS {name} @{server}: {e}"));
+    answer
+        .answers
+        .iter()
+        .filter_map(|r| r.data.ip_addr())
+        .collect()
+}
+
+/// One GET through the proxy; the backend's name, or the error.
+async fn get_name(addr: std::net::SocketAddr) -> Result<String, String> {
+    match beacon::client::http_get(addr, "web", "/", Duration::from_secs(3)).await {
+        Ok((200, body)) => Ok(body.trim().to_string()),
+        Ok((status, _)) => Err(format!("HTTP {status}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beacon_container_serves_dns_and_proxy_from_docker() {
+    if !engine_available() {
+        return;
+    }
+    let guard = Cleanup::default();
+    let image = guard.image();
+    let net = guard.network();
+    let service = unique("web");
+    let fqdn = format!("{service}.default.svc.cluster.local.");
+    let hc_ok = format!("{image}-hc-ok");
+    let listen = ["beacon.listen=0.0.0.0:8080"];
+    let names: Vec<String> = (0..3)
+        .map(|i| backend(&guard, &hc_ok, &net, &service, &format!("web{i}"), &listen))
+        .collect();
+    let bad = backend(
+        &guard,
+        &format!("{image}-hc-bad"),
+        &net,
+        &service,
+        "bad",
+        &listen,
+    );
+    let ips: BTreeSet<IpAddr> = names.iter().map(|n| ip_of(n, &net)).collect();
+    let bad_ip = ip_of(&bad, &net);
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("beacon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "startup_timeout = \"5s\"\n\
+             [dns]\nlisten = \"0.0.0.0:53\"\nttl = 1\n\
+             [admin]\nlisten = \"0.0.0.0:9153\"\n\
+             [health]\ninterval = \"500ms\"\nrise = 1\nfall = 2\n\
+             [[source]]\ntype = \"docker\"\nnetwork = \"{net}\"\n"
+        ),
+    )
+    .unwrap();
+    let mount = format!("{}:/etc/beacon.toml:ro", config.display());
+    let gid = socket_gid();
+    let beacon = guard.container(
+        "beacon",
+        &[
+            "--network",
+            &net,
+            "--group-add",
+            &gid,
+            "--sysctl",
+            "net.ipv4.ip_unprivileged_port_start=0",
+            "-v",
+            &mount,
+            "-v",
+            "/var/run/docker.sock:/var/run/docker.sock:ro",
+            &image,
+            "run",
+            "--config",
+            "/etc/beacon.toml",
+        ],
+    );
+    let beacon_ip = ip_of(&beacon, &net);
+    let dns = std::net::SocketAddr::new(beacon_ip, 53);
+    let proxy = std::net::SocketAddr::new(beacon_ip, 8080);
+
+    // DNS answers the three healthy container IPs (never the unhealthy one).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = match beacon::client::query(
+            dns,
+            &fqdn,
+            hickory_proto::rr::RecordType::A,
+            Duration::from_millis(500),
+        )
+        .await
+        {
+            Ok(a) => a.answers.iter().filter_map(|r| r.data.ip_addr()).collect(),
+            Err(_) => BTreeSet::new(),
+        };
+        assert!(!got.contains(&bad_ip), "DNS served the unhealthy container");
+        if got == ips {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "DNS never answered {ips:?} (last {got:?}); beacon logs:\n{}",
+            docker(&["logs", &beacon])
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 300 proxied connections reach all three, none fails.
+    let mut tally = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..300 {
+        let name = get_name(proxy).await.expect("proxied GET");
+        *tally.entry(name).or_default() += 1;
+    }
+    eprintln!("300 proxied connections: {tally:?}");
+    let reached: BTreeSet<&str> = tally.keys().map(String::as_str).collect();
+    assert_eq!(reached, BTreeSet::from(["web0", "web1", "web2"]));
+
+    // Clients keep connecting while a backend stops and starts again.
+    let stop = CancellationToken::new();
+    let log: Arc<Mutex<Vec<(Instant, Result<String, String>)>>> = Arc::default();
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let (stop, log) = (stop.clone(), log.clone());
+        workers.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let started = Instant::now();
+                let r = get_name(proxy).await;
+                log.lock().unwrap().push((started, r));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    let victim = &names[1];
+    let victim_ip = ip_of(victim, &net);
+    let t_stop = Instant::now();
+    docker(&["stop", "-t", "1", victim]);
+    let t_gone = loop {
+        let got = dns_a(dns, &fqdn).await;
+        if !got.contains(&victim_ip) {
+            break Instant::now();
+        }
+        assert!(
+            t_stop.elapsed() < Duration::from_secs(2),
+            "stopped backend still in DNS after 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("docker stop → gone from DNS in {:?}", t_gone - t_stop);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    docker(&["start", victim]);
+    let back_ip = ip_of(victim, &net);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dns_a(dns, &fqdn).await.contains(&back_ip) {
+        assert!(
+            Instant::now() < deadline,
+            "restarted backend not back in DNS"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t_back = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(t, r)| *t > t_back && r.as_deref() == Ok("web1"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "restarted backend gets no connections"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let log = log.lock().unwrap();
+    let failed: Vec<_> = log.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} client connections failed: {:?}",
+        failed.len(),
+        log.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let stray = log
+        .iter()
+        .filter(|(t, r)| *t > t_gone && *t < t_back && r.as_deref() == Ok("web1"))
+        .count();
+    assert_eq!(
+        stray, 0,
+        "the stopped backend got new connections after it left DNS"
+    );
+    assert!(
+        !log.iter().any(|(_, r)| r.as_deref() == Ok("bad")),
+        "the unhealthy container was proxied to"
+    );
+    eprintln!(
+        "{} client connections across stop/start, none failed",
+        log.len()
+    );
+}
+
+// === the compose demo and the sidecar recipe, as documented ===
+
+#[test]
+fn compose_demo_client_resolves_and_reaches_web() {
+    if !engine_available() {
+        return;
+    }
+    let guard = Cleanup::default();
+    let image = guard.image();
+    let file = repo_root().join("docker/compose.yaml");
+    let project = unique("demo");
+    guard.compose(&file, &project);
+    let out = compose_cmd(&file, &project, &image)
+        .args(["up", "--exit-code-from", "client"])
+        .output()
+        .expect("docker-compose");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "compose demo failed:\n{text}");
+    let client: Vec<&str> = text.lines().filter(|l| l.starts_with("client")).collect();
+    for name in ["web-0", "web-1", "web-2"] {
+        assert!(
+            client.iter().any(|l| l.ends_with(&format!("| {name}"))),
+            "the client never reached {name}:\n{text}"
+        );
+    }
+    assert!(
+        client.iter().any(|l| l.contains("30 ok, 0 failed")),
+        "not every request succeeded:\n{text}"
+    );
+}
+
+#[test]
+fn sidecar_recipe_answers_on_the_apps_loopback() {
+    if !engine_available() {
+        return;
+    }
+    let guard = Cleanup::default();
+    let image = guard.image();
+    let file = repo_root().join("docker/sidecar.yaml");
+    let project = unique("side");
+    guard.compose(&file, &project);
+    run(compose_cmd(&file, &project, &image).args(["up", "-d"]));
+    let exec = |args: &[&str]| {
+        compose_cmd(&file, &project, &image)
+            .args(["exec", "-T", "app", "/beacon"])
+            .args(args)
+            .output()
+            .expect("docker-compose exec")
+    };
+    // DNS on 127.0.0.1:53 inside the app's namespace.
+    let answer = eventually_output(Duration::from_secs(20), "sidecar DNS answers api", || {
+        let o = exec(&[
+            "query",
+            "api.default.svc.cluster.local",
+            "--server",
+            "127.0.0.1:53",
+        ]);
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        (o.status.success() && text.contains(" A 127.0.0.1")).then_some(text)
+    });
+    eprintln!("sidecar DNS: {answer}");
+    // Through the app's resolver (Docker's DNS forwards to the sidecar) and
+    // the sidecar's proxy on 127.0.0.1:8080.
+    let o = exec(&[
+        "get",
+        "http://api.default.svc.cluster.local:8080/",
+        "--count",
+        "30",
+        "--wait",
+        "10s",
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "sidecar get failed:\n{text}");
+    for name in ["api-0", "api-1", "api-2"] {
+        assert!(
+            text.lines().any(|l| l == name),
+            "never reached {name}:\n{text}"
+        );
+    }
+    // Nothing of beacon is exposed on the network: the app's IP has no DNS.
+    let app = String::from_utf8_lossy(
+        &run(compose_cmd(&file, &project, &image).args(["ps", "-q", "app"])).stdout,
+    )
+    .trim()
+    .to_string();
+    let app_ip: IpAddr = docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &app,
+    ])
+    .parse()
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let exposed = rt.block_on(beacon::client::query(
+        std::net::SocketAddr::new(app_ip, 53),
+        "api.default.svc.cluster.local.",
+        hickory_proto::rr::RecordType::A,
+        Duration::from_millis(500),
+    ));
+    assert!(
+        exposed.is_err(),
+        "sidecar DNS answered on the network: {exposed:?}"
+    );
+}
+
+fn eventually_output<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
