@@ -72,6 +72,7 @@ fn launched(sup: &mut Supervisor, now: Instant) -> Vec<Launch> {
     let mut fx = Effects::default();
     sup.due(now, &mut launches, &mut fx);
     assert!(fx.reports.is_empty());
+    assert_eq!(sup.stats(), sup.recount());
     launches
 }
 
@@ -180,6 +181,7 @@ fn removed_endpoints_and_services_lose_their_probes() {
     expected.sort();
     assert_eq!(aborted, expected);
     assert_eq!(sup.stats().targets, 1);
+    assert_eq!(sup.stats(), sup.recount());
 
     // A late result of a stopped probe changes nothing.
     let mut fx = Effects::default();
@@ -191,6 +193,7 @@ fn removed_endpoints_and_services_lose_their_probes() {
     sup.reconcile(&snap, now, &mut fx);
     assert_eq!(fx.aborts, vec![id_of("web", 1)]);
     assert_eq!(sup.stats(), Stats::default());
+    assert_eq!(sup.recount(), Stats::default());
 }
 
 #[test]
@@ -312,6 +315,7 @@ fn connect_failures_eject_until_expiry_or_a_passing_probe() {
     assert_eq!(fx.reports[0].change, HealthChange::Ejected(None));
     assert!(launches.is_empty());
     assert_eq!(sup.stats().ejected, 0);
+    assert_eq!(sup.stats(), sup.recount());
 }
 
 #[test]
