@@ -24,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 /// True when the tests should run; panics when the engine is missing and
 /// nobody said to skip.
+/// When a client tried, and the backend it reached or its error.
+type Attempt = (Instant, Result<String, String>);
+
 fn engine_available() -> bool {
     if std::env::var("BEACON_SKIP_DOCKER").as_deref() == Ok("1") {
         eprintln!("BEACON_SKIP_DOCKER=1: docker end-to-end test skipped");
@@ -166,7 +169,9 @@ impl Cleanup {
 /// socket's group in the environment.
 fn compose_cmd(file: &Path, project: &str, image: &str) -> Command {
     let mut c = Command::new("docker-compose");
-    c.arg("-f").arg(file).args(["-p", project, "--ansi", "never"]);
+    c.arg("-f")
+        .arg(file)
+        .args(["-p", project, "--ansi", "never"]);
     c.env("DOCKER_GID", socket_gid());
     if !image.is_empty() {
         c.env("BEACON_IMAGE", image);
@@ -617,7 +622,7 @@ async fn beacon_container_serves_dns_and_proxy_from_docker() {
 
     // Clients keep connecting while a backend stops and starts again.
     let stop = CancellationToken::new();
-    let log: Arc<Mutex<Vec<(Instant, Result<String, String>)>>> = Arc::default();
+    let log: Arc<Mutex<Vec<Attempt>>> = Arc::default();
     let mut workers = Vec::new();
     for _ in 0..2 {
         let (stop, log) = (stop.clone(), log.clone());
