@@ -213,6 +213,7 @@ pub fn spawn_with(
             shared: shared.clone(),
             listeners: HashMap::new(),
             served: BTreeMap::new(),
+            failing: HashSet::new(),
             stop: stop.clone(),
         };
         tokio::spawn(rec.run(reader))
@@ -284,6 +285,8 @@ struct Reconciler {
     listeners: HashMap<SocketAddr, Listener>,
     /// The services as last applied, to see endpoints leave.
     served: BTreeMap<ServiceKey, Arc<ServiceState>>,
+    /// Listen addresses whose bind failed (warned once, then retried quietly).
+    failing: HashSet<SocketAddr>,
     stop: CancellationToken,
 }
 
@@ -348,6 +351,7 @@ impl Reconciler {
         self.shared.ready.store(snap.ready, Ordering::Release);
         let wanted = wanted_listeners(snap);
         let shared = &self.shared;
+        self.failing.retain(|addr| wanted.contains_key(addr));
         self.listeners.retain(|addr, l| {
             let keep = wanted.contains_key(addr);
             if !keep {
@@ -371,6 +375,7 @@ impl Reconciler {
             match listener::bind(*addr) {
                 Ok(tcp) => {
                     let local = tcp.local_addr().unwrap_or(*addr);
+                    self.failing.remove(addr);
                     tracing::info!(%addr, %local, service = %key, "proxy listening");
                     let (tx, rx) = watch::channel(route);
                     let stop = self.stop.child_token();
@@ -388,7 +393,11 @@ impl Reconciler {
                         addr: *addr,
                         source,
                     };
-                    tracing::warn!(service = %key, error = %e, "proxy listener not opened; retrying");
+                    if self.failing.insert(*addr) {
+                        tracing::warn!(service = %key, error = %e, "proxy listener not opened; retrying every {}s", BIND_RETRY.as_secs());
+                    } else {
+                        tracing::debug!(service = %key, error = %e, "proxy listener still not opened");
+                    }
                     metrics::counter!("beacon_proxy_listener_errors_total", "service" => key.to_string())
                         .increment(1);
                     failed = true;

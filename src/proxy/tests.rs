@@ -1,7 +1,7 @@
 //! In-process tests of the whole proxy: a real registry, real sockets on
 //! 127.0.0.0/8, backends that say who they are.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize};
@@ -943,6 +943,7 @@ async fn accept_loop_backs_off_on_emfile_and_recovers() {
         shared: shared.clone(),
         listeners: HashMap::new(),
         served: BTreeMap::new(),
+        failing: HashSet::new(),
         stop: CancellationToken::new(),
     };
     let route = Arc::new(rec.route(&state, 0));
