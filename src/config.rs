@@ -809,6 +809,36 @@ pub struct ServicesIndex {
     listeners: HashMap<SocketAddr, (ServiceKey, Origin)>,
 }
 
+impl ServicesIndex {
+    /// Removes and returns what `path` claimed, so the file can be re-read.
+    pub fn take_file(&mut self, path: &Path) -> ServicesIndex {
+        let mut taken = ServicesIndex::default();
+        self.services.retain(|k, o| {
+            if o.path == path {
+                taken.services.insert(k.clone(), o.clone());
+                false
+            } else {
+                true
+            }
+        });
+        self.listeners.retain(|a, (k, o)| {
+            if o.path == path {
+                taken.listeners.insert(*a, (k.clone(), o.clone()));
+                false
+            } else {
+                true
+            }
+        });
+        taken
+    }
+
+    /// Puts back what [`take_file`](Self::take_file) removed.
+    pub fn merge(&mut self, other: ServicesIndex) {
+        self.services.extend(other.services);
+        self.listeners.extend(other.listeners);
+    }
+}
+
 /// Parses one services file; `index` spots duplicates across files.
 pub fn parse_services(
     text: &str,

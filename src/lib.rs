@@ -18,7 +18,15 @@
 //!   knows every part.
 #![deny(unsafe_code)]
 
+pub mod admin;
+pub mod app;
+pub mod backend;
+pub mod client;
 pub mod config;
+pub mod dns;
+pub mod health;
 pub mod model;
 pub mod proxy;
 pub mod registry;
+pub mod sources;
+pub mod telemetry;

@@ -1,0 +1,112 @@
+//! Sources say what exists. Each one sends `Update::Reset(all)` after every
+//! (re)connect or full re-read and `Upsert`/`Remove` after that; whatever a
+//! Reset does not list is gone. A source never touches DNS or the proxy.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{ServiceSpec, SourceId};
+use crate::registry::{self, Update};
+
+pub mod docker;
+pub mod file;
+
+/// A watcher of endpoints. `run` loops until `shutdown`, reporting through
+/// `registry`; it must send a `Reset` as its first sync.
+pub trait Source: Send + 'static {
+    fn id(&self) -> SourceId;
+    fn run(
+        self: Box<Self>,
+        registry: registry::Handle,
+        shutdown: CancellationToken,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// A fixed set of services (the `dev` demo, tests).
+pub struct StaticSource {
+    pub id: SourceId,
+    pub services: Vec<ServiceSpec>,
+}
+
+impl Source for StaticSource {
+    fn id(&self) -> SourceId {
+        self.id.clone()
+    }
+
+    fn run(
+        self: Box<Self>,
+        registry: registry::Handle,
+        _shutdown: CancellationToken,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            registry
+                .source(&self.id, Update::Reset(self.services))
+                .await;
+        })
+    }
+}
+
+/// Reconnect delays: exponential from `base` to `max`, with ±20% jitter so
+/// many beacons do not reconnect in lockstep. `reset` after a good sync.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The delay before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let jitter = 0.8 + fastrand::f64() * 0.4;
+        exp.mul_f64(jitter).min(self.max)
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Counts one update or error of a source in the contract's metrics.
+pub fn count_update(source: &SourceId) {
+    metrics::counter!("beacon_source_updates_total", "source" => source.to_string()).increment(1);
+}
+
+pub fn count_error(source: &SourceId) {
+    metrics::counter!("beacon_source_errors_total", "source" => source.to_string()).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_max_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(80) && first <= Duration::from_millis(120));
+        let mut last = first;
+        for _ in 0..20 {
+            last = b.next_delay();
+        }
+        assert!(last <= Duration::from_secs(5) && last >= Duration::from_secs(4));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(120));
+    }
+}

@@ -1,0 +1,317 @@
+//! The spine end to end: shipped config, hot reload, check, CLI, shutdown.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+const FILE_SOURCE: &str = "[[source]]\ntype = \"file\"\npath = \"services.toml\"\n";
+
+fn service_ips(b: &Beacon, name: &str) -> Option<Vec<String>> {
+    let json = b.services_json();
+    let svc = json["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == name)?
+        .clone();
+    Some(
+        svc["endpoints"]
+            .as_array()?
+            .iter()
+            .map(|e| e["ip"].as_str().unwrap().to_string())
+            .collect(),
+    )
+}
+
+#[test]
+fn shipped_config_becomes_ready_and_lists_shipped_services() {
+    // The shipped files, with the listen addresses moved to free ports.
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_addr();
+    let dns = free_addr();
+    let config = std::fs::read_to_string(repo_path("config/beacon.toml"))
+        .unwrap()
+        .replace("127.0.0.1:1053", &dns.to_string())
+        .replace("127.0.0.1:9153", &admin.to_string());
+    std::fs::write(dir.path().join("beacon.toml"), config).unwrap();
+    std::fs::copy(
+        repo_path("config/services.toml"),
+        dir.path().join("services.toml"),
+    )
+    .unwrap();
+    let cfg = dir.path().join("beacon.toml").display().to_string();
+    let b = Beacon::spawn(dir, admin, dns, &["run".into(), "--config".into(), cfg]);
+    b.wait_ready();
+    let json = b.services_json();
+    assert_eq!(json["ready"], true);
+    let names: Vec<String> = json["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{}.{}",
+                s["name"].as_str().unwrap(),
+                s["namespace"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(names, vec!["db.data", "web.default"]);
+    let db = &json["services"][0];
+    assert!(db["source"].as_str().unwrap().starts_with("file:"));
+    assert_eq!(db["endpoints"][1]["healthy"], false);
+    assert_eq!(db["endpoints"][1]["reason"], "not ready in source");
+    assert_eq!(json["services"][1]["vip"], "127.0.0.20");
+}
+
+#[test]
+fn healthz_and_readyz_answer_200_without_sources() {
+    // No sources: ready at once.
+    let b = Beacon::start(Options::default());
+    assert_eq!(http_get(b.admin, "/healthz").unwrap().0, 200);
+    b.wait_ready();
+    assert_eq!(b.services_json()["ready"], true);
+}
+
+#[test]
+fn edits_apply_within_a_second_and_broken_edits_keep_the_last_good_state() {
+    let b = Beacon::start(Options {
+        extra: FILE_SOURCE.into(),
+        services: Some(
+            "[[service]]\nname = \"web\"\n[[service.endpoint]]\nip = \"127.0.0.11\"\n".into(),
+        ),
+        ..Options::default()
+    });
+    b.wait_ready();
+    assert_eq!(service_ips(&b, "web").unwrap(), vec!["127.0.0.11"]);
+    let ok_before = b
+        .metric("beacon_config_reloads_total{result=\"ok\"}")
+        .unwrap_or(0.0);
+
+    let file = b.path("services.toml");
+    let started = Instant::now();
+    std::fs::write(
+        &file,
+        "[[service]]\nname = \"web\"\n[[service.endpoint]]\nip = \"127.0.0.12\"\n",
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(1),
+        "edit visible in /v1/services",
+        || (service_ips(&b, "web")? == vec!["127.0.0.12"]).then_some(()),
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(
+        b.metric("beacon_config_reloads_total{result=\"ok\"}")
+            .unwrap()
+            > ok_before
+    );
+
+    // Broken: the endpoint IP is not an IP (line 4, column 6).
+    std::fs::write(
+        &file,
+        "[[service]]\nname = \"web\"\n[[service.endpoint]]\nip = \"127.0.0.300\"\n",
+    )
+    .unwrap();
+    eventually(Duration::from_secs(2), "reload error counted", || {
+        (b.metric("beacon_config_reloads_total{result=\"error\"}")? >= 1.0).then_some(())
+    });
+    assert_eq!(
+        service_ips(&b, "web").unwrap(),
+        vec!["127.0.0.12"],
+        "last good state stays"
+    );
+    let log = b.log_text();
+    assert!(
+        log.contains("services.toml:4:6: endpoint ip `127.0.0.300` is not an IP address"),
+        "the log names file, line and column:\n{log}"
+    );
+
+    // Fixing it applies.
+    std::fs::write(
+        &file,
+        "[[service]]\nname = \"web\"\n[[service.endpoint]]\nip = \"127.0.0.13\"\n",
+    )
+    .unwrap();
+    eventually(Duration::from_secs(1), "fixed edit visible", || {
+        (service_ips(&b, "web")? == vec!["127.0.0.13"]).then_some(())
+    });
+}
+
+#[test]
+fn sighup_rereads_the_services_file() {
+    let b = Beacon::start(Options {
+        extra: FILE_SOURCE.into(),
+        services: Some(String::new()),
+        ..Options::default()
+    });
+    b.wait_ready();
+    let before = b
+        .metric("beacon_config_reloads_total{result=\"ok\"}")
+        .unwrap_or(0.0);
+    b.signal(1);
+    eventually(Duration::from_secs(2), "SIGHUP reload counted", || {
+        (b.metric("beacon_config_reloads_total{result=\"ok\"}")? > before).then_some(())
+    });
+}
+
+#[test]
+fn check_reports_each_error_with_position_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("beacon.toml");
+    std::fs::write(
+        &cfg,
+        "[health]\nrise = 0\n[[source]]\ntype = \"file\"\npath = \"svc.toml\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("svc.toml"), "[[service]]\nname = \"web\"\n").unwrap();
+    let (status, _, stderr) = run_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("beacon.toml:2:8: rise = 0 is out of range"),
+        "{stderr}"
+    );
+
+    std::fs::write(&cfg, "[[source]]\ntype = \"file\"\npath = \"svc.toml\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("svc.toml"),
+        "[[service]]\nname = \"web\"\n[[service.port]]\nport = 99999\n[[service.endpoint]]\nip = \"x\"\n",
+    )
+    .unwrap();
+    let (status, _, stderr) = run_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(2));
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "one line per error: {stderr}");
+    assert!(
+        lines[0].ends_with("svc.toml:4:8: port = 99999 is out of range; allowed: 1 to 65535"),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].contains("svc.toml:6:6: endpoint ip `x` is not an IP address"),
+        "{stderr}"
+    );
+
+    let (status, stdout, _) = run_cmd(&[
+        "check",
+        "--config",
+        repo_path("config/beacon.toml").to_str().unwrap(),
+    ]);
+    assert!(status.success(), "{stdout}");
+    assert!(stdout.contains("ok"));
+}
+
+#[test]
+fn run_with_a_broken_config_exits_2_with_the_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("beacon.toml");
+    std::fs::write(&cfg, "[dns]\nlisten = \"nowhere\"\n").unwrap();
+    let (status, _, stderr) = run_cmd(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(2));
+    assert!(
+        stderr.contains("beacon.toml:2:10: `nowhere` is not a socket address"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn version_help_and_bad_usage() {
+    let (status, stdout, _) = run_cmd(&["--version"]);
+    assert!(status.success());
+    assert!(stdout.starts_with("beacon "));
+    let (status, stdout, _) = run_cmd(&["--help"]);
+    assert!(status.success());
+    for cmd in ["run", "check", "dev"] {
+        assert!(stdout.contains(cmd), "{stdout}");
+    }
+    let (status, _, _) = run_cmd(&["frobnicate"]);
+    assert_eq!(status.code(), Some(2));
+}
+
+#[test]
+fn sigterm_exits_0_within_the_grace() {
+    let mut b = Beacon::start(Options {
+        extra: FILE_SOURCE.into(),
+        services: Some("[[service]]\nname = \"web\"\n".into()),
+        ..Options::default()
+    });
+    b.wait_ready();
+    let started = Instant::now();
+    b.signal(15);
+    let status = b.wait_exit(Duration::from_secs(4));
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "within the 3 s grace"
+    );
+}
+
+#[test]
+fn json_logs_on_request() {
+    let b = Beacon::start(Options {
+        args: vec!["--log-format".into(), "json".into()],
+        ..Options::default()
+    });
+    b.wait_ready();
+    let log = b.log_text();
+    let first = log.lines().next().expect("a log line");
+    let v: serde_json::Value = serde_json::from_str(first).expect("JSON log line");
+    assert!(v["level"].is_string(), "{first}");
+}
+
+/// `beacon dev` on free ports (the defaults are the documented 1053/8080/9153).
+pub fn start_dev() -> (Beacon, std::net::SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, dns, web) = (free_addr(), free_addr(), free_addr());
+    let args = [
+        "dev",
+        "--dns",
+        &dns.to_string(),
+        "--admin",
+        &admin.to_string(),
+        "--web",
+        &web.to_string(),
+    ]
+    .map(String::from);
+    let b = Beacon::spawn(dir, admin, dns, &args);
+    b.wait_ready();
+    (b, web)
+}
+
+#[test]
+fn dev_serves_a_web_service_over_three_demo_backends() {
+    let (b, web_addr) = start_dev();
+    let json = b.services_json();
+    let web = json["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap()
+        .clone();
+    let eps = web["endpoints"].as_array().unwrap();
+    assert_eq!(eps.len(), 3);
+    for (i, e) in eps.iter().enumerate() {
+        assert_eq!(e["hostname"], format!("web-{i}"));
+        assert_eq!(e["healthy"], true, "{e}");
+        // Each demo backend answers with its own name.
+        let addr = std::net::SocketAddr::new(
+            e["ip"].as_str().unwrap().parse().unwrap(),
+            e["port"].as_u64().unwrap() as u16,
+        );
+        let (status, body) = http_get(addr, "/").unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (200, format!("web-{i}\n").as_str())
+        );
+    }
+    // DNS answers the three backends; the proxy spreads requests over them.
+    let ips = dig(b.dns, "web.default.svc.cluster.local", "A", false);
+    assert_eq!(ips, vec!["127.0.0.11", "127.0.0.12", "127.0.0.13"]);
+    let names: std::collections::BTreeSet<String> =
+        (0..30).map(|_| fetch_name(web_addr).unwrap()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    let banner = std::fs::read_to_string(b.path("stdout.log")).unwrap();
+    assert!(
+        banner.contains("dig @127.0.0.1 -p") && banner.contains("curl http://"),
+        "{banner}"
+    );
+}
