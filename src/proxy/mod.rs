@@ -33,7 +33,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -120,7 +120,17 @@ struct Shared {
     kill: CancellationToken,
     tracker: TaskTracker,
     copy_mode: copy::Mode,
-    connect_duration: Histogram,
+    /// Metric handles are resolved at first use, not at spawn: the app
+    /// may install the recorder after starting the proxy, and a handle
+    /// taken before that would be a no-op forever.
+    connect_duration: OnceLock<Histogram>,
+}
+
+impl Shared {
+    fn connect_duration(&self) -> &Histogram {
+        self.connect_duration
+            .get_or_init(|| metrics::histogram!("beacon_proxy_connect_duration_seconds"))
+    }
 }
 
 /// Pre-resolved metric handles of one service (no label allocation per
@@ -164,7 +174,15 @@ struct Route {
     entries: Vec<Arc<EndpointEntry>>,
     balancer: Box<dyn Balancer>,
     service_active: Arc<AtomicUsize>,
-    metrics: ServiceMetrics,
+    /// Resolved at the first connection (see `Shared::connect_duration`).
+    metrics: OnceLock<ServiceMetrics>,
+}
+
+impl Route {
+    fn metrics(&self) -> &ServiceMetrics {
+        self.metrics
+            .get_or_init(|| ServiceMetrics::new(&self.service))
+    }
 }
 
 /// An open listener.
@@ -205,7 +223,7 @@ pub fn spawn_with(
         kill: CancellationToken::new(),
         tracker: TaskTracker::new(),
         copy_mode: opts.copy_mode,
-        connect_duration: metrics::histogram!("beacon_proxy_connect_duration_seconds"),
+        connect_duration: OnceLock::new(),
     });
     let stop = shutdown.child_token();
     let control = cfg.enabled.then(|| {
@@ -451,7 +469,7 @@ impl Reconciler {
                 .entry(key.clone())
                 .or_default()
                 .clone(),
-            metrics: ServiceMetrics::new(key),
+            metrics: OnceLock::new(),
         }
     }
 
