@@ -133,8 +133,6 @@ pub struct Supervisor {
     /// Running totals, kept as things change so `stats` costs nothing.
     totals: Stats,
     rng: fastrand::Rng,
-    checks_ok: metrics::Counter,
-    checks_failed: metrics::Counter,
 }
 
 impl Default for Supervisor {
@@ -154,8 +152,6 @@ impl Supervisor {
             next_id: 0,
             totals: Stats::default(),
             rng,
-            checks_ok: metrics::counter!("beacon_health_checks_total", "result" => "success"),
-            checks_failed: metrics::counter!("beacon_health_checks_total", "result" => "failure"),
         }
     }
 
@@ -303,10 +299,10 @@ impl Supervisor {
             return;
         }
         self.totals.in_flight -= 1;
-        match result {
-            Ok(()) => self.checks_ok.increment(1),
-            Err(_) => self.checks_failed.increment(1),
-        }
+        // Looked up per probe, not cached: a handle taken before the
+        // recorder is installed would count into nothing.
+        let outcome = if result.is_ok() { "success" } else { "failure" };
+        metrics::counter!("beacon_health_checks_total", "result" => outcome).increment(1);
         let th = t.thresholds();
         if let Some(state) = t.hyst.observe(result, th) {
             tracing::debug!(service = %service, %ip, state = ?state, "probe verdict changed");

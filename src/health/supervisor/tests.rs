@@ -380,8 +380,9 @@ fn checks_and_ejections_are_counted() {
     let mut s = spec("web", &[1, 2]);
     s.health.eject_after = 1;
     let snap = world.set(vec![s]);
+    // The supervisor exists before the recorder is installed (as in app.rs).
+    let mut sup = Supervisor::with_rng(fastrand::Rng::with_seed(9));
     metrics::with_local_recorder(&recorder, || {
-        let mut sup = Supervisor::with_rng(fastrand::Rng::with_seed(9));
         let now = Instant::now();
         let mut fx = Effects::default();
         sup.reconcile(&snap, now, &mut fx);
