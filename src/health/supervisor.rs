@@ -89,8 +89,9 @@ struct Target {
     /// When the next probe is due; `None` while one is in flight.
     due: Option<Instant>,
     /// When the last probe was launched: the next one is due an interval
-    /// later (or at once when the probe took longer), so the probe rate
-    /// does not sag with probe latency.
+    /// later, so the probe rate does not sag with probe latency; but never
+    /// sooner than half an interval after the last one ended, so slow
+    /// probes (an overloaded host, timeouts) are not repeated back to back.
     launched: Instant,
 }
 
@@ -319,7 +320,8 @@ impl Supervisor {
             tracing::debug!(service = %service, %ip, "probe passed: ejection ended");
             fx.report(service, ip, HealthChange::Ejected(None));
         }
-        let due = (launched + self.jitter(interval)).max(now);
+        let gap = self.jitter(interval);
+        let due = (launched + gap).max(now + gap / 2);
         self.schedule(service, ip, due);
     }
 
