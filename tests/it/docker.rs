@@ -24,7 +24,6 @@ use tokio_util::sync::CancellationToken;
 
 /// True when the tests should run; panics when the engine is missing and
 /// nobody said to skip.
-
 fn engine_available() -> bool {
     if std::env::var("BEACON_SKIP_DOCKER").as_deref() == Ok("1") {
         eprintln!("BEACON_SKIP_DOCKER=1: docker end-to-end test skipped");
