@@ -120,6 +120,26 @@ fn cpu_seconds(pid: &str) -> f64 {
     ticks as f64 / hz
 }
 
+/// Seconds the process's threads spent runnable but waiting for a CPU
+/// (`/proc/self/task/*/schedstat`, second field): high means the machine,
+/// not the prober, limits the probe rate.
+fn run_queue_wait() -> f64 {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        ns += stat
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+    }
+    ns as f64 / 1e9
+}
+
 fn counter(text: &str, name_and_labels: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name_and_labels))
@@ -226,6 +246,7 @@ fn main() {
         };
         let (ok0, fail0) = checks(&metrics.render());
         let load0 = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let wait0 = run_queue_wait();
         let (cpu0, child0, t0) = (cpu_seconds(&me), cpu_seconds(&child_pid), Instant::now());
         // Sample the probes in flight: with the probe rate, Little's law
         // gives the mean probe latency.
@@ -237,6 +258,7 @@ fn main() {
             samples += 1;
         }
         let (cpu1, child1, wall) = (cpu_seconds(&me), cpu_seconds(&child_pid), t0.elapsed());
+        let wait1 = run_queue_wait();
         let load1 = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         let (ok1, fail1) = checks(&metrics.render());
 
@@ -274,6 +296,11 @@ fn main() {
         println!(
             "mean probes in flight {in_flight:.0} => mean probe latency {:.1} ms",
             1000.0 * in_flight / ((ok1 - ok0 + fail1 - fail0) / wall).max(1.0)
+        );
+        println!(
+            "cpu per probe {:.0} us; threads waited {:.1} s for a CPU (run queue) during the window",
+            1e6 * (cpu1 - cpu0) / (ok1 - ok0 + fail1 - fail0).max(1.0),
+            wait1 - wait0
         );
         println!("loadavg before: {}loadavg after:  {}", load0, load1);
         shutdown.cancel();

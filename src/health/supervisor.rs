@@ -8,10 +8,15 @@
 //! endpoint): 10,000 endpoints cost 10,000 heap entries and a probe task
 //! only while a probe is in flight.
 //!
-//! The core reports to the registry only changes, and checks every
-//! snapshot it sees against what it believes, re-sending its belief where
-//! they differ (level-triggered: a lost or reordered report heals itself,
-//! and re-sending is harmless because the registry ignores no-op changes).
+//! The core reports to the registry only changes. Whenever a service's spec
+//! changes (or the loop starts) it checks the snapshot's health of that
+//! service against what it believes and re-sends where they differ: the
+//! registry forgets the health of an endpoint that left the spec, and a
+//! restarted loop may find stale verdicts. Re-sending is harmless (the
+//! registry ignores no-op changes). It does not re-check on snapshots where
+//! only health changed: the registry's channel is reliable and ordered, so
+//! what was sent will show, and re-checking then would re-send every report
+//! still queued (a storm at 10,000 endpoints).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -217,15 +222,16 @@ impl Supervisor {
                 eject: Ejections::default(),
             });
             tracked.state = svc.clone();
-            if resync {
-                let before = (tracked.targets.len(), tracked.eject.ejected_count());
-                let aborts = fx.aborts.len();
-                sync_targets(key, tracked, now, &mut self.next_id, fx, &mut started);
-                self.totals.targets = self.totals.targets - before.0 + tracked.targets.len();
-                self.totals.ejected =
-                    self.totals.ejected - before.1 + tracked.eject.ejected_count();
-                self.totals.in_flight -= fx.aborts.len() - aborts;
+            if !resync {
+                // Only health changed: the registry holds what we sent.
+                continue;
             }
+            let before = (tracked.targets.len(), tracked.eject.ejected_count());
+            let aborts = fx.aborts.len();
+            sync_targets(key, tracked, now, &mut self.next_id, fx, &mut started);
+            self.totals.targets = self.totals.targets - before.0 + tracked.targets.len();
+            self.totals.ejected = self.totals.ejected - before.1 + tracked.eject.ejected_count();
+            self.totals.in_flight -= fx.aborts.len() - aborts;
             check_beliefs(key, tracked, fx);
         }
         let batch = started.len() as u32;
@@ -451,6 +457,7 @@ fn sync_targets(
 
 /// Re-sends whatever the service's snapshot state does not show of our
 /// belief: probe verdicts (Unknown where nothing probes) and ejections.
+/// Called on spec changes only (see the module doc).
 fn check_beliefs(key: &ServiceKey, tracked: &Tracked, fx: &mut Effects) {
     for ep in &tracked.state.endpoints {
         let ip = ep.endpoint.ip;

@@ -244,25 +244,64 @@ fn a_changed_health_spec_restarts_the_probe_and_keeps_the_verdict() {
 }
 
 #[test]
-fn beliefs_missing_from_the_snapshot_are_sent_again() {
+fn beliefs_are_checked_on_start_and_spec_changes_only() {
     let mut world = World::new();
-    let snap = world.set(vec![spec("web", &[1, 2])]);
+    world.set(vec![spec("web", &[1, 2])]);
+    // Stale health from an earlier run of the loop.
+    let snap = world.report(&[
+        Report {
+            service: key("web"),
+            ip: ip(1),
+            change: HealthChange::Probe(ProbeState::Down("probe failed: x 3/3".into())),
+        },
+        Report {
+            service: key("web"),
+            ip: ip(2),
+            change: HealthChange::Ejected(Some("ejected: 5 connect failures".into())),
+        },
+    ]);
     let mut sup = Supervisor::with_rng(fastrand::Rng::with_seed(5));
     let now = Instant::now();
     let mut fx = Effects::default();
     sup.reconcile(&snap, now, &mut fx);
+    // A probe started on a Down endpoint keeps Down; the ejection this
+    // loop does not know of is lifted.
+    assert_eq!(
+        fx.reports,
+        vec![Report {
+            service: key("web"),
+            ip: ip(2),
+            change: HealthChange::Ejected(None),
+        }]
+    );
+    world.report(&std::mem::take(&mut fx.reports));
+
     let l = launched(&mut sup, now + Duration::from_secs(1));
     for l in &l {
         sup.on_result(&l.service, l.ip, l.id, Ok(()), now, &mut fx);
     }
-    assert_eq!(fx.reports.len(), 2);
-    // Only one report reached the registry; a snapshot about ip 2 (a health
-    // change elsewhere) shows the other one missing.
+    // ip 2 was Unknown (start healthy): one success reports Up; ip 1 needs
+    // two (rise).
+    assert_eq!(fx.reports.len(), 1);
     let lost = fx.reports.pop().unwrap();
-    let snap = world.report(&fx.reports);
-    let mut fx = Effects::default();
+    assert_eq!(lost.ip, ip(2));
+    // A snapshot where only health changed, without that report applied:
+    // nothing is re-sent (it may still be queued).
+    let unrelated = world.report(&[Report {
+        service: key("web"),
+        ip: ip(1),
+        change: HealthChange::Probe(ProbeState::Down("probe failed: y 3/3".into())),
+    }]);
+    sup.reconcile(&unrelated, now, &mut fx);
+    assert!(fx.reports.is_empty());
+    // A spec change re-checks: the missing report and ip 1's verdict are
+    // sent again.
+    let mut changed = spec("web", &[1, 2]);
+    changed.health.timeout = Duration::from_millis(50);
+    let snap = world.set(vec![changed]);
     sup.reconcile(&snap, now, &mut fx);
-    assert_eq!(fx.reports, vec![lost]);
+    assert!(fx.reports.contains(&lost), "{:?}", fx.reports);
+    assert!(fx.reports.iter().any(|r| r.ip == ip(1)), "{:?}", fx.reports);
 }
 
 #[test]
