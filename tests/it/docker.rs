@@ -359,7 +359,8 @@ async fn docker_source_follows_containers_of_the_engine() {
     )
     .await;
 
-    // Paused → gone; unpaused → back.
+    // Paused → gone; unpaused → back. (The 2 s bound is for stop; a
+    // loaded engine can take longer to pause.)
     let paused = &names[0];
     let mut without = back.clone();
     without.remove(&ip_of(paused, &net));
@@ -368,7 +369,7 @@ async fn docker_source_follows_containers_of_the_engine() {
         &mut reader,
         &key,
         &without,
-        Duration::from_secs(2),
+        Duration::from_secs(5),
         "paused backend gone",
     )
     .await;
