@@ -540,6 +540,15 @@ async fn beacon_container_serves_dns_and_proxy_from_docker() {
     }
     let guard = Cleanup::default();
     let image = guard.image();
+    // The image: scratch + one static binary, non-root, entrypoint beacon.
+    let config = docker(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{.Config.User}} {{json .Config.Entrypoint}} {{len .RootFS.Layers}}",
+        &image,
+    ]);
+    assert_eq!(config, r#"65534:65534 ["/beacon"] 1"#);
     let net = guard.network();
     let service = unique("web");
     let fqdn = format!("{service}.default.svc.cluster.local.");
