@@ -976,3 +976,111 @@ async fn dig_forwarding_through_dnsmasq_and_refused_for_outsiders() {
     let _ = dnsmasq.kill();
     let _ = dnsmasq.wait();
 }
+
+// === hickory client ===
+
+fn resolver(addr: SocketAddr, tcp: bool) -> hickory_resolver::TokioResolver {
+    use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+    let mut ns = if tcp {
+        NameServerConfig::tcp(addr.ip())
+    } else {
+        NameServerConfig::udp(addr.ip())
+    };
+    for c in &mut ns.connections {
+        c.port = addr.port();
+    }
+    let mut builder = hickory_resolver::Resolver::builder_with_config(
+        ResolverConfig::from_name_servers(vec![ns]),
+        TokioRuntimeProvider::default(),
+    );
+    builder.options_mut().cache_size = 0;
+    builder.options_mut().attempts = 1;
+    builder.options_mut().timeout = Duration::from_secs(2);
+    builder.build().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hickory_resolver_gets_the_zone_over_udp_and_tcp() {
+    let run = start(cfg(), Reader::fixed(big_snapshot())).await;
+    for tcp in [false, true] {
+        let r = resolver(run.addr, tcp);
+        let ips: Vec<IpAddr> = r
+            .lookup_ip("db.prod.svc.cluster.local.")
+            .await
+            .unwrap()
+            .iter()
+            .collect();
+        assert_eq!(ips.len(), 3, "tcp={tcp}");
+        let big = r
+            .ipv4_lookup("big.default.svc.cluster.local.")
+            .await
+            .unwrap();
+        assert_eq!(big.answers().len(), 60, "tcp={tcp}");
+        let srv = r
+            .srv_lookup("_http._tcp.db.prod.svc.cluster.local.")
+            .await
+            .unwrap();
+        assert_eq!(srv.answers().len(), 3);
+        let ptr = r.reverse_lookup("1.0.1.10.in-addr.arpa.").await.unwrap();
+        assert!(
+            matches!(&ptr.answers()[0].data, RData::PTR(p) if p.0.to_ascii() == "db-0.db.prod.svc.cluster.local.")
+        );
+        let txt = r.txt_lookup("dns-version.cluster.local.").await.unwrap();
+        assert_eq!(txt.answers().len(), 1);
+        let err = r
+            .ipv4_lookup("nope.default.svc.cluster.local.")
+            .await
+            .unwrap_err();
+        assert!(err.is_nx_domain(), "tcp={tcp}: {err}");
+        let err = r
+            .ipv6_lookup("web.default.svc.cluster.local.")
+            .await
+            .unwrap_err();
+        assert!(
+            err.is_no_records_found() && !err.is_nx_domain(),
+            "NODATA, tcp={tcp}: {err}"
+        );
+    }
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_client_that_never_reads_loses_its_slot() {
+    let mut c = cfg();
+    c.tcp_idle_timeout = Duration::from_millis(300);
+    c.tcp_max_connections = 1;
+    let run = start(c, Reader::fixed(big_snapshot())).await;
+    let q = query("big.default.svc.cluster.local.", RecordType::A, None)
+        .to_vec()
+        .unwrap();
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    let flood: Vec<u8> = framed
+        .iter()
+        .copied()
+        .cycle()
+        .take(framed.len() * 20_000)
+        .collect();
+    let mut stalled = TcpStream::connect(run.addr).await.unwrap();
+    // Writes ~1 MB of queries whose ~1 KB answers are never read.
+    let writer = tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(10), stalled.write_all(&flood)).await;
+        stalled
+    });
+    let started = Instant::now();
+    let mut served = false;
+    while started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(mut s) = TcpStream::connect(run.addr).await else {
+            continue;
+        };
+        if s.write_all(&framed).await.is_ok() && read_frame(&mut s).await.is_some() {
+            served = true;
+            break;
+        }
+    }
+    assert!(served, "the stalled connection still holds the only slot");
+    run.stop().await;
+    drop(writer.await);
+}

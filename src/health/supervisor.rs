@@ -88,6 +88,11 @@ struct Target {
     hyst: Hysteresis,
     /// When the next probe is due; `None` while one is in flight.
     due: Option<Instant>,
+    /// When the last probe was launched: the next one is due an interval
+    /// later, so the probe rate does not sag with probe latency; but never
+    /// sooner than half an interval after the last one ended, so slow
+    /// probes (an overloaded host, timeouts) are not repeated back to back.
+    launched: Instant,
 }
 
 impl Target {
@@ -129,8 +134,6 @@ pub struct Supervisor {
     /// Running totals, kept as things change so `stats` costs nothing.
     totals: Stats,
     rng: fastrand::Rng,
-    checks_ok: metrics::Counter,
-    checks_failed: metrics::Counter,
 }
 
 impl Default for Supervisor {
@@ -150,8 +153,6 @@ impl Supervisor {
             next_id: 0,
             totals: Stats::default(),
             rng,
-            checks_ok: metrics::counter!("beacon_health_checks_total", "result" => "success"),
-            checks_failed: metrics::counter!("beacon_health_checks_total", "result" => "failure"),
         }
     }
 
@@ -219,7 +220,7 @@ impl Supervisor {
             if resync {
                 let before = (tracked.targets.len(), tracked.eject.ejected_count());
                 let aborts = fx.aborts.len();
-                sync_targets(key, tracked, &mut self.next_id, fx, &mut started);
+                sync_targets(key, tracked, now, &mut self.next_id, fx, &mut started);
                 self.totals.targets = self.totals.targets - before.0 + tracked.targets.len();
                 self.totals.ejected =
                     self.totals.ejected - before.1 + tracked.eject.ejected_count();
@@ -251,6 +252,7 @@ impl Supervisor {
                 continue;
             }
             t.due = None;
+            t.launched = now;
             self.totals.in_flight += 1;
             launches.push(Launch {
                 id,
@@ -298,15 +300,16 @@ impl Supervisor {
             return;
         }
         self.totals.in_flight -= 1;
-        match result {
-            Ok(()) => self.checks_ok.increment(1),
-            Err(_) => self.checks_failed.increment(1),
-        }
+        // Looked up per probe, not cached: a handle taken before the
+        // recorder is installed would count into nothing.
+        let outcome = if result.is_ok() { "success" } else { "failure" };
+        metrics::counter!("beacon_health_checks_total", "result" => outcome).increment(1);
         let th = t.thresholds();
         if let Some(state) = t.hyst.observe(result, th) {
             tracing::debug!(service = %service, %ip, state = ?state, "probe verdict changed");
             fx.report(service, ip, HealthChange::Probe(state));
         }
+        let launched = t.launched;
         let interval = if t.hyst.changing(th) {
             t.health.fast_interval.min(t.health.interval)
         } else {
@@ -317,7 +320,8 @@ impl Supervisor {
             tracing::debug!(service = %service, %ip, "probe passed: ejection ended");
             fx.report(service, ip, HealthChange::Ejected(None));
         }
-        let due = now + self.jitter(interval);
+        let gap = self.jitter(interval);
+        let due = (launched + gap).max(now + gap / 2);
         self.schedule(service, ip, due);
     }
 
@@ -374,6 +378,7 @@ fn in_flight(targets: &HashMap<IpAddr, Target>) -> impl Iterator<Item = u64> + '
 fn sync_targets(
     key: &ServiceKey,
     tracked: &mut Tracked,
+    now: Instant,
     next_id: &mut u64,
     fx: &mut Effects,
     started: &mut Vec<(ServiceKey, IpAddr, Duration)>,
@@ -429,6 +434,7 @@ fn sync_targets(
                 health: spec.health.clone(),
                 hyst,
                 due: None,
+                launched: now,
             },
         );
         keep.insert(ip);
