@@ -120,10 +120,25 @@ wait_tcp() {
     return 1
 }
 
-# CPU time (user+sys) of a process, in clock ticks.
-cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
-# Resident set size in KiB.
-rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
+# CPU time (user+sys) of a process and its children (nginx's workers), in
+# clock ticks.
+cpu_ticks() {
+    local p t total=0
+    for p in "$1" $(pgrep -P "$1" 2>/dev/null || true); do
+        t=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
+        total=$((total + ${t:-0}))
+    done
+    echo "$total"
+}
+# Resident set size in KiB, of a process and its children.
+rss_kb() {
+    local p t total=0
+    for p in "$1" $(pgrep -P "$1" 2>/dev/null || true); do
+        t=$(awk '/^VmRSS:/{print $2}' "/proc/$p/status" 2>/dev/null) || t=0
+        total=$((total + ${t:-0}))
+    done
+    echo "$total"
+}
 
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS_TSV"; }
 
