@@ -26,6 +26,11 @@ pub enum StartError {
 pub struct Running {
     pub reader: Reader,
     pub admin_addr: Option<SocketAddr>,
+    pub dns_addr: Option<SocketAddr>,
+    /// Feeds passive health signals (the proxy's connect outcomes).
+    pub outcomes: tokio::sync::mpsc::Sender<crate::model::ConnectOutcome>,
+    proxy: Option<crate::proxy::Proxy>,
+    drain_timeout: Duration,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -70,6 +75,32 @@ pub async fn start(
             tracing::info_span!("source", source.id = %id),
         )));
     }
+    // Passive health signals: the proxy's connect outcomes feed health.
+    let (outcomes_tx, outcomes_rx) = tokio::sync::mpsc::channel(4096);
+    tasks.push(crate::health::spawn(
+        reader.clone(),
+        handle.clone(),
+        outcomes_rx,
+        shutdown.clone(),
+    ));
+    let dns_addr = if config.dns.enabled {
+        let dns = crate::dns::spawn(&config.dns, reader.clone(), shutdown.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let addr = dns.local_addr;
+        tasks.push(tokio::spawn(dns.join()));
+        Some(addr)
+    } else {
+        None
+    };
+    let proxy = config.proxy.enabled.then(|| {
+        crate::proxy::spawn(
+            &config.proxy,
+            reader.clone(),
+            outcomes_tx.clone(),
+            shutdown.clone(),
+        )
+    });
     let metrics = crate::telemetry::metrics();
     let admin_addr = match config.admin.listen {
         Some(addr) => {
@@ -96,6 +127,10 @@ pub async fn start(
     Ok(Running {
         reader,
         admin_addr,
+        dns_addr,
+        outcomes: outcomes_tx,
+        proxy,
+        drain_timeout: config.proxy.drain_timeout.unwrap_or(config.shutdown_grace),
         tasks,
     })
 }
@@ -103,7 +138,17 @@ pub async fn start(
 impl Running {
     /// After `shutdown` was cancelled: waits up to `grace` for every loop.
     pub async fn stop(self, grace: Duration) {
-        let all = futures_join(self.tasks);
+        let proxy = self.proxy;
+        let drain = self.drain_timeout.min(grace);
+        let all = async move {
+            // Live connections drain while the other loops finish.
+            let drained = async move {
+                if let Some(p) = proxy {
+                    p.drain(drain).await;
+                }
+            };
+            tokio::join!(drained, futures_join(self.tasks));
+        };
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!(?grace, "shutdown grace passed; closing what is left");
         }
@@ -145,16 +190,37 @@ pub mod dev {
     /// Where `dev` proxies `web`.
     pub const WEB_LISTEN: &str = "127.0.0.1:8080";
 
+    /// Where the demo listens; the defaults are the documented ones.
+    #[derive(Clone, Debug)]
+    pub struct DevOptions {
+        pub dns: SocketAddr,
+        pub admin: SocketAddr,
+        pub web: SocketAddr,
+    }
+
+    impl Default for DevOptions {
+        fn default() -> Self {
+            Self {
+                dns: "127.0.0.1:1053".parse().unwrap(),
+                admin: "127.0.0.1:9153".parse().unwrap(),
+                web: WEB_LISTEN.parse().unwrap(),
+            }
+        }
+    }
+
     /// Starts the demo backends and returns the config and the demo source.
     pub async fn prepare(
+        opts: &DevOptions,
         shutdown: CancellationToken,
     ) -> std::io::Result<(Config, Vec<Box<dyn Source>>)> {
-        let config = Config::parse(
+        let mut config = Config::parse(
             DEV_CONFIG,
             std::path::Path::new("<dev>"),
             std::path::Path::new(""),
         )
         .expect("the embedded dev config is valid (a test checks it)");
+        config.dns.listen = opts.dns;
+        config.admin.listen = Some(opts.admin);
         let mut web = ServiceSpec::new(ServiceKey::new("default", "web"));
         web.health = config.health.clone();
         web.proxy = config.proxy.defaults.clone();
@@ -163,7 +229,7 @@ pub mod dev {
             port: 8080,
             target_port: 8080,
             protocol: Protocol::Tcp,
-            listen: Some(WEB_LISTEN.parse().unwrap()),
+            listen: Some(opts.web),
         });
         for i in 0..3u8 {
             let ip = IpAddr::from([127, 0, 0, 11 + i]);

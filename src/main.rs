@@ -41,7 +41,17 @@ enum Command {
     },
     /// The demo: three backends, a `web` service, DNS on 127.0.0.1:1053,
     /// proxy on 127.0.0.1:8080, admin on 127.0.0.1:9153.
-    Dev,
+    Dev {
+        /// DNS listen address (UDP and TCP).
+        #[arg(long, default_value = "127.0.0.1:1053")]
+        dns: SocketAddr,
+        /// Admin HTTP listen address.
+        #[arg(long, default_value = "127.0.0.1:9153")]
+        admin: SocketAddr,
+        /// Where the proxy serves the `web` service.
+        #[arg(long, default_value = app::dev::WEB_LISTEN)]
+        web: SocketAddr,
+    },
     /// A demo backend answering TCP and HTTP with its name.
     Backend {
         #[arg(long)]
@@ -104,15 +114,19 @@ async fn async_main(command: Command) -> ExitCode {
             };
             app::run(config, Vec::new(), shutdown).await
         }
-        Command::Dev => match app::dev::prepare(shutdown.clone()).await {
-            Ok((config, sources)) => {
-                print_dev_banner(&config);
-                app::run(config, sources, shutdown).await
+        Command::Dev { dns, admin, web } => {
+            match app::dev::prepare(&app::dev::DevOptions { dns, admin, web }, shutdown.clone())
+                .await
+            {
+                Ok((config, sources)) => {
+                    print_dev_banner(&config, web);
+                    app::run(config, sources, shutdown).await
+                }
+                Err(e) => Err(StartError::Runtime(anyhow::anyhow!(
+                    "dev: cannot start the demo backends: {e}"
+                ))),
             }
-            Err(e) => Err(StartError::Runtime(anyhow::anyhow!(
-                "dev: cannot start the demo backends: {e}"
-            ))),
-        },
+        }
         Command::Backend { name, listen } => {
             match beacon::backend::start(&name, listen, shutdown.clone()).await {
                 Ok((addr, _)) => {
@@ -144,7 +158,7 @@ fn config_error(e: &config::ConfigErrors) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn print_dev_banner(config: &Config) {
+fn print_dev_banner(config: &Config, web: SocketAddr) {
     let dns = config.dns.listen;
     let admin = config
         .admin
@@ -163,7 +177,6 @@ fn print_dev_banner(config: &Config) {
         ip = dns.ip(),
         port = dns.port(),
         zone = config.dns.zone,
-        web = app::dev::WEB_LISTEN,
     );
 }
 

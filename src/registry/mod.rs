@@ -288,6 +288,12 @@ impl Reader {
         Some(self.rx.borrow_and_update().clone())
     }
 
+    /// True when a snapshot newer than the last one seen by this reader was
+    /// published. One atomic load: cheap enough for a per-packet check.
+    pub fn has_changed(&self) -> bool {
+        self.rx.has_changed().unwrap_or(false)
+    }
+
     /// Marks the current snapshot as seen and returns it.
     pub fn latest(&mut self) -> Arc<Snapshot> {
         self.rx.borrow_and_update().clone()
@@ -371,8 +377,8 @@ pub fn spawn(
             if changed.any() {
                 let snap = state.next_snapshot();
                 metrics::gauge!("beacon_registry_version").set(snap.version as f64);
-                publish_endpoint_gauges(&snap, &changed.services);
-                snap_tx.send_replace(snap);
+                let previous = snap_tx.send_replace(snap.clone());
+                publish_endpoint_gauges(&previous, &snap, &changed.services);
             }
         }
         timer.abort();
@@ -380,18 +386,35 @@ pub fn spawn(
     (Handle { tx }, Reader { rx: snap_rx }, task)
 }
 
-/// Updates `beacon_endpoints{service,state}` for the services that changed.
-fn publish_endpoint_gauges(snap: &Snapshot, changed: &[ServiceKey]) {
+/// Updates `beacon_endpoints{service,state}` and the panic-mode metrics
+/// (`beacon_panic_mode{service}` 1 while `fail_open` serves every endpoint,
+/// `beacon_panic_mode_total{service}` counting entries into panic mode) for
+/// the services that changed.
+fn publish_endpoint_gauges(previous: &Snapshot, snap: &Snapshot, changed: &[ServiceKey]) {
     for key in changed {
-        let (healthy, total) = snap.services.get(key).map_or((0, 0), |svc| {
+        let svc = snap.services.get(key);
+        let (healthy, total) = svc.map_or((0, 0), |svc| {
             let healthy = svc.endpoints.iter().filter(|e| e.healthy).count();
             (healthy, svc.endpoints.len())
         });
         let service = key.to_string();
         metrics::gauge!("beacon_endpoints", "service" => service.clone(), "state" => "healthy")
             .set(healthy as f64);
-        metrics::gauge!("beacon_endpoints", "service" => service, "state" => "unhealthy")
+        metrics::gauge!("beacon_endpoints", "service" => service.clone(), "state" => "unhealthy")
             .set((total - healthy) as f64);
+        let panic = svc.is_some_and(|s| s.panic);
+        let was_panic = previous.services.get(key).is_some_and(|s| s.panic);
+        if panic != was_panic {
+            metrics::gauge!("beacon_panic_mode", "service" => service.clone()).set(if panic {
+                1.0
+            } else {
+                0.0
+            });
+        }
+        if panic && !was_panic {
+            tracing::warn!(service = %key, "no endpoint is healthy: fail_open serves them all");
+            metrics::counter!("beacon_panic_mode_total", "service" => service).increment(1);
+        }
     }
 }
 

@@ -188,3 +188,50 @@ async fn task_publishes_versions_and_coalesces() {
     shutdown.cancel();
     task.await.unwrap();
 }
+
+#[test]
+fn panic_mode_is_counted_on_entry() {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let mut st = State::new(vec![]);
+    let mut web = spec("web", &["10.0.0.1"]);
+    web.fail_open = true;
+    reset(&mut st, "a", vec![web]);
+    let calm = st.snapshot().clone();
+    let ip: IpAddr = "10.0.0.1".parse().unwrap();
+    apply(
+        &mut st,
+        Event::Health {
+            service: key("web"),
+            ip,
+            change: HealthChange::Probe(ProbeState::Down("probe failed: x 3/3".into())),
+        },
+    );
+    let panicking = st.snapshot().clone();
+    assert!(panicking.service(&key("web")).unwrap().panic);
+    metrics::with_local_recorder(&recorder, || {
+        publish_endpoint_gauges(&calm, &panicking, &[key("web")]);
+        // Staying in panic mode does not count again.
+        publish_endpoint_gauges(&panicking, &panicking, &[key("web")]);
+    });
+    let text = handle.render();
+    assert!(
+        text.contains("beacon_panic_mode_total{service=\"web.default\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("beacon_panic_mode{service=\"web.default\"} 1"),
+        "{text}"
+    );
+    metrics::with_local_recorder(&recorder, || {
+        publish_endpoint_gauges(&panicking, &calm, &[key("web")]);
+    });
+    let text = handle.render();
+    assert!(
+        text.contains("beacon_panic_mode{service=\"web.default\"} 0"),
+        "{text}"
+    );
+    assert!(text.contains("beacon_panic_mode_total{service=\"web.default\"} 1"));
+}

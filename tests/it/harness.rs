@@ -235,3 +235,88 @@ pub fn run_cmd(args: &[&str]) -> (ExitStatus, String, String) {
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
+
+/// `dig +short` against beacon's DNS; the answers, sorted. UDP unless `tcp`.
+pub fn dig(dns: SocketAddr, name: &str, qtype: &str, tcp: bool) -> Vec<String> {
+    let mut cmd = Command::new("dig");
+    cmd.arg(format!("@{}", dns.ip()))
+        .arg("-p")
+        .arg(dns.port().to_string())
+        .args(["+short", "+time=1", "+tries=1", name, qtype]);
+    if tcp {
+        cmd.arg("+tcp");
+    }
+    let out = cmd
+        .output()
+        .expect("dig (bind9-dnsutils) must be installed: ./scripts/test installs it");
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with(';'))
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// Full `dig` output (header, flags, sections) for assertions on rcode etc.
+pub fn dig_full(dns: SocketAddr, args: &[&str]) -> String {
+    let out = Command::new("dig")
+        .arg(format!("@{}", dns.ip()))
+        .arg("-p")
+        .arg(dns.port().to_string())
+        .args(["+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("dig (bind9-dnsutils) must be installed: ./scripts/test installs it");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A demo backend as its own process (`beacon backend`); killed on drop.
+pub struct BackendProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub name: String,
+}
+
+impl BackendProcess {
+    pub fn start(name: &str, addr: SocketAddr) -> BackendProcess {
+        let child = Command::new(BIN)
+            .args(["backend", "--name", name, "--listen", &addr.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start backend");
+        let b = BackendProcess {
+            child,
+            addr,
+            name: name.into(),
+        };
+        eventually(Duration::from_secs(5), "backend listening", || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                .ok()
+                .map(|_| ())
+        });
+        b
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One HTTP GET through `addr`; the backend's name, or the error.
+pub fn fetch_name(addr: SocketAddr) -> Result<String, String> {
+    match http_get(addr, "/") {
+        Ok((200, body)) => Ok(body.trim().to_string()),
+        Ok((status, body)) => Err(format!("status {status}: {body}")),
+        Err(e) => Err(e.to_string()),
+    }
+}

@@ -2,4 +2,5 @@
 //! `beacon` on free loopback ports and stops it on drop.
 
 mod harness;
+mod health_e2e;
 mod spine;

@@ -256,3 +256,62 @@ fn json_logs_on_request() {
     let v: serde_json::Value = serde_json::from_str(first).expect("JSON log line");
     assert!(v["level"].is_string(), "{first}");
 }
+
+/// `beacon dev` on free ports (the defaults are the documented 1053/8080/9153).
+pub fn start_dev() -> (Beacon, std::net::SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, dns, web) = (free_addr(), free_addr(), free_addr());
+    let args = [
+        "dev",
+        "--dns",
+        &dns.to_string(),
+        "--admin",
+        &admin.to_string(),
+        "--web",
+        &web.to_string(),
+    ]
+    .map(String::from);
+    let b = Beacon::spawn(dir, admin, dns, &args);
+    b.wait_ready();
+    (b, web)
+}
+
+#[test]
+fn dev_serves_a_web_service_over_three_demo_backends() {
+    let (b, web) = start_dev();
+    let json = b.services_json();
+    let web = json["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap()
+        .clone();
+    let eps = web["endpoints"].as_array().unwrap();
+    assert_eq!(eps.len(), 3);
+    for (i, e) in eps.iter().enumerate() {
+        assert_eq!(e["hostname"], format!("web-{i}"));
+        assert_eq!(e["healthy"], true, "{e}");
+        // Each demo backend answers with its own name.
+        let addr = std::net::SocketAddr::new(
+            e["ip"].as_str().unwrap().parse().unwrap(),
+            e["port"].as_u64().unwrap() as u16,
+        );
+        let (status, body) = http_get(addr, "/").unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (200, format!("web-{i}\n").as_str())
+        );
+    }
+    // DNS answers the three backends; the proxy spreads requests over them.
+    let ips = dig(b.dns, "web.default.svc.cluster.local", "A", false);
+    assert_eq!(ips, vec!["127.0.0.11", "127.0.0.12", "127.0.0.13"]);
+    let names: std::collections::BTreeSet<String> =
+        (0..30).map(|_| fetch_name(web).unwrap()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    let banner = std::fs::read_to_string(b.path("stdout.log")).unwrap();
+    assert!(
+        banner.contains("dig @127.0.0.1 -p") && banner.contains("curl http://"),
+        "{banner}"
+    );
+}

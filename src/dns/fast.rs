@@ -1,0 +1,247 @@
+//! The fast path: replies to plain zone queries from encodings cached per
+//! snapshot version.
+//!
+//! A query qualifies when it is a standard query with one IN question, an
+//! uncompressed name, no records but an optional empty EDNS(0) OPT, and a
+//! common type. Its cache key is the lower-cased name, the type and the
+//! reply size limit. The cached encoding is the slow path's reply to the
+//! same query with ID 0, RD/CD clear, the lower-case question and no
+//! rotation; per query we copy it, patch ID, RD, CD and the question's case
+//! bytes, and rotate the fixed-size A/AAAA records in place. A test checks
+//! that the result is byte-identical to the slow path for the same rotation.
+
+use std::collections::HashMap;
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+
+use super::handler::{EDNS_PAYLOAD, PLAIN_UDP_LIMIT, Proto, TCP_LIMIT};
+
+/// Longest key: a 255-byte name, type, EDNS flag, limit.
+const KEY_MAX: usize = 255 + 5;
+const TYPE_A: u16 = 1;
+const TYPE_AAAA: u16 = 28;
+const TYPE_OPT: u16 = 41;
+/// Types the fast path takes; others (zone transfers, meta types) go slow.
+const FAST_TYPES: [u16; 10] = [1, 2, 5, 6, 12, 15, 16, 28, 33, 255];
+
+/// A query the fast path can answer, with its cache key.
+#[derive(Debug)]
+pub struct FastQuery {
+    key: [u8; KEY_MAX],
+    key_len: usize,
+    /// Offset just past the question name (its terminating zero).
+    name_end: usize,
+    qtype: u16,
+    limit: usize,
+}
+
+impl FastQuery {
+    pub fn key(&self) -> &[u8] {
+        &self.key[..self.key_len]
+    }
+
+    pub fn qtype(&self) -> RecordType {
+        RecordType::from(self.qtype)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// Reads a query if the fast path may answer it; `None` sends it the slow way.
+pub fn parse(bytes: &[u8], proto: Proto) -> Option<FastQuery> {
+    if bytes.len() < 17 || bytes[2] & 0xFE != 0 || bytes[3] & 0x0F != 0 {
+        return None;
+    }
+    let arcount = u16_at(bytes, 10);
+    if u16_at(bytes, 4) != 1 || u16_at(bytes, 6) != 0 || u16_at(bytes, 8) != 0 || arcount > 1 {
+        return None;
+    }
+    let mut q = FastQuery {
+        key: [0; KEY_MAX],
+        key_len: 0,
+        name_end: 0,
+        qtype: 0,
+        limit: 0,
+    };
+    let mut at = 12;
+    loop {
+        let len = usize::from(*bytes.get(at)?);
+        if len > 63 {
+            return None; // compression pointer or extended label type
+        }
+        if q.key_len + 1 + len > 255 {
+            return None;
+        }
+        let label = bytes.get(at..at + 1 + len)?;
+        for (dst, src) in q.key[q.key_len..q.key_len + 1 + len].iter_mut().zip(label) {
+            *dst = src.to_ascii_lowercase();
+        }
+        q.key_len += 1 + len;
+        at += 1 + len;
+        if len == 0 {
+            break;
+        }
+    }
+    q.name_end = at;
+    let tail = bytes.get(at..at + 4)?;
+    q.qtype = u16_at(tail, 0);
+    if u16_at(tail, 2) != 1 || !FAST_TYPES.contains(&q.qtype) {
+        return None;
+    }
+    at += 4;
+    let edns = if arcount == 1 {
+        // An empty OPT: root name, type, payload, ext-rcode 0, version 0,
+        // flags, rdlength 0.
+        let opt = bytes.get(at..at + 11)?;
+        if opt[0] != 0 || u16_at(opt, 1) != TYPE_OPT || opt[5] != 0 || opt[6] != 0 {
+            return None;
+        }
+        if u16_at(opt, 9) != 0 {
+            return None;
+        }
+        at += 11;
+        Some(u16_at(opt, 3))
+    } else {
+        None
+    };
+    if at != bytes.len() {
+        return None;
+    }
+    q.limit = match (proto, edns) {
+        (Proto::Tcp, _) => TCP_LIMIT,
+        (Proto::Udp, None) => PLAIN_UDP_LIMIT,
+        (Proto::Udp, Some(p)) => usize::from(p.clamp(512, EDNS_PAYLOAD)),
+    };
+    let tail = [
+        (q.qtype >> 8) as u8,
+        q.qtype as u8,
+        u8::from(edns.is_some()),
+        (q.limit >> 8) as u8,
+        q.limit as u8,
+    ];
+    q.key[q.key_len..q.key_len + 5].copy_from_slice(&tail);
+    q.key_len += 5;
+    Some(q)
+}
+
+/// Where the rotatable A/AAAA records sit in a cached encoding.
+#[derive(Clone, Copy, Debug)]
+struct Rotation {
+    start: usize,
+    count: usize,
+    rr_len: usize,
+}
+
+/// One cached encoding.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    bytes: Box<[u8]>,
+    rotation: Option<Rotation>,
+    pub rcode: ResponseCode,
+}
+
+impl Entry {
+    /// Wraps the slow path's template reply for `q`. `None` when it cannot be
+    /// patched exactly (then the query takes the slow path every time).
+    pub fn new(encoded: Vec<u8>, q: &FastQuery, rcode: ResponseCode) -> Option<Self> {
+        let name = &q.key[..q.key_len - 5];
+        if encoded.get(12..q.name_end)? != name {
+            return None;
+        }
+        let answers = usize::from(u16_at(&encoded, 6));
+        let mut rotation = None;
+        if answers > 1 && (q.qtype == TYPE_A || q.qtype == TYPE_AAAA) {
+            let rdlen = if q.qtype == TYPE_A { 4 } else { 16 };
+            let r = Rotation {
+                start: q.name_end + 4,
+                count: answers,
+                rr_len: 12 + rdlen,
+            };
+            for i in 0..answers {
+                let rr = encoded.get(r.start + i * r.rr_len..r.start + (i + 1) * r.rr_len)?;
+                let owner_is_question = rr[0] == 0xC0 && rr[1] == 12;
+                if !owner_is_question
+                    || u16_at(rr, 2) != q.qtype
+                    || usize::from(u16_at(rr, 10)) != rdlen
+                {
+                    return None;
+                }
+            }
+            rotation = Some(r);
+        }
+        Some(Self {
+            bytes: encoded.into_boxed_slice(),
+            rotation,
+            rcode,
+        })
+    }
+
+    /// Writes the reply to `query` into `out`.
+    pub fn render(&self, query: &[u8], q: &FastQuery, rotate: usize, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(&self.bytes);
+        out[..2].copy_from_slice(&query[..2]);
+        out[2] |= query[2] & 0x01; // RD
+        out[3] |= query[3] & 0x10; // CD
+        out[12..q.name_end].copy_from_slice(&query[12..q.name_end]);
+        if let Some(r) = self.rotation {
+            let k = rotate % r.count;
+            if k != 0 {
+                out[r.start..r.start + r.count * r.rr_len].rotate_left(k * r.rr_len);
+            }
+        }
+    }
+}
+
+/// Cached encodings of one task, valid for one snapshot version.
+#[derive(Debug)]
+pub struct FastCache {
+    version: u64,
+    entries: HashMap<Box<[u8]>, Entry>,
+    capacity: usize,
+}
+
+impl FastCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            version: u64::MAX,
+            entries: HashMap::new(),
+            capacity,
+        }
+    }
+
+    /// Drops every entry when the snapshot changed.
+    pub fn sync(&mut self, version: u64) {
+        if version != self.version {
+            self.entries.clear();
+            self.version = version;
+        }
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<&Entry> {
+        self.entries.get(key)
+    }
+
+    pub fn insert(&mut self, key: &[u8], entry: Entry) {
+        if self.entries.len() >= self.capacity {
+            // A flood of distinct names: start over rather than grow.
+            self.entries.clear();
+        }
+        self.entries.insert(key.into(), entry);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}

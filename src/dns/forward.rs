@@ -1,0 +1,337 @@
+//! Forwarding for names outside the zone, with a cache and serve-stale.
+//!
+//! Hand-written on hickory-proto instead of hickory-resolver: the resolver
+//! returns parsed lookups (NXDOMAIN as an error, no authority section) and
+//! keeps its own cache, which makes answering with the upstream's exact
+//! rcode and sections, serving stale entries (RFC 8767) and bounding the
+//! cache by `cache_size` awkward. This forwarder asks each upstream in turn
+//! over UDP (TCP when the reply is truncated), caches NOERROR and NXDOMAIN
+//! replies for their TTL, and when every upstream fails within
+//! `forward_timeout` answers from an expired entry (TTL 30 s, for up to a
+//! day after expiry) or SERVFAIL.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+use super::handler::{encode_within, lowercase, our_edns};
+
+/// TTL of an answer served stale (RFC 8767 section 4).
+const STALE_TTL: u32 = 30;
+/// How long past expiry an entry may still be served stale.
+const STALE_MAX: Duration = Duration::from_secs(24 * 3600);
+/// Negative answers without an SOA are cached this long.
+const DEFAULT_NEGATIVE_TTL: u32 = 30;
+/// Upper bound of any cached TTL.
+const MAX_TTL: u32 = 86400;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("upstream {0} timed out")]
+    Timeout(SocketAddr),
+    #[error("upstream {0}: {1}")]
+    Io(SocketAddr, std::io::Error),
+    #[error("upstream {0} sent an unreadable reply")]
+    Malformed(SocketAddr),
+    #[error("upstream {0} answered {1}")]
+    Rcode(SocketAddr, ResponseCode),
+    #[error("no upstream answered")]
+    NoUpstream,
+}
+
+type Key = (Name, RecordType, DNSClass);
+
+#[derive(Clone, Debug)]
+struct CacheEntry {
+    rcode: ResponseCode,
+    answers: Vec<Record>,
+    authorities: Vec<Record>,
+    additionals: Vec<Record>,
+    stored: Instant,
+    ttl: u32,
+}
+
+impl CacheEntry {
+    fn expires(&self) -> Instant {
+        self.stored + Duration::from_secs(u64::from(self.ttl))
+    }
+}
+
+/// Upstreams plus the shared cache of their answers.
+#[derive(Debug)]
+pub struct Forwarder {
+    upstreams: Vec<SocketAddr>,
+    timeout: Duration,
+    capacity: usize,
+    cache: Mutex<HashMap<Key, CacheEntry>>,
+}
+
+/// A query waiting for the upstreams.
+#[derive(Debug)]
+pub struct ForwardJob {
+    pub forwarder: Arc<Forwarder>,
+    pub request: Message,
+    /// Reply size limit for the client.
+    pub limit: usize,
+}
+
+impl ForwardJob {
+    /// Resolves the job into the reply bytes for the client and its rcode.
+    pub async fn run(self) -> (Vec<u8>, ResponseCode) {
+        self.forwarder.reply(&self.request, self.limit).await
+    }
+}
+
+impl Forwarder {
+    pub fn new(upstreams: Vec<SocketAddr>, timeout: Duration, capacity: usize) -> Self {
+        Self {
+            upstreams,
+            timeout,
+            capacity: capacity.max(1),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<Key, CacheEntry>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn cached_len(&self) -> usize {
+        self.cache().len()
+    }
+
+    /// The reply to `req` (one question, outside the zone).
+    pub async fn reply(&self, req: &Message, limit: usize) -> (Vec<u8>, ResponseCode) {
+        let Some(question) = req.queries.first() else {
+            return self.render(req, ResponseCode::FormErr, None, 0, limit);
+        };
+        let lower = lowercase(question);
+        let key: Key = (lower.name.clone(), lower.query_type, lower.query_class);
+        let now = Instant::now();
+        if let Some(entry) = self
+            .cache()
+            .get(&key)
+            .filter(|e| e.expires() > now)
+            .cloned()
+        {
+            let age = now.duration_since(entry.stored).as_secs() as u32;
+            return self.render(req, entry.rcode, Some(&entry), age, limit);
+        }
+        let result = tokio::time::timeout(self.timeout, self.ask_upstreams(&lower)).await;
+        match result {
+            Ok(Ok(reply)) => {
+                let entry = entry_from(reply, Instant::now());
+                self.store(key, entry.clone());
+                self.render(req, entry.rcode, Some(&entry), 0, limit)
+            }
+            Ok(Err(e)) => self.stale_or_fail(req, &key, limit, &e.to_string()),
+            Err(_) => self.stale_or_fail(req, &key, limit, "timed out"),
+        }
+    }
+
+    fn stale_or_fail(
+        &self,
+        req: &Message,
+        key: &Key,
+        limit: usize,
+        why: &str,
+    ) -> (Vec<u8>, ResponseCode) {
+        let now = Instant::now();
+        let stale = self
+            .cache()
+            .get(key)
+            .filter(|e| e.expires() + STALE_MAX > now)
+            .cloned();
+        match stale {
+            Some(mut entry) => {
+                tracing::debug!(name = %key.0, why, "upstreams failed; serving stale");
+                for r in entry
+                    .answers
+                    .iter_mut()
+                    .chain(&mut entry.authorities)
+                    .chain(&mut entry.additionals)
+                {
+                    r.ttl = STALE_TTL;
+                }
+                self.render(req, entry.rcode, Some(&entry), 0, limit)
+            }
+            None => {
+                tracing::debug!(name = %key.0, why, "upstreams failed");
+                self.render(req, ResponseCode::ServFail, None, 0, limit)
+            }
+        }
+    }
+
+    fn store(&self, key: Key, entry: CacheEntry) {
+        if !matches!(entry.rcode, ResponseCode::NoError | ResponseCode::NXDomain) {
+            return;
+        }
+        let mut cache = self.cache();
+        if cache.len() >= self.capacity && !cache.contains_key(&key) {
+            let now = Instant::now();
+            cache.retain(|_, e| e.expires() + STALE_MAX > now);
+            if cache.len() >= self.capacity {
+                // Evict the entry closest to expiry.
+                if let Some(k) = cache
+                    .iter()
+                    .min_by_key(|(_, e)| e.expires())
+                    .map(|(k, _)| k.clone())
+                {
+                    cache.remove(&k);
+                }
+            }
+        }
+        cache.insert(key, entry);
+    }
+
+    /// Encodes the reply to the client: its ID, question and flags; the
+    /// entry's rcode and records with TTLs aged by `age` seconds.
+    fn render(
+        &self,
+        req: &Message,
+        rcode: ResponseCode,
+        entry: Option<&CacheEntry>,
+        age: u32,
+        limit: usize,
+    ) -> (Vec<u8>, ResponseCode) {
+        let mut msg = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+        msg.metadata.recursion_desired = req.metadata.recursion_desired;
+        msg.metadata.checking_disabled = req.metadata.checking_disabled;
+        msg.metadata.recursion_available = true;
+        msg.metadata.response_code = rcode;
+        msg.queries = req.queries.clone();
+        if req.edns.is_some() {
+            msg.edns = Some(our_edns());
+        }
+        if let Some(e) = entry {
+            let aged = |rs: &[Record]| -> Vec<Record> {
+                rs.iter()
+                    .map(|r| {
+                        let mut r = r.clone();
+                        r.ttl = r.ttl.saturating_sub(age);
+                        r
+                    })
+                    .collect()
+            };
+            msg.answers = aged(&e.answers);
+            msg.authorities = aged(&e.authorities);
+            msg.additionals = aged(&e.additionals);
+        }
+        match encode_within(&msg, limit) {
+            Some(bytes) => (bytes, rcode),
+            None => {
+                let mut h = vec![0u8; 12];
+                h[..2].copy_from_slice(&req.metadata.id.to_be_bytes());
+                (
+                    super::handler::header_only(&h, ResponseCode::ServFail),
+                    ResponseCode::ServFail,
+                )
+            }
+        }
+    }
+
+    /// Asks each upstream in turn; the first NOERROR/NXDOMAIN reply wins.
+    async fn ask_upstreams(&self, query: &Query) -> Result<Message, ForwardError> {
+        let n = self.upstreams.len().max(1) as u32;
+        let per_try = (self.timeout / n).max(Duration::from_millis(200));
+        let mut last = ForwardError::NoUpstream;
+        for &upstream in &self.upstreams {
+            match tokio::time::timeout(per_try, ask(upstream, query)).await {
+                Ok(Ok(reply))
+                    if matches!(
+                        reply.metadata.response_code,
+                        ResponseCode::NoError | ResponseCode::NXDomain
+                    ) =>
+                {
+                    return Ok(reply);
+                }
+                Ok(Ok(reply)) => last = ForwardError::Rcode(upstream, reply.metadata.response_code),
+                Ok(Err(e)) => last = e,
+                Err(_) => last = ForwardError::Timeout(upstream),
+            }
+            tracing::debug!(%upstream, error = %last, "upstream failed");
+        }
+        Err(last)
+    }
+}
+
+/// The cache entry of an upstream reply: TTL is the smallest record TTL,
+/// for negative answers the SOA minimum.
+fn entry_from(reply: Message, now: Instant) -> CacheEntry {
+    let records = reply.answers.iter().chain(&reply.authorities);
+    let ttl = if reply.answers.is_empty() {
+        reply
+            .authorities
+            .iter()
+            .find_map(|r| match &r.data {
+                RData::SOA(soa) => Some(r.ttl.min(soa.minimum)),
+                _ => None,
+            })
+            .unwrap_or(DEFAULT_NEGATIVE_TTL)
+    } else {
+        records.map(|r| r.ttl).min().unwrap_or(0)
+    };
+    CacheEntry {
+        rcode: reply.metadata.response_code,
+        answers: reply.answers,
+        authorities: reply.authorities,
+        additionals: reply.additionals,
+        stored: now,
+        ttl: ttl.min(MAX_TTL),
+    }
+}
+
+/// One exchange with one upstream: UDP, then TCP if the reply is truncated.
+async fn ask(upstream: SocketAddr, query: &Query) -> Result<Message, ForwardError> {
+    let io = |e| ForwardError::Io(upstream, e);
+    let mut msg = Message::new(fastrand::u16(..), MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
+    msg.queries.push(query.clone());
+    msg.edns = Some(our_edns());
+    let bytes = msg
+        .to_vec()
+        .map_err(|_| ForwardError::Malformed(upstream))?;
+    let local: SocketAddr = if upstream.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(local).await.map_err(io)?;
+    sock.connect(upstream).await.map_err(io)?;
+    sock.send(&bytes).await.map_err(io)?;
+    let mut buf = vec![0u8; 4096];
+    let reply = loop {
+        let n = sock.recv(&mut buf).await.map_err(io)?;
+        // Ignore anything that is not the reply to this query.
+        if let Ok(reply) = Message::from_vec(&buf[..n])
+            && reply.metadata.id == msg.metadata.id
+            && reply.metadata.message_type == MessageType::Response
+            && reply.queries.first().is_some_and(|q| {
+                q.name.to_lowercase() == query.name && q.query_type == query.query_type
+            })
+        {
+            break reply;
+        }
+    };
+    if !reply.metadata.truncation {
+        return Ok(reply);
+    }
+    let mut stream = TcpStream::connect(upstream).await.map_err(io)?;
+    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&bytes);
+    stream.write_all(&framed).await.map_err(io)?;
+    let len = stream.read_u16().await.map_err(io)?;
+    let mut body = vec![0u8; usize::from(len)];
+    stream.read_exact(&mut body).await.map_err(io)?;
+    let reply = Message::from_vec(&body).map_err(|_| ForwardError::Malformed(upstream))?;
+    if reply.metadata.id != msg.metadata.id {
+        return Err(ForwardError::Malformed(upstream));
+    }
+    Ok(reply)
+}

@@ -1,0 +1,369 @@
+//! The I/O shells: one task per SO_REUSEPORT UDP socket running a plain
+//! receive/answer/send loop, and a TCP listener with one task per
+//! connection (RFC 7766: pipelined queries, idle timeout, connection cap).
+//!
+//! hickory-server is not used: its loop spawns a task and boxes a future per
+//! UDP query, which costs about twice the CPU per query of this loop.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::ResponseCode;
+use metrics::{Counter, Histogram};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::fast::FastCache;
+use super::handler::{Handler, Proto, QType, Reply};
+use crate::registry::Reader;
+
+/// Packets a UDP task handles before it yields to the scheduler.
+const UDP_BATCH: u32 = 64;
+/// Entries per task in the fast-path cache before it starts over.
+const FAST_CACHE_ENTRIES: usize = 100_000;
+/// Forwarded queries in flight at once (beyond: SERVFAIL at once).
+const MAX_FORWARDS: usize = 4096;
+
+/// Metric handles, resolved once per task.
+#[derive(Clone)]
+pub struct Metrics {
+    requests: [[Counter; QTYPES.len() + 1]; 2],
+    responses: [Counter; RCODES.len() + 1],
+    duration: Histogram,
+}
+
+const QTYPES: [&str; 9] = ["A", "AAAA", "SRV", "PTR", "TXT", "SOA", "NS", "ANY", "MX"];
+const RCODES: [&str; 7] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "BADVERS",
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let labels = |proto: &'static str| {
+            std::array::from_fn(|i| {
+                let qtype = QTYPES.get(i).copied().unwrap_or("other");
+                metrics::counter!("beacon_dns_requests_total", "proto" => proto, "qtype" => qtype)
+            })
+        };
+        Self {
+            requests: [labels("udp"), labels("tcp")],
+            responses: std::array::from_fn(|i| {
+                let rcode = RCODES.get(i).copied().unwrap_or("other");
+                metrics::counter!("beacon_dns_responses_total", "rcode" => rcode)
+            }),
+            duration: metrics::histogram!("beacon_dns_request_duration_seconds"),
+        }
+    }
+
+    pub fn record(
+        &self,
+        proto: Proto,
+        qtype: QType,
+        rcode: Option<ResponseCode>,
+        started: Instant,
+    ) {
+        use hickory_proto::rr::RecordType as T;
+        let q = match qtype {
+            Some(T::A) => 0,
+            Some(T::AAAA) => 1,
+            Some(T::SRV) => 2,
+            Some(T::PTR) => 3,
+            Some(T::TXT) => 4,
+            Some(T::SOA) => 5,
+            Some(T::NS) => 6,
+            Some(T::ANY) => 7,
+            Some(T::MX) => 8,
+            _ => 9,
+        };
+        let p = usize::from(proto == Proto::Tcp);
+        self.requests[p][q].increment(1);
+        if let Some(rcode) = rcode {
+            let r = match rcode {
+                ResponseCode::NoError => 0,
+                ResponseCode::FormErr => 1,
+                ResponseCode::ServFail => 2,
+                ResponseCode::NXDomain => 3,
+                ResponseCode::NotImp => 4,
+                ResponseCode::Refused => 5,
+                ResponseCode::BADVERS => 6,
+                _ => 7,
+            };
+            self.responses[r].increment(1);
+        }
+        self.duration.record(started.elapsed().as_secs_f64());
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What every serving task shares.
+pub struct Shared {
+    pub handler: Handler,
+    pub forwards: Arc<Semaphore>,
+}
+
+impl Shared {
+    pub fn new(handler: Handler) -> Self {
+        Self {
+            handler,
+            forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
+        }
+    }
+}
+
+/// Receives, answers and sends on one UDP socket until cancelled.
+pub async fn udp_loop(
+    sock: Arc<UdpSocket>,
+    shared: Arc<Shared>,
+    mut reader: Reader,
+    shutdown: CancellationToken,
+) {
+    let metrics = Metrics::new();
+    let mut cache = FastCache::new(FAST_CACHE_ENTRIES);
+    let mut buf = vec![0u8; 65536];
+    let mut out = Vec::with_capacity(4096);
+    let mut snapshot = reader.latest();
+    let mut rotate = fastrand::usize(..);
+    let mut handled = 0u32;
+    loop {
+        let (n, peer) = match sock.try_recv_from(&mut buf) {
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    ready = sock.readable() => {
+                        if let Err(e) = ready {
+                            tracing::warn!(error = %e, "dns udp socket failed");
+                            return;
+                        }
+                    }
+                }
+                continue;
+            }
+            Err(e) => {
+                // ICMP errors from earlier sends surface here; keep serving.
+                tracing::debug!(error = %e, "dns udp recv");
+                continue;
+            }
+        };
+        let started = Instant::now();
+        if reader.has_changed() {
+            snapshot = reader.latest();
+        }
+        rotate = rotate.wrapping_add(1);
+        let reply = shared.handler.handle(
+            &mut cache,
+            &snapshot,
+            &buf[..n],
+            peer.ip(),
+            Proto::Udp,
+            rotate,
+            &mut out,
+        );
+        match reply {
+            Reply::Send { rcode, qtype } => {
+                send_udp(&sock, &out, peer).await;
+                metrics.record(Proto::Udp, qtype, Some(rcode), started);
+            }
+            Reply::Forward(job) => {
+                let qtype = job.request.queries.first().map(|q| q.query_type);
+                match shared.forwards.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let sock = sock.clone();
+                        let metrics = metrics.clone();
+                        tokio::spawn(async move {
+                            let (bytes, rcode) = job.run().await;
+                            send_udp(&sock, &bytes, peer).await;
+                            metrics.record(Proto::Udp, qtype, Some(rcode), started);
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        let bytes = super::handler::header_only(&buf[..n], ResponseCode::ServFail);
+                        send_udp(&sock, &bytes, peer).await;
+                        metrics.record(Proto::Udp, qtype, Some(ResponseCode::ServFail), started);
+                    }
+                }
+            }
+            Reply::Drop => metrics.record(Proto::Udp, None, None, started),
+        }
+        handled += 1;
+        if handled >= UDP_BATCH {
+            handled = 0;
+            if shutdown.is_cancelled() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+async fn send_udp(sock: &UdpSocket, bytes: &[u8], peer: SocketAddr) {
+    let sent = match sock.try_send_to(bytes, peer) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => sock.send_to(bytes, peer).await,
+        other => other,
+    };
+    if let Err(e) = sent {
+        tracing::debug!(error = %e, %peer, "dns udp send");
+    }
+}
+
+/// Settings of the TCP side.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpSettings {
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// Accepts TCP connections until cancelled; each runs on its own task.
+pub async fn tcp_accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    reader: Reader,
+    settings: TcpSettings,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "dns tcp accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "dns tcp connection cap reached; closing");
+            drop(stream);
+            continue;
+        };
+        let (shared, reader, shutdown) = (shared.clone(), reader.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            tcp_connection(stream, peer, shared, reader, settings, shutdown).await;
+            drop(permit);
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// One TCP connection: read length-prefixed queries, answer each as soon as
+/// it is ready (forwarded ones may overtake each other), close when idle.
+async fn tcp_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut reader: Reader,
+    settings: TcpSettings,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if wr.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let metrics = Metrics::new();
+    let mut cache = FastCache::new(1024);
+    let mut out = Vec::with_capacity(4096);
+    let mut rotate = fastrand::usize(..);
+    loop {
+        let frame = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            f = tokio::time::timeout(settings.idle_timeout, read_frame(&mut rd)) => f,
+        };
+        let body = match frame {
+            Ok(Ok(Some(body))) => body,
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "dns tcp read");
+                break;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "dns tcp connection idle; closing");
+                break;
+            }
+        };
+        let started = Instant::now();
+        let snapshot = reader.latest();
+        rotate = rotate.wrapping_add(1);
+        let reply = shared.handler.handle(
+            &mut cache,
+            &snapshot,
+            &body,
+            peer.ip(),
+            Proto::Tcp,
+            rotate,
+            &mut out,
+        );
+        match reply {
+            Reply::Send { rcode, qtype } => {
+                metrics.record(Proto::Tcp, qtype, Some(rcode), started);
+                if tx.send(framed(&out)).await.is_err() {
+                    break;
+                }
+            }
+            Reply::Forward(job) => {
+                let qtype = job.request.queries.first().map(|q| q.query_type);
+                let Ok(permit) = shared.forwards.clone().try_acquire_owned() else {
+                    let bytes = super::handler::header_only(&body, ResponseCode::ServFail);
+                    metrics.record(Proto::Tcp, qtype, Some(ResponseCode::ServFail), started);
+                    if tx.send(framed(&bytes)).await.is_err() {
+                        break;
+                    }
+                    continue;
+                };
+                let (tx, metrics) = (tx.clone(), metrics.clone());
+                tokio::spawn(async move {
+                    let (bytes, rcode) = job.run().await;
+                    metrics.record(Proto::Tcp, qtype, Some(rcode), started);
+                    let _ = tx.send(framed(&bytes)).await;
+                    drop(permit);
+                });
+            }
+            Reply::Drop => metrics.record(Proto::Tcp, None, None, started),
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+fn framed(bytes: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(bytes.len() + 2);
+    f.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+    f.extend_from_slice(bytes);
+    f
+}
+
+/// Reads one length-prefixed message; `None` on a clean close between messages.
+async fn read_frame(rd: &mut tokio::net::tcp::OwnedReadHalf) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    match rd.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    rd.read_exact(&mut body).await?;
+    Ok(Some(body))
+}

@@ -1,0 +1,436 @@
+//! The probe supervisor's pure core: which endpoints are probed, when the
+//! next probe of each is due, and what each result or connect outcome means
+//! for the health the registry publishes. No I/O and no clock: the async
+//! shell in `mod.rs` passes `now`, launches the probes this core asks for,
+//! and sends the reports.
+//!
+//! One timer heap for all probes (instead of a task with a timer per
+//! endpoint): 10,000 endpoints cost 10,000 heap entries and a probe task
+//! only while a probe is in flight.
+//!
+//! The core reports to the registry only changes, and checks every
+//! snapshot it sees against what it believes, re-sending its belief where
+//! they differ (level-triggered: a lost or reordered report heals itself,
+//! and re-sending is harmless because the registry ignores no-op changes).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::model::{ConnectOutcome, HealthSpec, ProbeState, ServiceKey, ServiceState, Snapshot};
+use crate::registry::HealthChange;
+
+use super::ejection::{Change, Ejections};
+use super::hysteresis::{Hysteresis, Thresholds};
+use super::probe::{Check, ProbeError};
+
+/// First probes of a batch of new endpoints are spread so that at most
+/// about one starts per this much time (10,000 new endpoints: over 1 s).
+const FIRST_PROBE_SPACING: Duration = Duration::from_micros(100);
+
+/// A probe the shell should start now.
+#[derive(Debug)]
+pub struct Launch {
+    pub service: ServiceKey,
+    pub ip: IpAddr,
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub check: Arc<Check>,
+    pub timeout: Duration,
+}
+
+/// A change for the registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub service: ServiceKey,
+    pub ip: IpAddr,
+    pub change: HealthChange,
+}
+
+/// What the shell must do after feeding the core.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub reports: Vec<Report>,
+    /// In-flight probes (by launch id) whose endpoint went away or changed.
+    pub aborts: Vec<u64>,
+}
+
+impl Effects {
+    fn report(&mut self, service: &ServiceKey, ip: IpAddr, change: HealthChange) {
+        self.reports.push(Report {
+            service: service.clone(),
+            ip,
+            change,
+        });
+    }
+}
+
+/// Counts for tests and debugging.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Endpoints with an active probe.
+    pub targets: usize,
+    /// Probes running right now.
+    pub in_flight: usize,
+    /// Endpoints passively ejected right now.
+    pub ejected: usize,
+}
+
+#[derive(Debug)]
+struct Target {
+    /// Fresh for every (re)start, so stale timers and results are ignored.
+    id: u64,
+    addr: SocketAddr,
+    check: Arc<Check>,
+    health: HealthSpec,
+    hyst: Hysteresis,
+    /// When the next probe is due; `None` while one is in flight.
+    due: Option<Instant>,
+}
+
+impl Target {
+    fn thresholds(&self) -> Thresholds {
+        thresholds(&self.health)
+    }
+}
+
+fn thresholds(h: &HealthSpec) -> Thresholds {
+    Thresholds {
+        rise: h.rise,
+        fall: h.fall,
+        start_healthy: h.start_healthy,
+    }
+}
+
+/// Everything tracked for one service of the snapshot.
+#[derive(Debug)]
+struct Tracked {
+    /// The state last reconciled against.
+    state: Arc<ServiceState>,
+    ips: HashSet<IpAddr>,
+    targets: HashMap<IpAddr, Target>,
+    eject: Ejections,
+}
+
+type Timer = Reverse<(Instant, u64, ServiceKey, IpAddr)>;
+type Expiry = Reverse<(Instant, ServiceKey, IpAddr)>;
+
+#[derive(Debug)]
+pub struct Supervisor {
+    services: HashMap<ServiceKey, Tracked>,
+    /// Next probe per target (by launch id); entries of removed or restarted
+    /// targets stay until due and are skipped then.
+    timers: BinaryHeap<Timer>,
+    /// Ejection ends.
+    expiries: BinaryHeap<Expiry>,
+    next_id: u64,
+    rng: fastrand::Rng,
+    checks_ok: metrics::Counter,
+    checks_failed: metrics::Counter,
+}
+
+impl Default for Supervisor {
+    fn default() -> Self {
+        Self::with_rng(fastrand::Rng::new())
+    }
+}
+
+// === impl Supervisor ===
+
+impl Supervisor {
+    pub fn with_rng(rng: fastrand::Rng) -> Self {
+        Self {
+            services: HashMap::new(),
+            timers: BinaryHeap::new(),
+            expiries: BinaryHeap::new(),
+            next_id: 0,
+            rng,
+            checks_ok: metrics::counter!("beacon_health_checks_total", "result" => "success"),
+            checks_failed: metrics::counter!("beacon_health_checks_total", "result" => "failure"),
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut stats = Stats::default();
+        for t in self.services.values() {
+            stats.targets += t.targets.len();
+            stats.in_flight += t.targets.values().filter(|t| t.due.is_none()).count();
+            stats.ejected += t.eject.ejected_count();
+        }
+        stats
+    }
+
+    /// The earliest instant something may be due (possibly a stale timer:
+    /// waking for it early is harmless).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let probe = self.timers.peek().map(|Reverse(t)| t.0);
+        let expiry = self.expiries.peek().map(|Reverse(e)| e.0);
+        match (probe, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Diffs the snapshot against the running probes: starts probes for new
+    /// endpoints, stops those of endpoints that are gone, restarts those
+    /// whose address or health spec changed, and re-sends any belief the
+    /// snapshot does not show.
+    pub fn reconcile(&mut self, snap: &Snapshot, now: Instant, fx: &mut Effects) {
+        self.services.retain(|key, tracked| {
+            let keep = snap.services.contains_key(key);
+            if !keep {
+                fx.aborts.extend(in_flight(&tracked.targets));
+            }
+            keep
+        });
+        let mut started: Vec<(ServiceKey, IpAddr, Duration)> = Vec::new();
+        for (key, svc) in &snap.services {
+            let resync = match self.services.get(key) {
+                Some(t) if Arc::ptr_eq(&t.state, svc) => continue,
+                // Same spec: only health changed, so the targets stand.
+                Some(t) => !Arc::ptr_eq(&t.state.spec, &svc.spec),
+                None => true,
+            };
+            let tracked = self.services.entry(key.clone()).or_insert_with(|| Tracked {
+                state: svc.clone(),
+                ips: HashSet::new(),
+                targets: HashMap::new(),
+                eject: Ejections::default(),
+            });
+            tracked.state = svc.clone();
+            if resync {
+                sync_targets(key, tracked, &mut self.next_id, fx, &mut started);
+            }
+            check_beliefs(key, tracked, fx);
+        }
+        let batch = started.len() as u32;
+        for (key, ip, interval) in started {
+            let spread = (FIRST_PROBE_SPACING * batch).clamp(interval / 10, interval);
+            let due = now + spread.mul_f64(self.rng.f64());
+            self.schedule(&key, ip, due);
+        }
+    }
+
+    /// Pops what is due: probes to launch and ejections that end.
+    pub fn due(&mut self, now: Instant, launches: &mut Vec<Launch>, fx: &mut Effects) {
+        while let Some(Reverse((at, ..))) = self.timers.peek()
+            && *at <= now
+        {
+            let Some(Reverse((at, id, service, ip))) = self.timers.pop() else {
+                break;
+            };
+            let Some(t) = self.target_mut(&service, ip) else {
+                continue;
+            };
+            if t.id != id || t.due != Some(at) {
+                continue;
+            }
+            t.due = None;
+            launches.push(Launch {
+                id,
+                addr: t.addr,
+                check: t.check.clone(),
+                timeout: t.health.timeout,
+                service,
+                ip,
+            });
+        }
+        while let Some(Reverse((at, ..))) = self.expiries.peek()
+            && *at <= now
+        {
+            let Some(Reverse((_, service, ip))) = self.expiries.pop() else {
+                break;
+            };
+            let Some(tracked) = self.services.get_mut(&service) else {
+                continue;
+            };
+            if let Some(Change::Readmitted) = tracked.eject.expire(ip, now) {
+                tracing::debug!(service = %service, %ip, "ejection ended");
+                fx.report(&service, ip, HealthChange::Ejected(None));
+            }
+        }
+    }
+
+    /// Feeds the result of the probe launched as `id`.
+    pub fn on_result(
+        &mut self,
+        service: &ServiceKey,
+        ip: IpAddr,
+        id: u64,
+        result: Result<(), ProbeError>,
+        now: Instant,
+        fx: &mut Effects,
+    ) {
+        let Some(tracked) = self.services.get_mut(service) else {
+            return;
+        };
+        let Some(t) = tracked.targets.get_mut(&ip) else {
+            return;
+        };
+        if t.id != id || t.due.is_some() {
+            return;
+        }
+        match result {
+            Ok(()) => self.checks_ok.increment(1),
+            Err(_) => self.checks_failed.increment(1),
+        }
+        let th = t.thresholds();
+        if let Some(state) = t.hyst.observe(result, th) {
+            tracing::debug!(service = %service, %ip, state = ?state, "probe verdict changed");
+            fx.report(service, ip, HealthChange::Probe(state));
+        }
+        let interval = if t.hyst.changing(th) {
+            t.health.fast_interval.min(t.health.interval)
+        } else {
+            t.health.interval
+        };
+        if result.is_ok() && tracked.eject.probe_success(ip, now).is_some() {
+            tracing::debug!(service = %service, %ip, "probe passed: ejection ended");
+            fx.report(service, ip, HealthChange::Ejected(None));
+        }
+        let due = now + self.jitter(interval);
+        self.schedule(service, ip, due);
+    }
+
+    /// Feeds one proxy connect outcome (passive health).
+    pub fn on_outcome(&mut self, o: &ConnectOutcome, now: Instant, fx: &mut Effects) {
+        let Some(tracked) = self.services.get_mut(&o.service) else {
+            return;
+        };
+        if !o.success && !tracked.ips.contains(&o.ip) {
+            return;
+        }
+        let spec = &tracked.state.spec.health;
+        let change = tracked
+            .eject
+            .outcome(o.ip, o.success, spec, tracked.ips.len(), now);
+        if let Some(Change::Ejected { until, reason }) = change {
+            tracing::info!(service = %o.service, ip = %o.ip, %reason, ?until, "endpoint ejected");
+            metrics::counter!("beacon_endpoint_ejections_total", "service" => o.service.to_string())
+                .increment(1);
+            self.expiries
+                .push(Reverse((until, o.service.clone(), o.ip)));
+            fx.report(&o.service, o.ip, HealthChange::Ejected(Some(reason)));
+        }
+    }
+
+    fn target_mut(&mut self, service: &ServiceKey, ip: IpAddr) -> Option<&mut Target> {
+        self.services.get_mut(service)?.targets.get_mut(&ip)
+    }
+
+    fn schedule(&mut self, service: &ServiceKey, ip: IpAddr, due: Instant) {
+        let Some(t) = self.target_mut(service, ip) else {
+            return;
+        };
+        t.due = Some(due);
+        let id = t.id;
+        self.timers.push(Reverse((due, id, service.clone(), ip)));
+    }
+
+    /// ±10%, so endpoints drift apart instead of probing in lockstep.
+    fn jitter(&mut self, d: Duration) -> Duration {
+        d.mul_f64(0.9 + 0.2 * self.rng.f64())
+    }
+}
+
+fn in_flight(targets: &HashMap<IpAddr, Target>) -> impl Iterator<Item = u64> + '_ {
+    targets.values().filter(|t| t.due.is_none()).map(|t| t.id)
+}
+
+/// Brings one service's probe targets in line with its spec. New and
+/// restarted targets are pushed to `started` for their first probe.
+fn sync_targets(
+    key: &ServiceKey,
+    tracked: &mut Tracked,
+    next_id: &mut u64,
+    fx: &mut Effects,
+    started: &mut Vec<(ServiceKey, IpAddr, Duration)>,
+) {
+    let svc = tracked.state.clone();
+    let spec = &svc.spec;
+    tracked.ips = svc.endpoints.iter().map(|e| e.endpoint.ip).collect();
+    let ips = &tracked.ips;
+    tracked.eject.retain(|ip| ips.contains(&ip));
+    let mut keep: HashSet<IpAddr> = HashSet::with_capacity(svc.endpoints.len());
+    for ep in &svc.endpoints {
+        let ip = ep.endpoint.ip;
+        let addr = match (spec.ports.first(), ep.endpoint.port) {
+            (Some(port), _) => ep.endpoint.addr(port),
+            (None, Some(port)) => SocketAddr::new(ip, port),
+            (None, None) => {
+                tracing::debug!(service = %key, %ip, "no port to probe");
+                continue;
+            }
+        };
+        if let Some(t) = tracked.targets.get(&ip)
+            && t.addr == addr
+            && t.health == spec.health
+        {
+            keep.insert(ip);
+            continue;
+        }
+        let check = match Check::new(&spec.health.probe, addr) {
+            Ok(Some(check)) => check,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(service = %key, %ip, error = %e, "cannot probe this endpoint");
+                continue;
+            }
+        };
+        // A restarted probe keeps its counters and verdict; a new one
+        // starts from what the snapshot says (Unknown for a new endpoint).
+        let hyst = match tracked.targets.remove(&ip) {
+            Some(old) => {
+                fx.aborts.extend(old.due.is_none().then_some(old.id));
+                old.hyst
+            }
+            None => Hysteresis::new(ep.health.probe.clone()),
+        };
+        let id = *next_id;
+        *next_id += 1;
+        tracked.targets.insert(
+            ip,
+            Target {
+                id,
+                addr,
+                check: Arc::new(check),
+                health: spec.health.clone(),
+                hyst,
+                due: None,
+            },
+        );
+        keep.insert(ip);
+        started.push((key.clone(), ip, spec.health.interval));
+    }
+    tracked.targets.retain(|ip, t| {
+        let kept = keep.contains(ip);
+        if !kept && t.due.is_none() {
+            fx.aborts.push(t.id);
+        }
+        kept
+    });
+}
+
+/// Re-sends whatever the service's snapshot state does not show of our
+/// belief: probe verdicts (Unknown where nothing probes) and ejections.
+fn check_beliefs(key: &ServiceKey, tracked: &Tracked, fx: &mut Effects) {
+    for ep in &tracked.state.endpoints {
+        let ip = ep.endpoint.ip;
+        let probe = tracked
+            .targets
+            .get(&ip)
+            .map_or(&ProbeState::Unknown, |t| t.hyst.reported());
+        if ep.health.probe != *probe {
+            fx.report(key, ip, HealthChange::Probe(probe.clone()));
+        }
+        let ejected = tracked.eject.reason(ip);
+        if ep.health.ejected.as_ref() != ejected {
+            fx.report(key, ip, HealthChange::Ejected(ejected.cloned()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

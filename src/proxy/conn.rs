@@ -1,0 +1,200 @@
+//! One proxied connection: pick, connect with retry, PROXY protocol
+//! header, then copy until both sides close (or idle timeout, endpoint
+//! removal, drain deadline).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use super::balancer::{ConnInfo, EndpointLoad};
+use super::copy::{self, Activity, Meter};
+use super::listener::ActiveGuard;
+use super::{ProxyError, Route, Shared};
+use crate::model::{ConnectOutcome, ProxyProtocol};
+
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    route: Arc<Route>,
+    client: TcpStream,
+    peer: SocketAddr,
+    guard: ActiveGuard,
+) {
+    let span = tracing::debug_span!("conn", service = %route.service, client.addr = %peer);
+    async move {
+        let _guard = guard;
+        let Some((upstream, idx, _load)) = connect(&shared, &route, peer).await else {
+            return;
+        };
+        route.metrics.ok.increment(1);
+        proxy(&shared, &route, client, upstream, idx, peer).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Counts a connect attempt (and then the connection) against an
+/// endpoint's active count while it lives.
+struct LoadGuard(Arc<EndpointLoad>);
+
+impl LoadGuard {
+    fn new(load: &Arc<EndpointLoad>) -> Self {
+        load.active.fetch_add(1, Ordering::Relaxed);
+        Self(load.clone())
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Tries the picks in order, up to the service's connect attempts.
+async fn connect(
+    shared: &Shared,
+    route: &Route,
+    peer: SocketAddr,
+) -> Option<(TcpStream, usize, LoadGuard)> {
+    let picks = route.balancer.pick(&ConnInfo { client: peer });
+    if picks.is_empty() {
+        route.metrics.no_endpoints.increment(1);
+        tracing::debug!("no serving endpoint; connection closed");
+        return None;
+    }
+    let spec = &route.state.spec.proxy;
+    for attempt in 0..spec.connect_attempts.max(1) as usize {
+        let idx = picks.attempt(attempt)?;
+        let backend = &route.backends[idx];
+        let load = LoadGuard::new(&backend.load);
+        let started = Instant::now();
+        let result = tokio::select! {
+            _ = shared.kill.cancelled() => return None,
+            r = tokio::time::timeout(spec.connect_timeout, TcpStream::connect(backend.addr)) => r,
+        };
+        shared
+            .connect_duration
+            .record(started.elapsed().as_secs_f64());
+        let ok = matches!(result, Ok(Ok(_)));
+        if ok {
+            backend.load.failures.store(0, Ordering::Relaxed);
+        } else {
+            backend.load.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        // Passive health signal; never block the data path on it.
+        let _ = shared.outcomes.try_send(ConnectOutcome {
+            service: route.service.clone(),
+            ip: backend.addr.ip(),
+            success: ok,
+        });
+        match result {
+            Ok(Ok(stream)) => return Some((stream, idx, load)),
+            Ok(Err(e)) => {
+                tracing::debug!(endpoint = %backend.addr, attempt, error = %e, "connect failed")
+            }
+            Err(_) => tracing::debug!(endpoint = %backend.addr, attempt, "connect timed out"),
+        }
+    }
+    route.metrics.connect_failed.increment(1);
+    tracing::debug!("every connect attempt failed; connection closed");
+    None
+}
+
+/// The PROXY protocol header announcing `client` → `local` (the address
+/// the client connected to).
+pub(crate) fn proxy_header(
+    version: ProxyProtocol,
+    client: SocketAddr,
+    local: SocketAddr,
+) -> Result<Vec<u8>, ProxyError> {
+    match version {
+        ProxyProtocol::V1 => Ok(ppp::v1::Addresses::from((client, local))
+            .to_string()
+            .into_bytes()),
+        ProxyProtocol::V2 => {
+            use ppp::v2::{Builder, Command, Protocol, Version};
+            Builder::with_addresses(
+                Version::Two | Command::Proxy,
+                Protocol::Stream,
+                (client, local),
+            )
+            .build()
+            .map_err(ProxyError::ProxyHeader)
+        }
+    }
+}
+
+async fn proxy(
+    shared: &Shared,
+    route: &Route,
+    client: TcpStream,
+    mut upstream: TcpStream,
+    idx: usize,
+    peer: SocketAddr,
+) {
+    let _ = upstream.set_nodelay(true);
+    let spec = &route.state.spec.proxy;
+    // Taken before any byte moves, so a removal from now on closes it.
+    let removal = route.entries[idx].removal();
+    if let Some(version) = spec.proxy_protocol {
+        let local = client.local_addr().unwrap_or(peer);
+        let sent = match proxy_header(version, peer, local) {
+            Ok(h) => upstream
+                .write_all(&h)
+                .await
+                .map_err(ProxyError::ProxyHeader),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "PROXY header not sent; connection closed");
+            return;
+        }
+    }
+    let activity = Activity::default();
+    activity.touch();
+    let copy = copy::bidirectional(
+        &client,
+        &upstream,
+        shared.copy_mode,
+        Meter {
+            bytes: &route.metrics.to_upstream,
+            activity: &activity,
+        },
+        Meter {
+            bytes: &route.metrics.to_client,
+            activity: &activity,
+        },
+    );
+    let endpoint = route.backends[idx].addr;
+    tokio::select! {
+        r = copy => match r {
+            Ok(t) => tracing::debug!(%endpoint, to_upstream = t.a_to_b.bytes, to_client = t.b_to_a.bytes,
+                path = t.a_to_b.path.as_str(), "connection closed"),
+            Err(e) => tracing::debug!(%endpoint, error = %e, "connection ended with an error"),
+        },
+        _ = idle_expired(&activity, spec.idle_timeout) => {
+            tracing::debug!(%endpoint, "idle timeout; connection closed");
+        }
+        _ = removal.cancelled() => {
+            tracing::debug!(%endpoint, "endpoint removed; connection closed");
+        }
+        _ = shared.kill.cancelled() => {
+            tracing::debug!(%endpoint, "drain deadline; connection closed");
+        }
+    }
+}
+
+/// Resolves once nothing moved for `idle`.
+async fn idle_expired(activity: &Activity, idle: Duration) {
+    loop {
+        let quiet = activity.idle_for();
+        if quiet >= idle {
+            return;
+        }
+        tokio::time::sleep(idle - quiet).await;
+    }
+}

@@ -1,0 +1,222 @@
+//! Listening sockets and the accept loop: admission (readiness, limits)
+//! and backoff when the process runs out of descriptors.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use socket2::{Domain, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{Route, Shared, conn};
+
+const BACKLOG: i32 = 4096;
+/// First pause after an accept error that is not about one connection.
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(5);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Binds a listening socket: SO_REUSEADDR (restart without waiting for
+/// TIME_WAIT), SO_REUSEPORT (a second process may take over), keepalive
+/// and no-delay inherited by accepted sockets.
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    #[cfg(unix)]
+    sock.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_keepalive(true)?;
+    sock.set_tcp_nodelay(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(BACKLOG)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// Where connections come from: a `TcpListener`, or a test double that
+/// injects errors.
+pub(crate) trait Acceptor: Send + 'static {
+    fn accept(&self) -> impl Future<Output = io::Result<(TcpStream, SocketAddr)>> + Send;
+}
+
+impl Acceptor for TcpListener {
+    fn accept(&self) -> impl Future<Output = io::Result<(TcpStream, SocketAddr)>> + Send {
+        TcpListener::accept(self)
+    }
+}
+
+/// Accept-error policy: errors about one connection are skipped at once;
+/// anything else (EMFILE, ENFILE, ENOBUFS, ENOMEM, …) pauses the loop,
+/// doubling from [`BACKOFF_MIN`] to [`BACKOFF_MAX`], so it never spins.
+#[derive(Debug, Default)]
+pub(crate) struct AcceptBackoff {
+    streak: u32,
+}
+
+impl AcceptBackoff {
+    /// How long to pause after `e` (None: go on at once).
+    pub(crate) fn on_error(&mut self, e: &io::Error) -> Option<Duration> {
+        if per_connection(e) {
+            return None;
+        }
+        let wait = BACKOFF_MIN
+            .saturating_mul(1 << self.streak.min(16))
+            .min(BACKOFF_MAX);
+        self.streak += 1;
+        Some(wait)
+    }
+
+    /// A connection was accepted; true if that ends a streak of errors.
+    pub(crate) fn on_success(&mut self) -> bool {
+        std::mem::take(&mut self.streak) > 0
+    }
+}
+
+/// Errors accept(2) reports for one pending connection (Linux passes
+/// pending network errors through accept; retry at once).
+fn per_connection(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut
+    ) {
+        return true;
+    }
+    #[cfg(unix)]
+    if let Some(code) = e.raw_os_error() {
+        return matches!(
+            code,
+            libc::EPROTO
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::EHOSTUNREACH
+                | libc::ENETDOWN
+                | libc::ENETUNREACH
+                | libc::EOPNOTSUPP
+                | libc::EPERM
+        );
+    }
+    false
+}
+
+fn fd_exhausted(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    if let Some(code) = e.raw_os_error() {
+        return matches!(
+            code,
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+        );
+    }
+    false
+}
+
+/// Accepts until `stop`, handing each connection to its route.
+pub(crate) async fn accept_loop<A: Acceptor>(
+    acceptor: A,
+    routes: watch::Receiver<Arc<Route>>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let mut backoff = AcceptBackoff::default();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            r = acceptor.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if backoff.on_success() {
+                    tracing::info!("proxy accepting again");
+                }
+                let route = routes.borrow().clone();
+                admit(&shared, route, stream, peer);
+            }
+            Err(e) => {
+                let Some(wait) = backoff.on_error(&e) else {
+                    tracing::debug!(error = %e, "accept: connection error");
+                    continue;
+                };
+                let kind = if fd_exhausted(&e) {
+                    "fd_exhausted"
+                } else {
+                    "other"
+                };
+                metrics::counter!("beacon_proxy_accept_errors_total", "kind" => kind).increment(1);
+                if wait == BACKOFF_MIN {
+                    tracing::warn!(error = %e, "accept failing; backing off");
+                } else {
+                    tracing::debug!(error = %e, ?wait, "accept still failing");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Admission: refuse (close at once) before readiness and beyond the
+/// global or per-service cap; otherwise start the connection task.
+fn admit(shared: &Arc<Shared>, route: Arc<Route>, stream: TcpStream, peer: SocketAddr) {
+    if !shared.ready.load(Ordering::Acquire) {
+        route.metrics.not_ready.increment(1);
+        tracing::debug!(client.addr = %peer, service = %route.service, "not ready; connection refused");
+        return;
+    }
+    let Some(guard) = ActiveGuard::acquire(shared, route.clone()) else {
+        route.metrics.over_limit.increment(1);
+        tracing::debug!(client.addr = %peer, service = %route.service, "connection limit reached; refused");
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    shared
+        .tracker
+        .spawn(conn::serve(shared.clone(), route, stream, peer, guard));
+}
+
+/// One admitted connection in the global and per-service counts.
+pub(crate) struct ActiveGuard {
+    shared: Arc<Shared>,
+    route: Arc<Route>,
+}
+
+impl ActiveGuard {
+    fn acquire(shared: &Arc<Shared>, route: Arc<Route>) -> Option<Self> {
+        if shared.active.fetch_add(1, Ordering::AcqRel) >= shared.max_connections {
+            shared.active.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let cap = route.state.spec.proxy.max_connections;
+        let n = route.service_active.fetch_add(1, Ordering::AcqRel);
+        if cap.is_some_and(|cap| n >= cap as usize) {
+            route.service_active.fetch_sub(1, Ordering::AcqRel);
+            shared.active.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        route.metrics.active.increment(1.0);
+        Some(Self {
+            shared: shared.clone(),
+            route,
+        })
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.route.metrics.active.decrement(1.0);
+        self.route.service_active.fetch_sub(1, Ordering::AcqRel);
+        self.shared.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
