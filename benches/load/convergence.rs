@@ -46,6 +46,10 @@ const EDGE_NAME: &str = "edge.default.svc.cluster.local.";
 /// Longest wait for one change to show; a change slower than this counts
 /// as this (and is reported as a timeout).
 const WAIT_LIMIT: Duration = Duration::from_secs(5);
+/// Pause between polls: 100 µs in process (bar 10 ms), 1 ms end to end
+/// (bar 1 s).
+const POLL_INPROC: Duration = Duration::from_micros(100);
+const POLL_E2E: Duration = Duration::from_millis(1);
 
 struct Args {
     mode: String,
@@ -167,7 +171,15 @@ fn udp_client() -> UdpSocket {
 }
 
 /// Polls DNS until `name` answers exactly `want`; the time since `t0`.
-fn wait_dns(server: SocketAddr, name: &str, want: IpAddr, t0: Instant) -> Option<Duration> {
+/// `pause` between queries keeps the poller from eating the CPU the
+/// server needs (this machine has 2 cores).
+fn wait_dns(
+    server: SocketAddr,
+    name: &str,
+    want: IpAddr,
+    t0: Instant,
+    pause: Duration,
+) -> Option<Duration> {
     let sock = udp_client();
     let mut id = 1u16;
     while t0.elapsed() < WAIT_LIMIT {
@@ -175,6 +187,7 @@ fn wait_dns(server: SocketAddr, name: &str, want: IpAddr, t0: Instant) -> Option
         if resolve(&sock, server, name, id).is_some_and(|ips| ips == [want]) {
             return Some(t0.elapsed());
         }
+        std::thread::sleep(pause);
     }
     None
 }
@@ -190,11 +203,19 @@ fn route(addr: SocketAddr) -> Option<String> {
 }
 
 /// Polls the proxy until connections reach `want`; the time since `t0`.
-fn wait_proxy(addr: SocketAddr, want: &str, t0: Instant) -> Option<Duration> {
+/// `gate` is a cheap check that must pass before a connection is tried.
+fn wait_proxy(
+    addr: SocketAddr,
+    want: &str,
+    t0: Instant,
+    pause: Duration,
+    gate: &dyn Fn() -> bool,
+) -> Option<Duration> {
     while t0.elapsed() < WAIT_LIMIT {
-        if route(addr).as_deref() == Some(want) {
+        if gate() && route(addr).as_deref() == Some(want) {
             return Some(t0.elapsed());
         }
+        std::thread::sleep(pause);
     }
     None
 }
@@ -205,12 +226,18 @@ fn wait_both(
     proxy: SocketAddr,
     which: usize,
     t0: Instant,
+    pause: Duration,
+    gate: &(dyn Fn() -> bool + Sync),
 ) -> (Option<Duration>, Option<Duration>) {
     let want_ip = IpAddr::V4(BACKEND_IPS[which]);
-    let d = std::thread::spawn(move || wait_dns(dns, EDGE_NAME, want_ip, t0));
-    let p = std::thread::spawn(move || wait_proxy(proxy, BACKEND_NAMES[which], t0));
-    (d.join().unwrap(), p.join().unwrap())
+    std::thread::scope(|s| {
+        let d = s.spawn(move || wait_dns(dns, EDGE_NAME, want_ip, t0, pause));
+        let p = s.spawn(move || wait_proxy(proxy, BACKEND_NAMES[which], t0, pause, gate));
+        (d.join().unwrap(), p.join().unwrap())
+    })
 }
+
+const NO_GATE: &(dyn Fn() -> bool + Sync) = &|| true;
 
 // ===== results =====
 
@@ -406,15 +433,43 @@ fn inproc(a: &Args, ports: [u16; 2]) {
         snap.endpoint_count(),
         sync
     );
-    assert!(wait_proxy(proxy_addr, BACKEND_NAMES[0], Instant::now()).is_some());
+    assert!(
+        wait_proxy(
+            proxy_addr,
+            BACKEND_NAMES[0],
+            Instant::now(),
+            POLL_INPROC,
+            NO_GATE
+        )
+        .is_some()
+    );
 
+    let edge_key = ServiceKey::new("default", "edge");
     let mut samples = Samples::default();
     for c in 0..a.changes {
         let which = (c + 1) % 2;
         let spec = edge_service(which, ports, listen);
         let t0 = Instant::now();
         assert!(rt.block_on(handle.source(&source, Update::Upsert(Box::new(spec)))));
-        samples.push(wait_both(dns_addr, proxy_addr, which, t0));
+        // Try a connection only once the proxy has applied a snapshot that
+        // holds the change (an atomic load), so the poller does not flood
+        // the proxy with connections while it reconciles.
+        let want = IpAddr::V4(BACKEND_IPS[which]);
+        let gate = || {
+            let snap = reader.current();
+            let has = snap
+                .service(&edge_key)
+                .is_some_and(|s| s.endpoints.iter().any(|e| e.endpoint.ip == want));
+            has && proxy.applied_version() >= snap.version
+        };
+        samples.push(wait_both(
+            dns_addr,
+            proxy_addr,
+            which,
+            t0,
+            POLL_INPROC,
+            &gate,
+        ));
     }
     let test = "registry_to_serving";
     result(test, "services", snap.services.len().to_string());
@@ -501,7 +556,7 @@ fn e2e(a: &Args, beacon: &Path, ports: [u16; 2]) {
     }
     let sync = t0.elapsed();
     assert!(
-        wait_proxy(listen, BACKEND_NAMES[0], Instant::now()).is_some(),
+        wait_proxy(listen, BACKEND_NAMES[0], Instant::now(), POLL_E2E, NO_GATE).is_some(),
         "the proxy never routed edge"
     );
     let rss_after_sync = rss_mb(pid);
@@ -516,7 +571,7 @@ fn e2e(a: &Args, beacon: &Path, ports: [u16; 2]) {
         let text = edge_toml(which, ports, listen);
         let t0 = Instant::now();
         write_atomically(&edge, &text);
-        samples.push(wait_both(dns_addr, listen, which, t0));
+        samples.push(wait_both(dns_addr, listen, which, t0, POLL_E2E, NO_GATE));
     }
     let rss_end = rss_mb(pid);
     let test = "file_to_serving";
