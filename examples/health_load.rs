@@ -195,9 +195,19 @@ fn main() {
             )
         };
         let (ok0, fail0) = checks(&metrics.render());
+        let load0 = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         let (cpu0, child0, t0) = (cpu_seconds(&me), cpu_seconds(&child_pid), Instant::now());
-        tokio::time::sleep(Duration::from_secs(a.seconds)).await;
+        // Sample the probes in flight: with the probe rate, Little's law
+        // gives the mean probe latency.
+        let mut samples = 0u64;
+        let mut in_flight_sum = 0u64;
+        while t0.elapsed() < Duration::from_secs(a.seconds) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            in_flight_sum += stats.borrow().in_flight as u64;
+            samples += 1;
+        }
         let (cpu1, child1, wall) = (cpu_seconds(&me), cpu_seconds(&child_pid), t0.elapsed());
+        let load1 = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         let (ok1, fail1) = checks(&metrics.render());
 
         let wall = wall.as_secs_f64();
@@ -230,6 +240,12 @@ fn main() {
             "backend process cpu: {:.1}% of one core",
             100.0 * (child1 - child0) / wall
         );
+        let in_flight = in_flight_sum as f64 / samples.max(1) as f64;
+        println!(
+            "mean probes in flight {in_flight:.0} => mean probe latency {:.1} ms",
+            1000.0 * in_flight / ((ok1 - ok0 + fail1 - fail0) / wall).max(1.0)
+        );
+        println!("loadavg before: {}loadavg after:  {}", load0, load1);
         shutdown.cancel();
     });
     drop(child.stdin.take());

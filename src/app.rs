@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigErrors, SourceConfig};
 use crate::registry::{self, Reader};
-use crate::sources::{Source, file::FileSource};
+use crate::sources::{Source, docker::DockerSource, file::FileSource};
 
 /// Why beacon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -44,12 +44,11 @@ pub fn build_sources(config: &Config) -> Result<Vec<Box<dyn Source>>, StartError
             SourceConfig::File { path } => {
                 out.push(Box::new(FileSource::load(path, defaults.clone())?))
             }
-            SourceConfig::Docker { .. } => {
-                return Err(anyhow::anyhow!(
-                    "the docker source is not available in this build yet"
-                )
-                .into());
-            }
+            SourceConfig::Docker { socket, network } => out.push(Box::new(DockerSource::new(
+                socket.clone(),
+                network.clone(),
+                defaults.clone(),
+            ))),
         }
     }
     Ok(out)

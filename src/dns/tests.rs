@@ -976,3 +976,71 @@ async fn dig_forwarding_through_dnsmasq_and_refused_for_outsiders() {
     let _ = dnsmasq.kill();
     let _ = dnsmasq.wait();
 }
+
+// === hickory client ===
+
+fn resolver(addr: SocketAddr, tcp: bool) -> hickory_resolver::TokioResolver {
+    use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+    let mut ns = if tcp {
+        NameServerConfig::tcp(addr.ip())
+    } else {
+        NameServerConfig::udp(addr.ip())
+    };
+    for c in &mut ns.connections {
+        c.port = addr.port();
+    }
+    let mut builder = hickory_resolver::Resolver::builder_with_config(
+        ResolverConfig::from_name_servers(vec![ns]),
+        TokioRuntimeProvider::default(),
+    );
+    builder.options_mut().cache_size = 0;
+    builder.options_mut().attempts = 1;
+    builder.options_mut().timeout = Duration::from_secs(2);
+    builder.build().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hickory_resolver_gets_the_zone_over_udp_and_tcp() {
+    let run = start(cfg(), Reader::fixed(big_snapshot())).await;
+    for tcp in [false, true] {
+        let r = resolver(run.addr, tcp);
+        let ips: Vec<IpAddr> = r
+            .lookup_ip("db.prod.svc.cluster.local.")
+            .await
+            .unwrap()
+            .iter()
+            .collect();
+        assert_eq!(ips.len(), 3, "tcp={tcp}");
+        let big = r
+            .ipv4_lookup("big.default.svc.cluster.local.")
+            .await
+            .unwrap();
+        assert_eq!(big.answers().len(), 60, "tcp={tcp}");
+        let srv = r
+            .srv_lookup("_http._tcp.db.prod.svc.cluster.local.")
+            .await
+            .unwrap();
+        assert_eq!(srv.answers().len(), 3);
+        let ptr = r.reverse_lookup("1.0.1.10.in-addr.arpa.").await.unwrap();
+        assert!(
+            matches!(&ptr.answers()[0].data, RData::PTR(p) if p.0.to_ascii() == "db-0.db.prod.svc.cluster.local.")
+        );
+        let txt = r.txt_lookup("dns-version.cluster.local.").await.unwrap();
+        assert_eq!(txt.answers().len(), 1);
+        let err = r
+            .ipv4_lookup("nope.default.svc.cluster.local.")
+            .await
+            .unwrap_err();
+        assert!(err.is_nx_domain(), "tcp={tcp}: {err}");
+        let err = r
+            .ipv6_lookup("web.default.svc.cluster.local.")
+            .await
+            .unwrap_err();
+        assert!(
+            err.is_no_records_found() && !err.is_nx_domain(),
+            "NODATA, tcp={tcp}: {err}"
+        );
+    }
+    run.stop().await;
+}

@@ -42,6 +42,8 @@ pub enum Change {
 #[derive(Clone, Debug, Default)]
 pub struct Ejections {
     entries: HashMap<IpAddr, Entry>,
+    /// Entries with an ejection in force.
+    ejected: usize,
 }
 
 impl Ejections {
@@ -90,6 +92,7 @@ impl Ejections {
         entry.ejections = entry.ejections.saturating_add(1);
         entry.failures = 0;
         entry.ejected = Some((until, reason.clone()));
+        self.ejected += 1;
         Some(Change::Ejected { until, reason })
     }
 
@@ -99,6 +102,7 @@ impl Ejections {
         e.failures = 0;
         e.ejected.take()?;
         e.ended = Some(now);
+        self.ejected -= 1;
         Some(Change::Readmitted)
     }
 
@@ -111,6 +115,7 @@ impl Ejections {
         }
         e.ejected = None;
         e.ended = Some(now);
+        self.ejected -= 1;
         Some(Change::Readmitted)
     }
 
@@ -129,6 +134,11 @@ impl Ejections {
     /// Forgets endpoints that are gone.
     pub fn retain(&mut self, mut keep: impl FnMut(IpAddr) -> bool) {
         self.entries.retain(|ip, _| keep(*ip));
+        self.ejected = self
+            .entries
+            .values()
+            .filter(|e| e.ejected.is_some())
+            .count();
     }
 
     pub fn is_empty(&self) -> bool {

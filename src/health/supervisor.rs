@@ -88,6 +88,10 @@ struct Target {
     hyst: Hysteresis,
     /// When the next probe is due; `None` while one is in flight.
     due: Option<Instant>,
+    /// When the last probe was launched: the next one is due an interval
+    /// later (or at once when the probe took longer), so the probe rate
+    /// does not sag with probe latency.
+    launched: Instant,
 }
 
 impl Target {
@@ -126,6 +130,8 @@ pub struct Supervisor {
     /// Ejection ends.
     expiries: BinaryHeap<Expiry>,
     next_id: u64,
+    /// Running totals, kept as things change so `stats` costs nothing.
+    totals: Stats,
     rng: fastrand::Rng,
     checks_ok: metrics::Counter,
     checks_failed: metrics::Counter,
@@ -146,13 +152,22 @@ impl Supervisor {
             timers: BinaryHeap::new(),
             expiries: BinaryHeap::new(),
             next_id: 0,
+            totals: Stats::default(),
             rng,
             checks_ok: metrics::counter!("beacon_health_checks_total", "result" => "success"),
             checks_failed: metrics::counter!("beacon_health_checks_total", "result" => "failure"),
         }
     }
 
+    /// Targets and ejections; `in_flight` counts targets whose probe was
+    /// launched and has not reported back.
     pub fn stats(&self) -> Stats {
+        self.totals
+    }
+
+    /// Recounts everything (what `stats` keeps up to date), for tests.
+    #[cfg(test)]
+    fn recount(&self) -> Stats {
         let mut stats = Stats::default();
         for t in self.services.values() {
             stats.targets += t.targets.len();
@@ -178,10 +193,15 @@ impl Supervisor {
     /// whose address or health spec changed, and re-sends any belief the
     /// snapshot does not show.
     pub fn reconcile(&mut self, snap: &Snapshot, now: Instant, fx: &mut Effects) {
+        let totals = &mut self.totals;
         self.services.retain(|key, tracked| {
             let keep = snap.services.contains_key(key);
             if !keep {
+                let before = fx.aborts.len();
                 fx.aborts.extend(in_flight(&tracked.targets));
+                totals.in_flight -= fx.aborts.len() - before;
+                totals.targets -= tracked.targets.len();
+                totals.ejected -= tracked.eject.ejected_count();
             }
             keep
         });
@@ -201,7 +221,13 @@ impl Supervisor {
             });
             tracked.state = svc.clone();
             if resync {
-                sync_targets(key, tracked, &mut self.next_id, fx, &mut started);
+                let before = (tracked.targets.len(), tracked.eject.ejected_count());
+                let aborts = fx.aborts.len();
+                sync_targets(key, tracked, now, &mut self.next_id, fx, &mut started);
+                self.totals.targets = self.totals.targets - before.0 + tracked.targets.len();
+                self.totals.ejected =
+                    self.totals.ejected - before.1 + tracked.eject.ejected_count();
+                self.totals.in_flight -= fx.aborts.len() - aborts;
             }
             check_beliefs(key, tracked, fx);
         }
@@ -221,13 +247,16 @@ impl Supervisor {
             let Some(Reverse((at, id, service, ip))) = self.timers.pop() else {
                 break;
             };
-            let Some(t) = self.target_mut(&service, ip) else {
+            let target = self.services.get_mut(&service);
+            let Some(t) = target.and_then(|s| s.targets.get_mut(&ip)) else {
                 continue;
             };
             if t.id != id || t.due != Some(at) {
                 continue;
             }
             t.due = None;
+            t.launched = now;
+            self.totals.in_flight += 1;
             launches.push(Launch {
                 id,
                 addr: t.addr,
@@ -247,6 +276,7 @@ impl Supervisor {
                 continue;
             };
             if let Some(Change::Readmitted) = tracked.eject.expire(ip, now) {
+                self.totals.ejected -= 1;
                 tracing::debug!(service = %service, %ip, "ejection ended");
                 fx.report(&service, ip, HealthChange::Ejected(None));
             }
@@ -272,6 +302,7 @@ impl Supervisor {
         if t.id != id || t.due.is_some() {
             return;
         }
+        self.totals.in_flight -= 1;
         match result {
             Ok(()) => self.checks_ok.increment(1),
             Err(_) => self.checks_failed.increment(1),
@@ -281,16 +312,18 @@ impl Supervisor {
             tracing::debug!(service = %service, %ip, state = ?state, "probe verdict changed");
             fx.report(service, ip, HealthChange::Probe(state));
         }
+        let launched = t.launched;
         let interval = if t.hyst.changing(th) {
             t.health.fast_interval.min(t.health.interval)
         } else {
             t.health.interval
         };
         if result.is_ok() && tracked.eject.probe_success(ip, now).is_some() {
+            self.totals.ejected -= 1;
             tracing::debug!(service = %service, %ip, "probe passed: ejection ended");
             fx.report(service, ip, HealthChange::Ejected(None));
         }
-        let due = now + self.jitter(interval);
+        let due = (launched + self.jitter(interval)).max(now);
         self.schedule(service, ip, due);
     }
 
@@ -307,6 +340,7 @@ impl Supervisor {
             .eject
             .outcome(o.ip, o.success, spec, tracked.ips.len(), now);
         if let Some(Change::Ejected { until, reason }) = change {
+            self.totals.ejected += 1;
             tracing::info!(service = %o.service, ip = %o.ip, %reason, ?until, "endpoint ejected");
             metrics::counter!("beacon_endpoint_ejections_total", "service" => o.service.to_string())
                 .increment(1);
@@ -329,9 +363,11 @@ impl Supervisor {
         self.timers.push(Reverse((due, id, service.clone(), ip)));
     }
 
-    /// ±10%, so endpoints drift apart instead of probing in lockstep.
+    /// 80-100% of the interval, so endpoints drift apart instead of probing
+    /// in lockstep, while the interval stays an upper bound: a failure is
+    /// seen within `fall × interval` (what users are promised).
     fn jitter(&mut self, d: Duration) -> Duration {
-        d.mul_f64(0.9 + 0.2 * self.rng.f64())
+        d.mul_f64(0.8 + 0.2 * self.rng.f64())
     }
 }
 
@@ -344,6 +380,7 @@ fn in_flight(targets: &HashMap<IpAddr, Target>) -> impl Iterator<Item = u64> + '
 fn sync_targets(
     key: &ServiceKey,
     tracked: &mut Tracked,
+    now: Instant,
     next_id: &mut u64,
     fx: &mut Effects,
     started: &mut Vec<(ServiceKey, IpAddr, Duration)>,
@@ -399,6 +436,7 @@ fn sync_targets(
                 health: spec.health.clone(),
                 hyst,
                 due: None,
+                launched: now,
             },
         );
         keep.insert(ip);

@@ -80,17 +80,7 @@ async fn connect(
             .connect_duration
             .record(started.elapsed().as_secs_f64());
         let ok = matches!(result, Ok(Ok(_)));
-        if ok {
-            backend.load.failures.store(0, Ordering::Relaxed);
-        } else {
-            backend.load.failures.fetch_add(1, Ordering::Relaxed);
-        }
-        // Passive health signal; never block the data path on it.
-        let _ = shared.outcomes.try_send(ConnectOutcome {
-            service: route.service.clone(),
-            ip: backend.addr.ip(),
-            success: ok,
-        });
+        report(shared, route, idx, ok);
         match result {
             Ok(Ok(stream)) => return Some((stream, idx, load)),
             Ok(Err(e)) => {
@@ -102,6 +92,27 @@ async fn connect(
     route.metrics.connect_failed.increment(1);
     tracing::debug!("every connect attempt failed; connection closed");
     None
+}
+
+/// Passive health signal, never blocking the data path (dropped when the
+/// channel is full). Every failure is sent; a success only when it ends a
+/// failure streak, which is all a consecutive-failure count needs, so the
+/// happy path sends nothing.
+fn report(shared: &Shared, route: &Route, idx: usize, success: bool) {
+    let backend = &route.backends[idx];
+    let streak = if success {
+        backend.load.failures.swap(0, Ordering::Relaxed)
+    } else {
+        backend.load.failures.fetch_add(1, Ordering::Relaxed) + 1
+    };
+    if success && streak == 0 {
+        return;
+    }
+    let _ = shared.outcomes.try_send(ConnectOutcome {
+        service: route.service.clone(),
+        ip: backend.addr.ip(),
+        success,
+    });
 }
 
 /// The PROXY protocol header announcing `client` → `local` (the address

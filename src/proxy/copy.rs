@@ -240,7 +240,7 @@ mod splice {
     /// Requested pipe capacity (F_SETPIPE_SZ); the kernel may give less.
     pub const PIPE_SIZE: usize = 256 * 1024;
     /// Pipes kept for reuse; more are closed when returned.
-    const POOL_MAX: usize = 256;
+    const POOL_MAX: usize = 128;
 
     pub struct Pipe {
         read: OwnedFd,

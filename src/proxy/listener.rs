@@ -180,7 +180,7 @@ fn admit(shared: &Arc<Shared>, route: Arc<Route>, stream: TcpStream, peer: Socke
         tracing::debug!(client.addr = %peer, service = %route.service, "connection limit reached; refused");
         return;
     };
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY and SO_KEEPALIVE are inherited from the listener.
     shared
         .tracker
         .spawn(conn::serve(shared.clone(), route, stream, peer, guard));

@@ -65,9 +65,10 @@ pub enum ProxyError {
     ProxyHeader(#[source] io::Error),
 }
 
-/// Knobs tests turn; the binary uses the defaults.
+/// Knobs beyond the config (tests and measurements turn them; the binary
+/// uses the defaults).
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Options {
+pub struct Options {
     pub copy_mode: copy::Mode,
 }
 
@@ -185,7 +186,7 @@ pub fn spawn(
     spawn_with(cfg, reader, outcomes, shutdown, Options::default())
 }
 
-pub(crate) fn spawn_with(
+pub fn spawn_with(
     cfg: &ProxyConfig,
     reader: Reader,
     outcomes: mpsc::Sender<ConnectOutcome>,

@@ -37,7 +37,9 @@ async fn banner_backend(ip: &str, name: &str) -> Banner {
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = l.accept().await else {
-                return;
+                // EMFILE in the descriptor test: wait, do not die.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
             };
             count.fetch_add(1, Ordering::SeqCst);
             let greeting = greeting.clone();
@@ -504,20 +506,60 @@ async fn refusing_backend_costs_the_client_nothing() {
     for _ in 0..20 {
         assert_eq!(greet(addr).await.1.as_deref(), Some("live"));
     }
-    // Half the picks hit the refusing endpoint first: reported as failures.
+    // Half the picks hit the refusing endpoint first: each failure is
+    // reported; successes only when they end a failure streak (never here).
     let mut failures = 0;
-    let mut successes = 0;
     while let Ok(o) = h.outcomes.try_recv() {
-        if o.success {
-            assert_eq!(o.ip, live.addr.ip());
-            successes += 1;
-        } else {
-            assert_eq!(o.ip, dead.ip());
-            failures += 1;
-        }
+        assert!(!o.success, "a success with no failure before it: {o:?}");
+        assert_eq!(o.ip, dead.ip());
+        failures += 1;
     }
-    assert_eq!(successes, 20);
     assert_eq!(failures, 10);
+    assert_eq!(live.accepted.load(Ordering::SeqCst), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_after_failures_is_reported() {
+    let mut h = harness();
+    let (baddr, mut accepted) = scripted_backend("127.0.0.43").await;
+    let spec = service("flap", "127.0.1.26:0", &[baddr], Balance::RoundRobin);
+    h.set(vec![spec]).await;
+    let addr = h.addr("127.0.1.26:0").await;
+    // Connects succeed (the backend accepts): nothing to report.
+    let _c = TcpStream::connect(addr).await.unwrap();
+    let _s = tokio::time::timeout(T, accepted.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(h.outcomes.try_recv().is_err());
+    // Mark a failure streak on the endpoint, then connect again.
+    let key = (ServiceKey::new("default", "flap"), baddr);
+    h.proxy()
+        .shared
+        .endpoints
+        .get(&key)
+        .unwrap()
+        .load
+        .failures
+        .store(3, Ordering::Relaxed);
+    let _c2 = TcpStream::connect(addr).await.unwrap();
+    let o = tokio::time::timeout(T, h.outcomes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((o.ip, o.success), (baddr.ip(), true));
+    assert_eq!(
+        h.proxy()
+            .shared
+            .endpoints
+            .get(&key)
+            .unwrap()
+            .load
+            .failures
+            .load(Ordering::Relaxed),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -926,4 +968,184 @@ async fn accept_loop_backs_off_on_emfile_and_recovers() {
     assert!(calls.load(Ordering::SeqCst) <= 9, "{calls:?}");
     stop.cancel();
     tokio::time::timeout(T, task).await.unwrap().unwrap();
+}
+
+/// The child half of `emfile_recovers_in_a_child_process`: a proxy in a
+/// process with a low descriptor limit. Prints its address, uses up every
+/// free descriptor, frees them when the parent says so, ends when stdin
+/// closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by emfile_recovers_in_a_child_process under `ulimit -n 64`"]
+async fn emfile_child() {
+    let h = harness();
+    // The parent runs the backend; standalone, bring one.
+    let backend = match std::env::var("BEACON_TEST_BACKEND") {
+        Ok(addr) => addr.parse().unwrap(),
+        Err(_) => banner_backend("127.0.0.98", "a").await.addr,
+    };
+    h.set(vec![service(
+        "fd",
+        "127.0.1.25:0",
+        &[backend],
+        Balance::RoundRobin,
+    )])
+    .await;
+    let addr = h.addr("127.0.1.25:0").await;
+    println!("LISTEN {addr}");
+    tokio::task::spawn_blocking(|| {
+        let mut hog = Vec::new();
+        while let Ok(f) = std::fs::File::open("/dev/null") {
+            hog.push(f);
+            assert!(hog.len() < 100_000, "no descriptor limit in force");
+        }
+        println!("FULL {}", hog.len());
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line); // "release"
+        drop(hog);
+        let _ = std::io::stdin().read_line(&mut line); // EOF: done
+    })
+    .await
+    .unwrap();
+}
+
+/// CPU time (user + system, in clock ticks) a process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Reads a banner line with a timeout; None if closed or silent.
+fn std_banner(s: &mut std::net::TcpStream, wait: Duration) -> Option<String> {
+    use std::io::Read;
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Ok(n) if n > 0 => Some(String::from_utf8_lossy(&buf[..n]).trim().to_string()),
+        _ => None,
+    }
+}
+
+/// A backend in this process: greets, then holds each connection until
+/// the proxy forwards the client's FIN. Runs until `stop` (at most 2 min).
+fn std_backend(
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (SocketAddr, std::thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let backend = std::net::TcpListener::bind("127.0.0.99:0").unwrap();
+    let addr = backend.local_addr().unwrap();
+    backend.set_nonblocking(true).unwrap();
+    let thread = std::thread::spawn(move || {
+        let mut held: Vec<std::net::TcpStream> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+            match backend.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.write_all(b"a\n");
+                    s.set_nonblocking(true).unwrap();
+                    held.push(s);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+            held.retain_mut(|s| {
+                let mut buf = [0u8; 64];
+                matches!(s.read(&mut buf), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            });
+        }
+    });
+    (addr, thread)
+}
+
+/// Real descriptor exhaustion: a proxy process at `ulimit -n 64` with
+/// every descriptor in use gets EMFILE from accept(2) while clients wait.
+/// It must not spin, and must serve the waiting clients once descriptors
+/// are free again.
+#[cfg(target_os = "linux")]
+#[test]
+fn emfile_recovers_in_a_child_process() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (backend_addr, backend_thread) = std_backend(stop.clone());
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 64 && exec \"$0\" \"$@\"")
+        .arg(exe)
+        .args([
+            "--exact",
+            "proxy::tests::emfile_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("BEACON_TEST_BACKEND", backend_addr.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let stdout = child.stdout.take().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // The harness may print "test … ... " before a line on the same line.
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(at) = line.find("LISTEN ") {
+                let _ = tx.send(line[at + 7..].trim().to_string());
+            } else if line.contains("FULL ") {
+                let _ = tx.send(String::new());
+            }
+        }
+    });
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let wait = Duration::from_secs(60);
+        let addr: SocketAddr = rx
+            .recv_timeout(wait)
+            .expect("child listening")
+            .parse()
+            .unwrap();
+        assert_eq!(rx.recv_timeout(wait).expect("child out of descriptors"), "");
+        // Clients wait in the backlog while accept(2) says EMFILE.
+        let mut waiting: Vec<std::net::TcpStream> = (0..5)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let before = cpu_ticks(pid);
+        std::thread::sleep(Duration::from_secs(1));
+        let spent = cpu_ticks(pid) - before;
+        assert!(
+            spent < 30,
+            "proxy spins while out of descriptors: {spent} ticks in 1 s"
+        );
+        assert_eq!(std_banner(&mut waiting[0], Duration::from_millis(50)), None);
+        // Free the descriptors: every waiting client is served.
+        stdin.write_all(b"release\n").unwrap();
+        stdin.flush().unwrap();
+        for s in &mut waiting {
+            assert_eq!(std_banner(s, Duration::from_secs(10)).as_deref(), Some("a"));
+        }
+    }));
+    drop(stdin); // the child test returns
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    stop.store(true, Ordering::SeqCst);
+    backend_thread.join().unwrap();
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+    assert!(status.expect("child exits").success());
 }

@@ -44,10 +44,9 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
+    // One write: a request split over segments must not change what is tested.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -319,4 +318,37 @@ pub fn fetch_name(addr: SocketAddr) -> Result<String, String> {
         Ok((status, body)) => Err(format!("status {status}: {body}")),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// One UDP A query (hickory-proto client side), for tests that poll fast
+/// and measure time; `None` when no reply came within 500 ms.
+pub fn query_a(dns: SocketAddr, name: &str) -> Option<Vec<String>> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut msg = Message::new(fastrand::u16(..), MessageType::Query, OpCode::Query);
+    msg.queries
+        .push(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let sock = UdpSocket::bind("127.0.0.1:0").ok()?;
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    sock.send_to(&msg.to_vec().ok()?, dns).ok()?;
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).ok()?;
+    let reply = Message::from_vec(&buf[..n]).ok()?;
+    let mut ips: Vec<String> = reply
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect();
+    ips.sort();
+    Some(ips)
+}
+
+/// Serializes the tests that measure time, so they do not load each other.
+pub fn timing_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }

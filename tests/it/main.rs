@@ -1,6 +1,8 @@
 //! beacon's integration tests: one binary, a harness that starts the real
 //! `beacon` on free loopback ports and stops it on drop.
 
+mod dns;
+mod docker;
 mod harness;
 mod health_e2e;
 mod spine;

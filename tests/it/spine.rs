@@ -278,7 +278,7 @@ pub fn start_dev() -> (Beacon, std::net::SocketAddr) {
 
 #[test]
 fn dev_serves_a_web_service_over_three_demo_backends() {
-    let (b, web) = start_dev();
+    let (b, web_addr) = start_dev();
     let json = b.services_json();
     let web = json["services"]
         .as_array()
@@ -307,7 +307,7 @@ fn dev_serves_a_web_service_over_three_demo_backends() {
     let ips = dig(b.dns, "web.default.svc.cluster.local", "A", false);
     assert_eq!(ips, vec!["127.0.0.11", "127.0.0.12", "127.0.0.13"]);
     let names: std::collections::BTreeSet<String> =
-        (0..30).map(|_| fetch_name(web).unwrap()).collect();
+        (0..30).map(|_| fetch_name(web_addr).unwrap()).collect();
     assert_eq!(names.len(), 3, "{names:?}");
     let banner = std::fs::read_to_string(b.path("stdout.log")).unwrap();
     assert!(

@@ -72,6 +72,7 @@ fn launched(sup: &mut Supervisor, now: Instant) -> Vec<Launch> {
     let mut fx = Effects::default();
     sup.due(now, &mut launches, &mut fx);
     assert!(fx.reports.is_empty());
+    assert_eq!(sup.stats(), sup.recount());
     launches
 }
 
@@ -134,16 +135,16 @@ fn results_drive_hysteresis_and_the_fast_interval() {
     assert_eq!(r[0].change, HealthChange::Probe(ProbeState::Up));
     let (gap, r) = probe(&mut sup, &mut now, Err(REFUSED));
     assert!(r.is_empty());
-    assert!(gap >= Duration::from_millis(900) && gap <= Duration::from_millis(1100));
-    // Between states: the fast interval, ±10%.
+    assert!(gap >= Duration::from_millis(800) && gap <= Duration::from_millis(1000));
+    // Between states: the fast interval, 80-100% of it.
     let (gap, r) = probe(&mut sup, &mut now, Err(REFUSED));
     assert!(r.is_empty());
     assert!(
-        gap >= Duration::from_millis(180) && gap <= Duration::from_millis(220),
+        gap >= Duration::from_millis(160) && gap <= Duration::from_millis(200),
         "{gap:?}"
     );
     let (gap, r) = probe(&mut sup, &mut now, Err(REFUSED));
-    assert!(gap <= Duration::from_millis(220));
+    assert!(gap <= Duration::from_millis(200));
     assert_eq!(
         r[0].change,
         HealthChange::Probe(ProbeState::Down(
@@ -152,7 +153,7 @@ fn results_drive_hysteresis_and_the_fast_interval() {
     );
     let (gap, _) = probe(&mut sup, &mut now, Ok(()));
     assert!(
-        gap >= Duration::from_millis(900),
+        gap >= Duration::from_millis(800),
         "steady down: normal interval"
     );
 }
@@ -180,6 +181,7 @@ fn removed_endpoints_and_services_lose_their_probes() {
     expected.sort();
     assert_eq!(aborted, expected);
     assert_eq!(sup.stats().targets, 1);
+    assert_eq!(sup.stats(), sup.recount());
 
     // A late result of a stopped probe changes nothing.
     let mut fx = Effects::default();
@@ -191,6 +193,7 @@ fn removed_endpoints_and_services_lose_their_probes() {
     sup.reconcile(&snap, now, &mut fx);
     assert_eq!(fx.aborts, vec![id_of("web", 1)]);
     assert_eq!(sup.stats(), Stats::default());
+    assert_eq!(sup.recount(), Stats::default());
 }
 
 #[test]
@@ -312,6 +315,7 @@ fn connect_failures_eject_until_expiry_or_a_passing_probe() {
     assert_eq!(fx.reports[0].change, HealthChange::Ejected(None));
     assert!(launches.is_empty());
     assert_eq!(sup.stats().ejected, 0);
+    assert_eq!(sup.stats(), sup.recount());
 }
 
 #[test]
@@ -399,4 +403,36 @@ fn checks_and_ejections_are_counted() {
     ] {
         assert!(text.contains(line), "missing {line} in {text}");
     }
+}
+
+#[test]
+fn the_interval_runs_from_launch_so_slow_probes_keep_the_rate() {
+    let mut world = World::new();
+    let snap = world.set(vec![spec("web", &[1])]);
+    let mut sup = Supervisor::with_rng(fastrand::Rng::with_seed(10));
+    let start = Instant::now();
+    let mut fx = Effects::default();
+    sup.reconcile(&snap, start, &mut fx);
+    let at = sup.next_deadline().unwrap();
+    let l = launched(&mut sup, at);
+    // The probe takes 400 ms: the next one is still about 1 s after launch.
+    sup.on_result(
+        &l[0].service,
+        l[0].ip,
+        l[0].id,
+        Ok(()),
+        at + Duration::from_millis(400),
+        &mut fx,
+    );
+    let next = sup.next_deadline().unwrap() - at;
+    assert!(
+        next >= Duration::from_millis(800) && next <= Duration::from_millis(1000),
+        "{next:?}"
+    );
+    // A probe slower than the interval is followed by the next one at once.
+    let at = sup.next_deadline().unwrap();
+    let l = launched(&mut sup, at);
+    let late = at + Duration::from_millis(1500);
+    sup.on_result(&l[0].service, l[0].ip, l[0].id, Ok(()), late, &mut fx);
+    assert_eq!(sup.next_deadline(), Some(late));
 }
