@@ -3,13 +3,15 @@
 //!
 //! ```text
 //! cargo run --release --example health_load -- [--endpoints 10000] [--seconds 20]
-//!     [--listeners 100] [--interval-ms 1000] [--warmup 3]
+//!     [--listeners 100] [--per-service <listeners>] [--interval-ms 1000] [--warmup 3]
 //! ```
 //!
 //! The backends run in a child process (this binary with `serve`), so the
 //! figure is the prober's own CPU (user + sys from `/proc/self/stat`).
-//! Endpoints are `services × listeners`: every service has one endpoint on
-//! each of the listeners `127.1.0.1..=127.1.0.<listeners>` (port 0 each).
+//! Every service has `per-service` endpoints, one on each of as many
+//! listeners (`127.1.x.y`, port 0 each); `--listeners 10000 --per-service
+//! 10000` makes one service of 10,000 endpoints. It also reports how long
+//! the first verdicts of all endpoints took to reach the snapshot.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -25,6 +27,7 @@ struct Args {
     endpoints: usize,
     seconds: u64,
     listeners: usize,
+    per_service: usize,
     interval: Duration,
     warmup: u64,
 }
@@ -34,6 +37,7 @@ fn args() -> Args {
         endpoints: 10_000,
         seconds: 20,
         listeners: 100,
+        per_service: 0,
         interval: Duration::from_secs(1),
         warmup: 3,
     };
@@ -48,17 +52,21 @@ fn args() -> Args {
             "--endpoints" => a.endpoints = value() as usize,
             "--seconds" => a.seconds = value(),
             "--listeners" => a.listeners = value() as usize,
+            "--per-service" => a.per_service = value() as usize,
             "--interval-ms" => a.interval = Duration::from_millis(value()),
             "--warmup" => a.warmup = value(),
             other => panic!("unknown argument {other}"),
         }
     }
-    assert!((1..=250).contains(&a.listeners), "1..=250 listeners");
+    assert!((1..=16_000).contains(&a.listeners), "1..=16000 listeners");
+    if a.per_service == 0 || a.per_service > a.listeners {
+        a.per_service = a.listeners;
+    }
     a
 }
 
 fn listener_ip(i: usize) -> IpAddr {
-    IpAddr::from([127, 1, 0, (i + 1) as u8])
+    IpAddr::from([127, 1, (i / 250) as u8, (i % 250 + 1) as u8])
 }
 
 /// The child: binds the listeners, prints their addresses, accepts and
@@ -157,7 +165,7 @@ fn main() {
         let shutdown = CancellationToken::new();
         let (handle, mut reader, _registry) =
             registry::spawn(vec![], Duration::from_secs(5), shutdown.clone());
-        let services = a.endpoints.div_ceil(a.listeners);
+        let services = a.endpoints.div_ceil(a.per_service);
         let mut specs = Vec::new();
         let mut left = a.endpoints;
         for s in 0..services {
@@ -171,7 +179,7 @@ fn main() {
             });
             spec.health.probe = ProbeKind::Tcp;
             spec.health.interval = a.interval;
-            for addr in addrs.iter().take(left.min(a.listeners)) {
+            for addr in addrs.iter().take(left.min(a.per_service)) {
                 spec.endpoints.push(Endpoint {
                     port: Some(addr.port()),
                     ..Endpoint::new(addr.ip())
@@ -183,8 +191,30 @@ fn main() {
         let (_outcomes_tx, outcomes) = tokio::sync::mpsc::channel(1);
         let (_health, stats) =
             health::spawn_with_stats(reader.clone(), handle.clone(), outcomes, shutdown.clone());
+        let reset_at = Instant::now();
         assert!(handle.source(&"load".into(), Update::Reset(specs)).await);
         reader.ready().await;
+        let all_verdicts = async {
+            loop {
+                let snap = reader.latest();
+                let up = snap
+                    .services
+                    .values()
+                    .flat_map(|s| s.endpoints.iter())
+                    .filter(|e| e.health.probe == beacon::model::ProbeState::Up)
+                    .count();
+                if up == a.endpoints {
+                    return reset_at.elapsed();
+                }
+                if reader.changed().await.is_none() {
+                    return reset_at.elapsed();
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(60), all_verdicts).await {
+            Ok(t) => println!("first verdicts of all endpoints in the snapshot after {t:.2?}"),
+            Err(_) => println!("first verdicts: not all within 60 s"),
+        }
         tokio::time::sleep(Duration::from_secs(a.warmup)).await;
 
         let me = std::process::id().to_string();

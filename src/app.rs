@@ -60,6 +60,8 @@ pub async fn start(
     extra_sources: Vec<Box<dyn Source>>,
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
+    // The recorder first: loops may cache metric handles when they start.
+    let metrics = crate::telemetry::metrics();
     let mut sources = build_sources(&config)?;
     sources.extend(extra_sources);
     let ids = sources.iter().map(|s| s.id()).collect();
@@ -100,7 +102,6 @@ pub async fn start(
             shutdown.clone(),
         )
     });
-    let metrics = crate::telemetry::metrics();
     let admin_addr = match config.admin.listen {
         Some(addr) => {
             let (local, task) =

@@ -275,10 +275,13 @@ async fn tcp_connection(
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
+    // A client that stops reading cannot hold the connection forever: each
+    // write must finish within the idle timeout.
     let writer = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
-            if wr.write_all(&frame).await.is_err() {
-                break;
+            match tokio::time::timeout(settings.idle_timeout, wr.write_all(&frame)).await {
+                Ok(Ok(())) => {}
+                _ => break,
             }
         }
         let _ = wr.shutdown().await;

@@ -1044,3 +1044,43 @@ async fn hickory_resolver_gets_the_zone_over_udp_and_tcp() {
     }
     run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_client_that_never_reads_loses_its_slot() {
+    let mut c = cfg();
+    c.tcp_idle_timeout = Duration::from_millis(300);
+    c.tcp_max_connections = 1;
+    let run = start(c, Reader::fixed(big_snapshot())).await;
+    let q = query("big.default.svc.cluster.local.", RecordType::A, None)
+        .to_vec()
+        .unwrap();
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    let flood: Vec<u8> = framed
+        .iter()
+        .copied()
+        .cycle()
+        .take(framed.len() * 20_000)
+        .collect();
+    let mut stalled = TcpStream::connect(run.addr).await.unwrap();
+    // Writes ~1 MB of queries whose ~1 KB answers are never read.
+    let writer = tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(10), stalled.write_all(&flood)).await;
+        stalled
+    });
+    let started = Instant::now();
+    let mut served = false;
+    while started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(mut s) = TcpStream::connect(run.addr).await else {
+            continue;
+        };
+        if s.write_all(&framed).await.is_ok() && read_frame(&mut s).await.is_some() {
+            served = true;
+            break;
+        }
+    }
+    assert!(served, "the stalled connection still holds the only slot");
+    run.stop().await;
+    drop(writer.await);
+}

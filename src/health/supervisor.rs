@@ -89,8 +89,9 @@ struct Target {
     /// When the next probe is due; `None` while one is in flight.
     due: Option<Instant>,
     /// When the last probe was launched: the next one is due an interval
-    /// later (or at once when the probe took longer), so the probe rate
-    /// does not sag with probe latency.
+    /// later, so the probe rate does not sag with probe latency; but never
+    /// sooner than half an interval after the last one ended, so slow
+    /// probes (an overloaded host, timeouts) are not repeated back to back.
     launched: Instant,
 }
 
@@ -133,8 +134,6 @@ pub struct Supervisor {
     /// Running totals, kept as things change so `stats` costs nothing.
     totals: Stats,
     rng: fastrand::Rng,
-    checks_ok: metrics::Counter,
-    checks_failed: metrics::Counter,
 }
 
 impl Default for Supervisor {
@@ -154,8 +153,6 @@ impl Supervisor {
             next_id: 0,
             totals: Stats::default(),
             rng,
-            checks_ok: metrics::counter!("beacon_health_checks_total", "result" => "success"),
-            checks_failed: metrics::counter!("beacon_health_checks_total", "result" => "failure"),
         }
     }
 
@@ -303,10 +300,10 @@ impl Supervisor {
             return;
         }
         self.totals.in_flight -= 1;
-        match result {
-            Ok(()) => self.checks_ok.increment(1),
-            Err(_) => self.checks_failed.increment(1),
-        }
+        // Looked up per probe, not cached: a handle taken before the
+        // recorder is installed would count into nothing.
+        let outcome = if result.is_ok() { "success" } else { "failure" };
+        metrics::counter!("beacon_health_checks_total", "result" => outcome).increment(1);
         let th = t.thresholds();
         if let Some(state) = t.hyst.observe(result, th) {
             tracing::debug!(service = %service, %ip, state = ?state, "probe verdict changed");
@@ -323,7 +320,8 @@ impl Supervisor {
             tracing::debug!(service = %service, %ip, "probe passed: ejection ended");
             fx.report(service, ip, HealthChange::Ejected(None));
         }
-        let due = (launched + self.jitter(interval)).max(now);
+        let gap = self.jitter(interval);
+        let due = (launched + gap).max(now + gap / 2);
         self.schedule(service, ip, due);
     }
 

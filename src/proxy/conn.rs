@@ -30,7 +30,7 @@ pub(crate) async fn serve(
         let Some((upstream, idx, _load)) = connect(&shared, &route, peer).await else {
             return;
         };
-        route.metrics.ok.increment(1);
+        route.metrics().ok.increment(1);
         proxy(&shared, &route, client, upstream, idx, peer).await;
     }
     .instrument(span)
@@ -62,7 +62,7 @@ async fn connect(
 ) -> Option<(TcpStream, usize, LoadGuard)> {
     let picks = route.balancer.pick(&ConnInfo { client: peer });
     if picks.is_empty() {
-        route.metrics.no_endpoints.increment(1);
+        route.metrics().no_endpoints.increment(1);
         tracing::debug!("no serving endpoint; connection closed");
         return None;
     }
@@ -77,7 +77,7 @@ async fn connect(
             r = tokio::time::timeout(spec.connect_timeout, TcpStream::connect(backend.addr)) => r,
         };
         shared
-            .connect_duration
+            .connect_duration()
             .record(started.elapsed().as_secs_f64());
         let ok = matches!(result, Ok(Ok(_)));
         report(shared, route, idx, ok);
@@ -89,7 +89,7 @@ async fn connect(
             Err(_) => tracing::debug!(endpoint = %backend.addr, attempt, "connect timed out"),
         }
     }
-    route.metrics.connect_failed.increment(1);
+    route.metrics().connect_failed.increment(1);
     tracing::debug!("every connect attempt failed; connection closed");
     None
 }
@@ -172,11 +172,11 @@ async fn proxy(
         &upstream,
         shared.copy_mode,
         Meter {
-            bytes: &route.metrics.to_upstream,
+            bytes: &route.metrics().to_upstream,
             activity: &activity,
         },
         Meter {
-            bytes: &route.metrics.to_client,
+            bytes: &route.metrics().to_client,
             activity: &activity,
         },
     );

@@ -154,14 +154,21 @@ pub struct Member {
     pub endpoint: Endpoint,
 }
 
-/// What a container contributes: `Ok(None)` when it is not labeled or not
-/// running (paused, stopped), `Err` when a label is malformed or it has no
-/// usable IP.
+/// What a container contributes: `Ok(None)` when it is not labeled, not
+/// running (paused, stopped) or not attached to the configured `network`
+/// (which scopes a source to one network); `Err` when a label is malformed
+/// or it has no usable IP.
 pub fn member(c: &Container, network: Option<&str>) -> Result<Option<Member>, LabelError> {
     let Some(service) = c.labels.get(LABEL_SERVICE) else {
         return Ok(None);
     };
     if c.state != RunState::Running {
+        return Ok(None);
+    }
+    if let Some(n) = network
+        && !c.networks.contains_key(n)
+    {
+        tracing::debug!(container = %c.name, network = n, "labeled container not on the source's network; skipped");
         return Ok(None);
     }
     let name = dns_label(LABEL_SERVICE, service)?;
@@ -330,10 +337,10 @@ fn container_ip(c: &Container, network: Option<&str>) -> Result<IpAddr, LabelErr
     let (net, ip) = match network {
         Some(n) => match c.networks.get(n) {
             Some(ip) => (n, *ip),
+            // `member` skips these before asking.
             None => {
                 return Err(LabelError::Network(format!(
-                    "not attached to network `{n}` (attached: {})",
-                    names(&c.networks)
+                    "not attached to network `{n}`"
                 )));
             }
         },

@@ -5,4 +5,5 @@ mod dns;
 mod docker;
 mod harness;
 mod health_e2e;
+mod proxy;
 mod spine;
