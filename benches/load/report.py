@@ -22,7 +22,11 @@ CHART_METRICS = {
     "qps", "p99_us", "cpu_us_per_q", "gbps", "rps", "kb_per_conn",
     "p50_ms", "p99_ms", "rss_mb", "cpu_us_per_req", "sync_s",
 }
-PALETTE = {"beacon": "#e8710a"}
+PALETTE = {
+    "beacon": "#e8710a", "direct": "#8c8c8c",
+    "knot": "#4a6fa5", "unbound": "#6b8f71", "dnsmasq": "#9a7aa0",
+    "haproxy": "#4a6fa5", "nginx": "#6b8f71",
+}
 PEER_COLORS = ["#4a6fa5", "#6b8f71", "#9a7aa0", "#b5a642", "#8c8c8c", "#5f9ea0"]
 
 
