@@ -227,13 +227,7 @@ pub fn spawn_with(
     });
     let stop = shutdown.child_token();
     let control = cfg.enabled.then(|| {
-        let rec = Reconciler {
-            shared: shared.clone(),
-            listeners: HashMap::new(),
-            served: BTreeMap::new(),
-            failing: HashSet::new(),
-            stop: stop.clone(),
-        };
+        let rec = Reconciler::new(shared.clone(), stop.clone());
         tokio::spawn(rec.run(reader))
     });
     if !cfg.enabled {
@@ -298,11 +292,22 @@ impl Proxy {
 // === impl Reconciler ===
 
 /// The listener control loop: level-triggered on the latest snapshot.
+///
+/// Each pass costs one pointer comparison per service plus work for the
+/// services that changed: at 10k services a one-endpoint change rebuilds one
+/// route, not every listener claim and endpoint entry.
 struct Reconciler {
     shared: Arc<Shared>,
     listeners: HashMap<SocketAddr, Listener>,
-    /// The services as last applied, to see endpoints leave.
-    served: BTreeMap<ServiceKey, Arc<ServiceState>>,
+    /// The snapshot last applied, to see what changed and endpoints leave.
+    served: Arc<Snapshot>,
+    /// Which service (and port index) owns each wanted listen address.
+    wanted: BTreeMap<SocketAddr, (ServiceKey, usize)>,
+    /// The listen addresses each service owns (the inverse of `wanted`).
+    owned: HashMap<ServiceKey, Vec<SocketAddr>>,
+    /// Endpoint entries kept only because connections were open on them;
+    /// forgotten once those close.
+    lingering: HashSet<(ServiceKey, SocketAddr)>,
     /// Listen addresses whose bind failed (warned once, then retried quietly).
     failing: HashSet<SocketAddr>,
     stop: CancellationToken,
@@ -314,27 +319,67 @@ struct Reconciler {
 fn wanted_listeners(snap: &Snapshot) -> BTreeMap<SocketAddr, (ServiceKey, usize)> {
     let mut wanted = BTreeMap::new();
     for (key, svc) in &snap.services {
-        for (i, port) in svc.spec.ports.iter().enumerate() {
-            if port.protocol != Protocol::Tcp {
+        for (addr, i) in claims(svc) {
+            if let Some((owner, _)) = wanted.get(&addr) {
+                if owner != key {
+                    tracing::warn!(%addr, service = %key, owner = %owner,
+                        "two services want the same proxy listener; the first keeps it");
+                }
                 continue;
             }
-            let vip = svc.spec.vip.map(|ip| SocketAddr::new(ip, port.port));
-            for addr in vip.into_iter().chain(port.listen) {
-                if let Some((owner, _)) = wanted.get(&addr) {
-                    if owner != key {
-                        tracing::warn!(%addr, service = %key, owner = %owner,
-                            "two services want the same proxy listener; the first keeps it");
-                    }
-                    continue;
-                }
-                wanted.insert(addr, (key.clone(), i));
-            }
+            wanted.insert(addr, (key.clone(), i));
         }
     }
     wanted
 }
 
+/// The listen addresses one service asks for, with the port index.
+fn claims(svc: &ServiceState) -> Vec<(SocketAddr, usize)> {
+    let mut out = Vec::new();
+    for (i, port) in svc.spec.ports.iter().enumerate() {
+        if port.protocol != Protocol::Tcp {
+            continue;
+        }
+        let vip = svc.spec.vip.map(|ip| SocketAddr::new(ip, port.port));
+        out.extend(vip.into_iter().chain(port.listen).map(|a| (a, i)));
+    }
+    out
+}
+
+/// Services added, removed or replaced between two snapshots.
+fn changed_services(before: &Snapshot, now: &Snapshot) -> Vec<ServiceKey> {
+    let mut out = Vec::new();
+    for (key, svc) in &now.services {
+        if !before
+            .services
+            .get(key)
+            .is_some_and(|b| Arc::ptr_eq(b, svc))
+        {
+            out.push(key.clone());
+        }
+    }
+    for key in before.services.keys() {
+        if !now.services.contains_key(key) {
+            out.push(key.clone());
+        }
+    }
+    out
+}
+
 impl Reconciler {
+    fn new(shared: Arc<Shared>, stop: CancellationToken) -> Self {
+        Self {
+            shared,
+            listeners: HashMap::new(),
+            served: Arc::new(Snapshot::default()),
+            wanted: BTreeMap::new(),
+            owned: HashMap::new(),
+            lingering: HashSet::new(),
+            failing: HashSet::new(),
+            stop,
+        }
+    }
+
     async fn run(mut self, mut reader: Reader) {
         let mut snap = reader.latest();
         let mut registry_open = true;
@@ -365,8 +410,42 @@ impl Reconciler {
 
     /// Brings listeners and routes in line with `snap`. True when a bind
     /// failed and should be retried.
-    fn apply(&mut self, snap: &Snapshot) -> bool {
+    fn apply(&mut self, snap: &Arc<Snapshot>) -> bool {
         self.shared.ready.store(snap.ready, Ordering::Release);
+        let changed = changed_services(&self.served, snap);
+        let claims_moved = changed.iter().any(|k| {
+            self.served.services.get(k).map(|s| claims(s))
+                != snap.services.get(k).map(|s| claims(s))
+        });
+        let failed = if claims_moved || !self.failing.is_empty() {
+            self.relisten(snap)
+        } else {
+            // Same listeners: only the changed services' routes move.
+            for key in &changed {
+                let Some(state) = snap.services.get(key) else {
+                    continue;
+                };
+                for addr in self.owned.get(key).into_iter().flatten() {
+                    let (Some(l), Some((_, port))) =
+                        (self.listeners.get(addr), self.wanted.get(addr))
+                    else {
+                        continue;
+                    };
+                    l.routes.send_replace(Arc::new(self.route(state, *port)));
+                }
+            }
+            false
+        };
+        self.close_removed(snap, &changed);
+        self.prune(snap, &changed);
+        self.served = snap.clone();
+        self.shared.applied.store(snap.version, Ordering::Release);
+        failed
+    }
+
+    /// Recomputes every listener claim, closes unwanted listeners, binds
+    /// missing ones and refreshes routes that changed.
+    fn relisten(&mut self, snap: &Snapshot) -> bool {
         let wanted = wanted_listeners(snap);
         let shared = &self.shared;
         self.failing.retain(|addr| wanted.contains_key(addr));
@@ -423,10 +502,11 @@ impl Reconciler {
             }
         }
         metrics::gauge!("beacon_proxy_listeners").set(self.listeners.len() as f64);
-        self.close_removed(snap);
-        self.prune(snap);
-        self.served = snap.services.clone();
-        self.shared.applied.store(snap.version, Ordering::Release);
+        self.owned.clear();
+        for (addr, (key, _)) in &wanted {
+            self.owned.entry(key.clone()).or_default().push(*addr);
+        }
+        self.wanted = wanted;
         failed
     }
 
@@ -475,12 +555,12 @@ impl Reconciler {
 
     /// `close_on_removal`: endpoints that left the serving set lose their
     /// open connections.
-    fn close_removed(&self, snap: &Snapshot) {
-        for (key, before) in &self.served {
-            let now = snap.services.get(key);
-            if now.is_some_and(|n| Arc::ptr_eq(n, before)) {
+    fn close_removed(&self, snap: &Snapshot, changed: &[ServiceKey]) {
+        for key in changed {
+            let Some(before) = self.served.services.get(key) else {
                 continue;
-            }
+            };
+            let now = snap.services.get(key);
             let close = now.map_or(before.spec.proxy.close_on_removal, |n| {
                 n.spec.proxy.close_on_removal
             });
@@ -499,23 +579,64 @@ impl Reconciler {
         }
     }
 
-    /// Forgets counts of endpoints that are gone and have no connection.
-    fn prune(&self, snap: &Snapshot) {
-        let mut present: HashSet<(&ServiceKey, SocketAddr)> = HashSet::new();
-        for (key, svc) in &snap.services {
-            for port in &svc.spec.ports {
-                for ep in &svc.endpoints {
-                    present.insert((key, ep.endpoint.addr(port)));
-                }
+    /// Forgets counts of endpoints that are gone and have no connection
+    /// (looking only at the services that changed, and at entries kept
+    /// earlier for their open connections).
+    fn prune(&mut self, snap: &Snapshot, changed: &[ServiceKey]) {
+        let mut candidates: Vec<(ServiceKey, SocketAddr)> = self.lingering.drain().collect();
+        for key in changed {
+            let Some(before) = self.served.services.get(key) else {
+                continue;
+            };
+            let now: HashSet<SocketAddr> = snap
+                .services
+                .get(key)
+                .map_or_else(HashSet::new, |n| all_addrs(n));
+            candidates.extend(
+                all_addrs(before)
+                    .into_iter()
+                    .filter(|a| !now.contains(a))
+                    .map(|a| (key.clone(), a)),
+            );
+        }
+        for (key, addr) in candidates {
+            let present = snap
+                .services
+                .get(&key)
+                .is_some_and(|n| all_addrs(n).contains(&addr));
+            if present {
+                continue;
+            }
+            let busy = self
+                .shared
+                .endpoints
+                .get(&(key.clone(), addr))
+                .is_some_and(|e| e.load.active.load(Ordering::Relaxed) > 0);
+            if busy {
+                self.lingering.insert((key, addr));
+            } else {
+                self.shared.endpoints.remove(&(key, addr));
             }
         }
-        self.shared.endpoints.retain(|(key, addr), e| {
-            present.contains(&(key, *addr)) || e.load.active.load(Ordering::Relaxed) > 0
-        });
-        self.shared
-            .service_active
-            .retain(|key, n| snap.services.contains_key(key) || n.load(Ordering::Relaxed) > 0);
+        for key in changed {
+            if !snap.services.contains_key(key) {
+                self.shared
+                    .service_active
+                    .remove_if(key, |_, n| n.load(Ordering::Relaxed) == 0);
+            }
+        }
     }
+}
+
+/// Every endpoint address of every port of a service.
+fn all_addrs(svc: &ServiceState) -> HashSet<SocketAddr> {
+    let mut out = HashSet::new();
+    for port in &svc.spec.ports {
+        for ep in &svc.endpoints {
+            out.insert(ep.endpoint.addr(port));
+        }
+    }
+    out
 }
 
 fn serving_addrs(svc: &ServiceState) -> HashSet<SocketAddr> {

@@ -1,7 +1,7 @@
 //! In-process tests of the whole proxy: a real registry, real sockets on
 //! 127.0.0.0/8, backends that say who they are.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize};
@@ -944,13 +944,7 @@ async fn accept_loop_backs_off_on_emfile_and_recovers() {
     let snap = h.reader.current();
     let state = snap.services.values().next().unwrap().clone();
     let shared = h.proxy().shared.clone();
-    let rec = Reconciler {
-        shared: shared.clone(),
-        listeners: HashMap::new(),
-        served: BTreeMap::new(),
-        failing: HashSet::new(),
-        stop: CancellationToken::new(),
-    };
+    let rec = Reconciler::new(shared.clone(), CancellationToken::new());
     let route = Arc::new(rec.route(&state, 0));
     let inner = TcpListener::bind("127.0.1.24:0").await.unwrap();
     let addr = inner.local_addr().unwrap();
@@ -1154,4 +1148,32 @@ fn emfile_recovers_in_a_child_process() {
         std::panic::resume_unwind(p);
     }
     assert!(status.expect("child exits").success());
+}
+
+#[test]
+fn changed_services_lists_added_removed_and_replaced_only() {
+    use crate::model::{ServiceSpec, ServiceState};
+    let state = |name: &str| {
+        let spec = Arc::new(ServiceSpec::new(ServiceKey::new("default", name)));
+        Arc::new(ServiceState::new(spec, "t".into(), Vec::new()))
+    };
+    let (a, b, c) = (state("a"), state("b"), state("c"));
+    let mut before = Snapshot::default();
+    before.services.insert(a.key().clone(), a.clone());
+    before.services.insert(b.key().clone(), b.clone());
+    let mut now = Snapshot::default();
+    now.services.insert(a.key().clone(), a.clone()); // same Arc: unchanged
+    now.services.insert(b.key().clone(), state("b")); // replaced
+    now.services.insert(c.key().clone(), c.clone()); // added
+    let mut changed = super::changed_services(&before, &now);
+    changed.sort();
+    assert_eq!(
+        changed,
+        vec![
+            ServiceKey::new("default", "b"),
+            ServiceKey::new("default", "c")
+        ]
+    );
+    let gone = super::changed_services(&now, &Snapshot::default());
+    assert_eq!(gone.len(), 3);
 }
