@@ -1,4 +1,3 @@
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -86,7 +85,7 @@ pub(crate) fn service(ns: &str, name: &str, vip: Option<&str>, eps: Vec<Ep>) -> 
 }
 
 pub(crate) fn snapshot(services: Vec<ServiceState>) -> Snapshot {
-    let services: BTreeMap<_, _> = services
+    let services: crate::model::ServiceMap = services
         .into_iter()
         .map(|s| (s.key().clone(), Arc::new(s)))
         .collect();
