@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
-use metrics::{Counter, Histogram};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, mpsc};
@@ -28,79 +27,110 @@ const FAST_CACHE_ENTRIES: usize = 100_000;
 /// Forwarded queries in flight at once (beyond: SERVFAIL at once).
 const MAX_FORWARDS: usize = 4096;
 
-/// Metric handles, resolved once per task.
-#[derive(Clone)]
-pub struct Metrics {
-    requests: [[Counter; QTYPES.len() + 1]; 2],
-    responses: [Counter; RCODES.len() + 1],
-    duration: Histogram,
-}
-
 const QTYPES: [&str; 9] = ["A", "AAAA", "SRV", "PTR", "TXT", "SOA", "NS", "ANY", "MX"];
 const RCODES: [&str; 7] = [
     "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "BADVERS",
 ];
 
-impl Metrics {
-    pub fn new() -> Self {
-        let labels = |proto: &'static str| {
-            std::array::from_fn(|i| {
-                let qtype = QTYPES.get(i).copied().unwrap_or("other");
-                metrics::counter!("beacon_dns_requests_total", "proto" => proto, "qtype" => qtype)
-            })
-        };
-        Self {
-            requests: [labels("udp"), labels("tcp")],
-            responses: std::array::from_fn(|i| {
-                let rcode = RCODES.get(i).copied().unwrap_or("other");
-                metrics::counter!("beacon_dns_responses_total", "rcode" => rcode)
-            }),
-            duration: metrics::histogram!("beacon_dns_request_duration_seconds"),
-        }
-    }
+fn qtype_label(qtype: QType) -> &'static str {
+    QTYPES.get(qtype_index(qtype)).copied().unwrap_or("other")
+}
 
-    pub fn record(
-        &self,
-        proto: Proto,
-        qtype: QType,
-        rcode: Option<ResponseCode>,
-        started: Instant,
-    ) {
-        use hickory_proto::rr::RecordType as T;
-        let q = match qtype {
-            Some(T::A) => 0,
-            Some(T::AAAA) => 1,
-            Some(T::SRV) => 2,
-            Some(T::PTR) => 3,
-            Some(T::TXT) => 4,
-            Some(T::SOA) => 5,
-            Some(T::NS) => 6,
-            Some(T::ANY) => 7,
-            Some(T::MX) => 8,
-            _ => 9,
-        };
-        let p = usize::from(proto == Proto::Tcp);
-        self.requests[p][q].increment(1);
-        if let Some(rcode) = rcode {
-            let r = match rcode {
-                ResponseCode::NoError => 0,
-                ResponseCode::FormErr => 1,
-                ResponseCode::ServFail => 2,
-                ResponseCode::NXDomain => 3,
-                ResponseCode::NotImp => 4,
-                ResponseCode::Refused => 5,
-                ResponseCode::BADVERS => 6,
-                _ => 7,
-            };
-            self.responses[r].increment(1);
-        }
-        self.duration.record(started.elapsed().as_secs_f64());
+fn rcode_label(rcode: ResponseCode) -> &'static str {
+    RCODES.get(rcode_index(rcode)).copied().unwrap_or("other")
+}
+
+/// Counts one request at once (TCP and forwarded queries). Metric handles
+/// are looked up per call, never cached at task start: a task may start
+/// before the process installs its recorder.
+pub fn record(proto: Proto, qtype: QType, rcode: Option<ResponseCode>, started: Instant) {
+    metrics::counter!("beacon_dns_requests_total", "proto" => proto.as_str(), "qtype" => qtype_label(qtype))
+        .increment(1);
+    if let Some(rcode) = rcode {
+        metrics::counter!("beacon_dns_responses_total", "rcode" => rcode_label(rcode)).increment(1);
+    }
+    metrics::histogram!("beacon_dns_request_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+}
+
+fn qtype_index(qtype: QType) -> usize {
+    use hickory_proto::rr::RecordType as T;
+    match qtype {
+        Some(T::A) => 0,
+        Some(T::AAAA) => 1,
+        Some(T::SRV) => 2,
+        Some(T::PTR) => 3,
+        Some(T::TXT) => 4,
+        Some(T::SOA) => 5,
+        Some(T::NS) => 6,
+        Some(T::ANY) => 7,
+        Some(T::MX) => 8,
+        _ => 9,
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
+fn rcode_index(rcode: ResponseCode) -> usize {
+    match rcode {
+        ResponseCode::NoError => 0,
+        ResponseCode::FormErr => 1,
+        ResponseCode::ServFail => 2,
+        ResponseCode::NXDomain => 3,
+        ResponseCode::NotImp => 4,
+        ResponseCode::Refused => 5,
+        ResponseCode::BADVERS => 6,
+        _ => 7,
+    }
+}
+
+/// Per-task tallies of one UDP loop, added to the shared metrics in a batch
+/// (every few dozen packets and whenever the socket runs dry): shared
+/// counters are atomics both cores would otherwise contend on per packet,
+/// and a lookup per packet would cost more than the answer.
+struct LocalMetrics {
+    requests: [u64; QTYPES.len() + 1],
+    responses: [u64; RCODES.len() + 1],
+    durations: Vec<f64>,
+}
+
+impl LocalMetrics {
+    fn new() -> Self {
+        Self {
+            requests: [0; QTYPES.len() + 1],
+            responses: [0; RCODES.len() + 1],
+            durations: Vec::with_capacity(UDP_BATCH as usize),
+        }
+    }
+
+    fn record(&mut self, qtype: QType, rcode: Option<ResponseCode>, started: Instant) {
+        self.requests[qtype_index(qtype)] += 1;
+        if let Some(rcode) = rcode {
+            self.responses[rcode_index(rcode)] += 1;
+        }
+        self.durations.push(started.elapsed().as_secs_f64());
+    }
+
+    fn flush(&mut self) {
+        if self.durations.is_empty() {
+            return;
+        }
+        for (i, n) in self.requests.iter_mut().enumerate() {
+            if *n > 0 {
+                let qtype = QTYPES.get(i).copied().unwrap_or("other");
+                metrics::counter!("beacon_dns_requests_total", "proto" => "udp", "qtype" => qtype)
+                    .increment(std::mem::take(n));
+            }
+        }
+        for (i, n) in self.responses.iter_mut().enumerate() {
+            if *n > 0 {
+                let rcode = RCODES.get(i).copied().unwrap_or("other");
+                metrics::counter!("beacon_dns_responses_total", "rcode" => rcode)
+                    .increment(std::mem::take(n));
+            }
+        }
+        let histogram = metrics::histogram!("beacon_dns_request_duration_seconds");
+        for d in self.durations.drain(..) {
+            histogram.record(d);
+        }
     }
 }
 
@@ -126,7 +156,7 @@ pub async fn udp_loop(
     mut reader: Reader,
     shutdown: CancellationToken,
 ) {
-    let metrics = Metrics::new();
+    let mut local = LocalMetrics::new();
     let mut cache = FastCache::new(FAST_CACHE_ENTRIES);
     let mut buf = vec![0u8; 65536];
     let mut out = Vec::with_capacity(4096);
@@ -137,6 +167,7 @@ pub async fn udp_loop(
         let (n, peer) = match sock.try_recv_from(&mut buf) {
             Ok(got) => got,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                local.flush();
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     ready = sock.readable() => {
@@ -171,33 +202,33 @@ pub async fn udp_loop(
         match reply {
             Reply::Send { rcode, qtype } => {
                 send_udp(&sock, &out, peer).await;
-                metrics.record(Proto::Udp, qtype, Some(rcode), started);
+                local.record(qtype, Some(rcode), started);
             }
             Reply::Forward(job) => {
                 let qtype = job.request.queries.first().map(|q| q.query_type);
                 match shared.forwards.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let sock = sock.clone();
-                        let metrics = metrics.clone();
                         tokio::spawn(async move {
                             let (bytes, rcode) = job.run().await;
                             send_udp(&sock, &bytes, peer).await;
-                            metrics.record(Proto::Udp, qtype, Some(rcode), started);
+                            record(Proto::Udp, qtype, Some(rcode), started);
                             drop(permit);
                         });
                     }
                     Err(_) => {
                         let bytes = super::handler::header_only(&buf[..n], ResponseCode::ServFail);
                         send_udp(&sock, &bytes, peer).await;
-                        metrics.record(Proto::Udp, qtype, Some(ResponseCode::ServFail), started);
+                        local.record(qtype, Some(ResponseCode::ServFail), started);
                     }
                 }
             }
-            Reply::Drop => metrics.record(Proto::Udp, None, None, started),
+            Reply::Drop => local.record(None, None, started),
         }
         handled += 1;
         if handled >= UDP_BATCH {
             handled = 0;
+            local.flush();
             if shutdown.is_cancelled() {
                 return;
             }
@@ -286,7 +317,6 @@ async fn tcp_connection(
         }
         let _ = wr.shutdown().await;
     });
-    let metrics = Metrics::new();
     let mut cache = FastCache::new(1024);
     let mut out = Vec::with_capacity(4096);
     let mut rotate = fastrand::usize(..);
@@ -321,7 +351,7 @@ async fn tcp_connection(
         );
         match reply {
             Reply::Send { rcode, qtype } => {
-                metrics.record(Proto::Tcp, qtype, Some(rcode), started);
+                record(Proto::Tcp, qtype, Some(rcode), started);
                 if tx.send(framed(&out)).await.is_err() {
                     break;
                 }
@@ -330,21 +360,21 @@ async fn tcp_connection(
                 let qtype = job.request.queries.first().map(|q| q.query_type);
                 let Ok(permit) = shared.forwards.clone().try_acquire_owned() else {
                     let bytes = super::handler::header_only(&body, ResponseCode::ServFail);
-                    metrics.record(Proto::Tcp, qtype, Some(ResponseCode::ServFail), started);
+                    record(Proto::Tcp, qtype, Some(ResponseCode::ServFail), started);
                     if tx.send(framed(&bytes)).await.is_err() {
                         break;
                     }
                     continue;
                 };
-                let (tx, metrics) = (tx.clone(), metrics.clone());
+                let tx = tx.clone();
                 tokio::spawn(async move {
                     let (bytes, rcode) = job.run().await;
-                    metrics.record(Proto::Tcp, qtype, Some(rcode), started);
+                    record(Proto::Tcp, qtype, Some(rcode), started);
                     let _ = tx.send(framed(&bytes)).await;
                     drop(permit);
                 });
             }
-            Reply::Drop => metrics.record(Proto::Tcp, None, None, started),
+            Reply::Drop => record(Proto::Tcp, None, None, started),
         }
     }
     drop(tx);

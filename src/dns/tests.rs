@@ -919,41 +919,62 @@ async fn dig_sees_the_zone() {
     run.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dig_forwarding_through_dnsmasq_and_refused_for_outsiders() {
-    let port = {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.local_addr().unwrap().port()
-    };
-    let mut dnsmasq = std::process::Command::new("dnsmasq")
-        .args([
-            "--no-daemon",
-            &format!("--port={port}"),
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            "--no-resolv",
-            "--no-hosts",
-            "--conf-file=/dev/null",
-            "--address=/test.example/127.0.0.99",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("dnsmasq must be installed (apt-get install dnsmasq)");
-    let upstream: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    // Wait until dnsmasq answers.
+/// A loopback port free for both UDP and TCP right now.
+fn free_port() -> u16 {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// dnsmasq answering `*.test.example` with 127.0.0.99 on a free port; a few
+/// tries, since another process may take the port between check and bind.
+async fn start_dnsmasq() -> (std::process::Child, SocketAddr) {
     let probe = query("up.test.example.", RecordType::A, None)
         .to_vec()
         .unwrap();
-    let mut up = false;
-    for _ in 0..50 {
-        if udp_ask(upstream, &probe).await.is_some() {
-            up = true;
-            break;
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = std::process::Command::new("dnsmasq")
+            .args([
+                "--no-daemon",
+                &format!("--port={port}"),
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                "--conf-file=/dev/null",
+                "--address=/test.example/127.0.0.99",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dnsmasq must be installed (apt-get install dnsmasq)");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..30 {
+            if child.try_wait().unwrap().is_some() {
+                break; // exited: the port was taken; try another
+            }
+            sock.send_to(&probe, addr).await.unwrap();
+            let got = tokio::time::timeout(Duration::from_millis(100), sock.recv(&mut buf)).await;
+            if matches!(got, Ok(Ok(_))) {
+                return (child, addr);
+            }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = child.kill();
+        let _ = child.wait();
     }
-    assert!(up, "dnsmasq did not start");
+    panic!("dnsmasq did not start in 5 tries");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_forwarding_through_dnsmasq_and_refused_for_outsiders() {
+    let (mut dnsmasq, upstream) = start_dnsmasq().await;
     let mut c = cfg();
     c.forward = vec![upstream];
     let run = start(c.clone(), Reader::fixed(demo())).await;
@@ -1083,4 +1104,62 @@ async fn tcp_client_that_never_reads_loses_its_slot() {
     assert!(served, "the stalled connection still holds the only slot");
     run.stop().await;
     drop(writer.await);
+}
+
+#[test]
+fn metrics_count_requests_responses_and_durations() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    // One thread: every task of the server sees this thread's recorder.
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = cfg();
+        c.udp_sockets = 1;
+        let run = start(c, Reader::fixed(demo())).await;
+        let a = query("web.default.svc.cluster.local.", RecordType::A, None)
+            .to_vec()
+            .unwrap();
+        let nx = query("nope.default.svc.cluster.local.", RecordType::AAAA, None)
+            .to_vec()
+            .unwrap();
+        for _ in 0..3 {
+            assert!(udp_ask(run.addr, &a).await.is_some());
+        }
+        assert!(udp_ask(run.addr, &nx).await.is_some());
+        let _ = tcp_ask(run.addr, &a).await;
+        // The UDP loop adds its tallies when the socket runs dry.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        run.stop().await;
+    });
+    let text = handle.render();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing in:\n{text}"))
+    };
+    assert_eq!(
+        value(r#"beacon_dns_requests_total{proto="udp",qtype="A"}"#),
+        3.0
+    );
+    assert_eq!(
+        value(r#"beacon_dns_requests_total{proto="udp",qtype="AAAA"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"beacon_dns_requests_total{proto="tcp",qtype="A"}"#),
+        1.0
+    );
+    assert_eq!(value(r#"beacon_dns_responses_total{rcode="NOERROR"}"#), 4.0);
+    assert_eq!(
+        value(r#"beacon_dns_responses_total{rcode="NXDOMAIN"}"#),
+        1.0
+    );
+    assert!(
+        text.contains("beacon_dns_request_duration_seconds"),
+        "{text}"
+    );
 }

@@ -20,7 +20,8 @@
 //! namespace) form one service; each is an endpoint at its IP on the
 //! configured network (or its only network). A paused or stopped container
 //! is gone; one whose HEALTHCHECK says `starting` or `unhealthy` is listed
-//! but not ready. A malformed label skips that container with a warning.
+//! but not ready, and so is one that was sent a stop signal (`docker stop`
+//! sends SIGTERM, then waits): new connections leave it before it exits. A malformed label skips that container with a warning.
 //!
 //! Level-triggered: on start it lists the labeled containers and sends a
 //! `Reset`; then every relevant event makes it re-inspect that one
@@ -465,6 +466,21 @@ pub fn classify(ev: &EventMessage) -> EventAction {
     }
 }
 
+/// A `kill` event with a signal that asks the container to stop (what
+/// `docker stop` sends first), as opposed to e.g. SIGHUP for a reload.
+pub fn stop_signal(ev: &EventMessage) -> bool {
+    let signal = ev
+        .actor
+        .as_ref()
+        .and_then(|a| a.attributes.as_ref())
+        .and_then(|a| a.get("signal"))
+        .map(|s| s.trim().trim_start_matches("SIG").to_ascii_uppercase());
+    matches!(
+        signal.as_deref(),
+        Some("15" | "TERM" | "9" | "KILL" | "2" | "INT" | "3" | "QUIT")
+    )
+}
+
 /// The engine's view of a container, reduced to [`Container`].
 pub fn from_inspect(r: &ContainerInspectResponse) -> Container {
     let state = r.state.as_ref();
@@ -535,6 +551,9 @@ pub struct DockerSource {
     members: BTreeMap<String, Member>,
     /// Containers known to carry no `beacon.service` label (labels never change).
     unlabeled: HashSet<String>,
+    /// Containers sent a stop signal that are still running: listed but not
+    /// ready, so no new connection goes to a backend that is shutting down.
+    terminating: HashSet<String>,
     /// What the registry was last told.
     sent: BTreeMap<ServiceKey, ServiceSpec>,
 }
@@ -550,6 +569,7 @@ impl DockerSource {
             defaults,
             members: BTreeMap::new(),
             unlabeled: HashSet::new(),
+            terminating: HashSet::new(),
             sent: BTreeMap::new(),
         }
     }
@@ -593,7 +613,13 @@ impl DockerSource {
     /// Reduces a container to its membership, logging a malformed one.
     fn membership(&self, c: &Container) -> Option<Member> {
         match member(c, self.network.as_deref()) {
-            Ok(m) => m,
+            Ok(Some(mut m)) => {
+                if self.terminating.contains(&c.id) {
+                    m.endpoint.ready = false;
+                }
+                Some(m)
+            }
+            Ok(None) => None,
             Err(e) => {
                 count_error(&self.id);
                 tracing::warn!(container = %c.name, error = %e, "container skipped");
@@ -691,6 +717,15 @@ impl DockerSource {
         let EventAction::Inspect(id) = classify(ev) else {
             return Ok(());
         };
+        match (ev.typ, ev.action.as_deref()) {
+            (Some(EventMessageTypeEnum::CONTAINER), Some("kill")) if stop_signal(ev) => {
+                self.terminating.insert(id.clone());
+            }
+            (Some(EventMessageTypeEnum::CONTAINER), Some("start" | "die" | "destroy")) => {
+                self.terminating.remove(&id);
+            }
+            _ => {}
+        }
         let is_container = ev.typ == Some(EventMessageTypeEnum::CONTAINER);
         let destroyed = is_container && ev.action.as_deref() == Some("destroy");
         if !self.members.contains_key(&id) {

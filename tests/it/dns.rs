@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use crate::harness::*;
 
@@ -156,28 +155,37 @@ impl Drop for Dnsmasq {
     }
 }
 
+/// dnsmasq answering `*.test.example` with 127.0.0.99 on a free port; a few
+/// tries, since another process may take the port between check and bind.
 fn dnsmasq() -> (Dnsmasq, SocketAddr) {
-    let addr = free_addr();
-    let child = Command::new("dnsmasq")
-        .args([
-            "--no-daemon",
-            &format!("--port={}", addr.port()),
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            "--no-resolv",
-            "--no-hosts",
-            "--conf-file=/dev/null",
-            "--address=/test.example/127.0.0.99",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dnsmasq must be installed: ./scripts/test installs it");
-    let d = Dnsmasq(child);
-    eventually(Duration::from_secs(5), "dnsmasq answering", || {
-        query_a(addr, "up.test.example.").filter(|ips| !ips.is_empty())
-    });
-    (d, addr)
+    for _ in 0..5 {
+        let addr = free_addr(); // free for UDP and TCP, as dnsmasq needs
+        let child = Command::new("dnsmasq")
+            .args([
+                "--no-daemon",
+                &format!("--port={}", addr.port()),
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                "--conf-file=/dev/null",
+                "--address=/test.example/127.0.0.99",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq must be installed: ./scripts/test installs it");
+        let mut d = Dnsmasq(child);
+        for _ in 0..10 {
+            if d.0.try_wait().unwrap().is_some() {
+                break; // exited: the port was taken
+            }
+            if query_a(addr, "up.test.example.").is_some_and(|ips| !ips.is_empty()) {
+                return (d, addr);
+            }
+        }
+    }
+    panic!("dnsmasq did not start in 5 tries");
 }
 
 #[test]

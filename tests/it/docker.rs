@@ -359,7 +359,8 @@ async fn docker_source_follows_containers_of_the_engine() {
     )
     .await;
 
-    // Paused → gone; unpaused → back.
+    // Paused → gone; unpaused → back. (The 2 s bound is for stop; a
+    // loaded engine can take longer to pause.)
     let paused = &names[0];
     let mut without = back.clone();
     without.remove(&ip_of(paused, &net));
@@ -368,7 +369,7 @@ async fn docker_source_follows_containers_of_the_engine() {
         &mut reader,
         &key,
         &without,
-        Duration::from_secs(2),
+        Duration::from_secs(5),
         "paused backend gone",
     )
     .await;
@@ -539,6 +540,15 @@ async fn beacon_container_serves_dns_and_proxy_from_docker() {
     }
     let guard = Cleanup::default();
     let image = guard.image();
+    // The image: scratch + one static binary, non-root, entrypoint beacon.
+    let config = docker(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{.Config.User}} {{json .Config.Entrypoint}} {{len .RootFS.Layers}}",
+        &image,
+    ]);
+    assert_eq!(config, r#"65534:65534 ["/beacon"] 1"#);
     let net = guard.network();
     let service = unique("web");
     let fqdn = format!("{service}.default.svc.cluster.local.");

@@ -346,6 +346,24 @@ fn classify_keeps_lifecycle_health_and_network_events() {
 }
 
 #[test]
+fn stop_signals_are_told_from_others() {
+    use EventMessageTypeEnum::CONTAINER;
+    for sig in ["15", "9", "SIGTERM", "KILL", "2"] {
+        assert!(
+            stop_signal(&event(CONTAINER, "kill", "c", &[("signal", sig)])),
+            "{sig}"
+        );
+    }
+    for sig in ["1", "SIGHUP", "10", "USR1"] {
+        assert!(
+            !stop_signal(&event(CONTAINER, "kill", "c", &[("signal", sig)])),
+            "{sig}"
+        );
+    }
+    assert!(!stop_signal(&event(CONTAINER, "kill", "c", &[])));
+}
+
+#[test]
 fn from_inspect_reads_state_health_labels_and_networks() {
     // A trimmed `docker inspect` of a running, unhealthy, labeled container.
     let json = r#"{
@@ -652,6 +670,64 @@ mod with_fake_engine {
         );
         fake.event("container", "pause", "c1", labels("web"));
         wait_for(&mut reader, "c1 paused", |s| {
+            serving(s, "web") == ["10.0.0.3"]
+        })
+        .await;
+
+        // `docker stop` signals first: still running, but no longer ready.
+        let web3 = || {
+            let mut l = labels("web");
+            l["signal"] = json!("15");
+            l
+        };
+        fake.event("container", "kill", "c3", web3());
+        wait_for(&mut reader, "c3 terminating", |s| {
+            serving(s, "web").is_empty()
+        })
+        .await;
+        let listed = reader
+            .current()
+            .service(&ServiceKey::new("default", "web"))
+            .unwrap()
+            .endpoints
+            .len();
+        assert_eq!(
+            listed, 2,
+            "a terminating container stays listed until it dies"
+        );
+        // It survived the signal and was started again (restart policy, or
+        // a trapped signal followed by `docker start`): ready again.
+        fake.event("container", "start", "c3", labels("web"));
+        wait_for(&mut reader, "c3 ready again", |s| {
+            serving(s, "web") == ["10.0.0.3"]
+        })
+        .await;
+        // A reload signal changes nothing.
+        let mut hup = labels("web");
+        hup["signal"] = json!("1");
+        fake.event("container", "kill", "c3", hup);
+        // (events are handled in order: once c2's change shows, so did the HUP's)
+        fake.set(
+            "c2",
+            inspect_json("c2", "10.0.0.2", "running", Some("healthy"), labels("web")),
+        );
+        fake.event("container", "health_status: healthy", "c2", labels("web"));
+        wait_for(&mut reader, "c2 healthy, c3 still ready after HUP", |s| {
+            serving(s, "web") == ["10.0.0.2", "10.0.0.3"]
+        })
+        .await;
+        fake.set(
+            "c2",
+            inspect_json(
+                "c2",
+                "10.0.0.2",
+                "running",
+                Some("unhealthy"),
+                labels("web"),
+            ),
+        );
+        fake.event("container", "health_status: unhealthy", "c2", labels("web"));
+        wait_for(&mut reader, "c2 unhealthy again", |s| {
             serving(s, "web") == ["10.0.0.3"]
         })
         .await;
