@@ -1153,27 +1153,32 @@ fn emfile_recovers_in_a_child_process() {
 #[test]
 fn changed_services_lists_added_removed_and_replaced_only() {
     use crate::model::{ServiceSpec, ServiceState};
-    let state = |name: &str| {
-        let spec = Arc::new(ServiceSpec::new(ServiceKey::new("default", name)));
-        Arc::new(ServiceState::new(spec, "t".into(), Vec::new()))
+    let state = |name: &str, fail_open: bool| {
+        let mut spec = ServiceSpec::new(ServiceKey::new("default", name));
+        spec.fail_open = fail_open;
+        Arc::new(ServiceState::new(Arc::new(spec), "t".into(), Vec::new()))
     };
-    let (a, b, c) = (state("a"), state("b"), state("c"));
+    let (a, b, c) = (state("a", false), state("b", false), state("c", false));
     let mut before = Snapshot::default();
     before.services.insert(a.key().clone(), a.clone());
     before.services.insert(b.key().clone(), b.clone());
     let mut now = Snapshot::default();
     now.services.insert(a.key().clone(), a.clone()); // same Arc: unchanged
-    now.services.insert(b.key().clone(), state("b")); // replaced
-    now.services.insert(c.key().clone(), c.clone()); // added
+    // An equal copy is no change either (the registry never publishes one).
+    before.services.insert(c.key().clone(), c.clone());
+    now.services.insert(c.key().clone(), state("c", false));
+    let d = state("d", false);
+    now.services.insert(d.key().clone(), d.clone()); // added
+    now.services.insert(b.key().clone(), state("b", true)); // replaced
     let mut changed = super::changed_services(&before, &now);
     changed.sort();
     assert_eq!(
         changed,
         vec![
             ServiceKey::new("default", "b"),
-            ServiceKey::new("default", "c")
+            ServiceKey::new("default", "d")
         ]
     );
     let gone = super::changed_services(&now, &Snapshot::default());
-    assert_eq!(gone.len(), 3);
+    assert_eq!(gone.len(), 4);
 }
