@@ -1,4 +1,4 @@
-//! `pick` cost per policy and endpoint-set size, and maglev's table build
+//! `pick` cost per policy and endpoint-set size (3 to 1,000), and maglev's table build
 //! (paid once per snapshot change of a maglev service).
 //!
 //! Run: `cargo bench --bench balancer`.
@@ -21,7 +21,7 @@ fn backends(n: u32) -> Vec<Backend> {
 
 fn pick(c: &mut Criterion) {
     let mut group = c.benchmark_group("pick");
-    for n in [3u32, 10, 100] {
+    for n in [3u32, 10, 100, 1_000] {
         let set = backends(n);
         for (name, policy) in Balance::ALL {
             let b = balancer::build(policy, &set);

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigErrors, SourceConfig};
 use crate::registry::{self, Reader};
-use crate::sources::{Source, file::FileSource};
+use crate::sources::{Source, docker::DockerSource, file::FileSource};
 
 /// Why beacon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -44,12 +44,11 @@ pub fn build_sources(config: &Config) -> Result<Vec<Box<dyn Source>>, StartError
             SourceConfig::File { path } => {
                 out.push(Box::new(FileSource::load(path, defaults.clone())?))
             }
-            SourceConfig::Docker { .. } => {
-                return Err(anyhow::anyhow!(
-                    "the docker source is not available in this build yet"
-                )
-                .into());
-            }
+            SourceConfig::Docker { socket, network } => out.push(Box::new(DockerSource::new(
+                socket.clone(),
+                network.clone(),
+                defaults.clone(),
+            ))),
         }
     }
     Ok(out)
@@ -61,6 +60,8 @@ pub async fn start(
     extra_sources: Vec<Box<dyn Source>>,
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
+    // The recorder first: loops may cache metric handles when they start.
+    let metrics = crate::telemetry::metrics();
     let mut sources = build_sources(&config)?;
     sources.extend(extra_sources);
     let ids = sources.iter().map(|s| s.id()).collect();
@@ -101,7 +102,6 @@ pub async fn start(
             shutdown.clone(),
         )
     });
-    let metrics = crate::telemetry::metrics();
     let admin_addr = match config.admin.listen {
         Some(addr) => {
             let (local, task) =

@@ -59,12 +59,51 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0:8080")]
         listen: SocketAddr,
     },
+    /// Ask a DNS server one question (scratch images have no dig).
+    Query {
+        name: String,
+        #[arg(long, default_value = "127.0.0.1:53")]
+        server: SocketAddr,
+        /// Record type: A, AAAA, SRV, PTR, TXT, SOA, ...
+        #[arg(long = "type", default_value = "A")]
+        rtype: String,
+    },
+    /// HTTP GET a URL `count` times, one connection each; prints each
+    /// body's first line (the demo backends answer their name).
+    Get {
+        url: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// DNS server for the URL's host (default: /etc/resolv.conf).
+        #[arg(long)]
+        dns: Option<SocketAddr>,
+        /// Pause between requests.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Before counting, retry the first request this long (while the
+        /// service comes up).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
+    /// Exit 0 when URL answers (http:// with 2xx/3xx, tcp:// connects);
+    /// for Docker HEALTHCHECKs in scratch images.
+    Probe {
+        url: String,
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Check { config } = &cli.command {
         return check(config);
+    }
+    if matches!(
+        cli.command,
+        Command::Query { .. } | Command::Get { .. } | Command::Probe { .. }
+    ) {
+        return client(cli.command);
     }
     telemetry::init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -139,7 +178,12 @@ async fn async_main(command: Command) -> ExitCode {
                 ))),
             }
         }
-        Command::Check { .. } => unreachable!("handled before the runtime starts"),
+        Command::Check { .. }
+        | Command::Query { .. }
+        | Command::Get { .. }
+        | Command::Probe { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -194,4 +238,120 @@ async fn wait_for_signal(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT"),
     }
     shutdown.cancel();
+}
+
+/// `query`, `get` and `probe`: small clients on a single-threaded runtime.
+fn client(command: Command) -> ExitCode {
+    use beacon::client;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("beacon: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let timeout = std::time::Duration::from_secs(2);
+    runtime.block_on(async move {
+        match command {
+            Command::Query {
+                name,
+                server,
+                rtype,
+            } => {
+                let Ok(rtype) = rtype.to_ascii_uppercase().parse() else {
+                    eprintln!("beacon: unknown record type `{rtype}`");
+                    return ExitCode::from(2);
+                };
+                match client::query(server, &name, rtype, timeout).await {
+                    Ok(answer) => {
+                        for r in &answer.answers {
+                            println!("{} {} {} {}", r.name, r.ttl, r.record_type(), r.data);
+                        }
+                        let rcode = answer.metadata.response_code;
+                        if rcode == hickory_proto::op::ResponseCode::NoError {
+                            ExitCode::SUCCESS
+                        } else {
+                            eprintln!("beacon: {rcode}");
+                            ExitCode::from(1)
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("beacon: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
+            Command::Get {
+                url,
+                count,
+                dns,
+                interval,
+                wait,
+            } => {
+                let url = match client::parse_url(&url) {
+                    Ok(u) => u,
+                    Err(e) => {
+                        eprintln!("beacon: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                let deadline = tokio::time::Instant::now() + wait;
+                while let Err(e) = client::get_once(&url, dns, timeout).await {
+                    if tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    eprintln!("beacon: {e} (retrying)");
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+                let mut failed = 0;
+                let mut tally = std::collections::BTreeMap::<String, u32>::new();
+                for i in 0..count {
+                    if i > 0 && !interval.is_zero() {
+                        tokio::time::sleep(interval).await;
+                    }
+                    match client::get_once(&url, dns, timeout).await {
+                        Ok(line) => {
+                            println!("{line}");
+                            *tally.entry(line).or_default() += 1;
+                        }
+                        Err(e) => {
+                            eprintln!("beacon: {e}");
+                            failed += 1;
+                        }
+                    }
+                }
+                if count > 1 {
+                    let summary: Vec<String> =
+                        tally.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    eprintln!(
+                        "{} ok, {failed} failed: {}",
+                        count - failed,
+                        summary.join(" ")
+                    );
+                }
+                if failed == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Command::Probe { url, timeout } => {
+                let result = match client::parse_url(&url) {
+                    Ok(u) => client::probe(&u, timeout).await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("beacon: probe {url}: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
+            _ => unreachable!("only client commands come here"),
+        }
+    })
 }

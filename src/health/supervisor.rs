@@ -8,10 +8,15 @@
 //! endpoint): 10,000 endpoints cost 10,000 heap entries and a probe task
 //! only while a probe is in flight.
 //!
-//! The core reports to the registry only changes, and checks every
-//! snapshot it sees against what it believes, re-sending its belief where
-//! they differ (level-triggered: a lost or reordered report heals itself,
-//! and re-sending is harmless because the registry ignores no-op changes).
+//! The core reports to the registry only changes. Whenever a service's spec
+//! changes (or the loop starts) it checks the snapshot's health of that
+//! service against what it believes and re-sends where they differ: the
+//! registry forgets the health of an endpoint that left the spec, and a
+//! restarted loop may find stale verdicts. Re-sending is harmless (the
+//! registry ignores no-op changes). It does not re-check on snapshots where
+//! only health changed: the registry's channel is reliable and ordered, so
+//! what was sent will show, and re-checking then would re-send every report
+//! still queued (a storm at 10,000 endpoints).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -88,6 +93,11 @@ struct Target {
     hyst: Hysteresis,
     /// When the next probe is due; `None` while one is in flight.
     due: Option<Instant>,
+    /// When the last probe was launched: the next one is due an interval
+    /// later, so the probe rate does not sag with probe latency; but never
+    /// sooner than half an interval after the last one ended, so slow
+    /// probes (an overloaded host, timeouts) are not repeated back to back.
+    launched: Instant,
 }
 
 impl Target {
@@ -129,8 +139,6 @@ pub struct Supervisor {
     /// Running totals, kept as things change so `stats` costs nothing.
     totals: Stats,
     rng: fastrand::Rng,
-    checks_ok: metrics::Counter,
-    checks_failed: metrics::Counter,
 }
 
 impl Default for Supervisor {
@@ -150,8 +158,6 @@ impl Supervisor {
             next_id: 0,
             totals: Stats::default(),
             rng,
-            checks_ok: metrics::counter!("beacon_health_checks_total", "result" => "success"),
-            checks_failed: metrics::counter!("beacon_health_checks_total", "result" => "failure"),
         }
     }
 
@@ -216,15 +222,16 @@ impl Supervisor {
                 eject: Ejections::default(),
             });
             tracked.state = svc.clone();
-            if resync {
-                let before = (tracked.targets.len(), tracked.eject.ejected_count());
-                let aborts = fx.aborts.len();
-                sync_targets(key, tracked, &mut self.next_id, fx, &mut started);
-                self.totals.targets = self.totals.targets - before.0 + tracked.targets.len();
-                self.totals.ejected =
-                    self.totals.ejected - before.1 + tracked.eject.ejected_count();
-                self.totals.in_flight -= fx.aborts.len() - aborts;
+            if !resync {
+                // Only health changed: the registry holds what we sent.
+                continue;
             }
+            let before = (tracked.targets.len(), tracked.eject.ejected_count());
+            let aborts = fx.aborts.len();
+            sync_targets(key, tracked, now, &mut self.next_id, fx, &mut started);
+            self.totals.targets = self.totals.targets - before.0 + tracked.targets.len();
+            self.totals.ejected = self.totals.ejected - before.1 + tracked.eject.ejected_count();
+            self.totals.in_flight -= fx.aborts.len() - aborts;
             check_beliefs(key, tracked, fx);
         }
         let batch = started.len() as u32;
@@ -251,6 +258,7 @@ impl Supervisor {
                 continue;
             }
             t.due = None;
+            t.launched = now;
             self.totals.in_flight += 1;
             launches.push(Launch {
                 id,
@@ -298,15 +306,16 @@ impl Supervisor {
             return;
         }
         self.totals.in_flight -= 1;
-        match result {
-            Ok(()) => self.checks_ok.increment(1),
-            Err(_) => self.checks_failed.increment(1),
-        }
+        // Looked up per probe, not cached: a handle taken before the
+        // recorder is installed would count into nothing.
+        let outcome = if result.is_ok() { "success" } else { "failure" };
+        metrics::counter!("beacon_health_checks_total", "result" => outcome).increment(1);
         let th = t.thresholds();
         if let Some(state) = t.hyst.observe(result, th) {
             tracing::debug!(service = %service, %ip, state = ?state, "probe verdict changed");
             fx.report(service, ip, HealthChange::Probe(state));
         }
+        let launched = t.launched;
         let interval = if t.hyst.changing(th) {
             t.health.fast_interval.min(t.health.interval)
         } else {
@@ -317,7 +326,8 @@ impl Supervisor {
             tracing::debug!(service = %service, %ip, "probe passed: ejection ended");
             fx.report(service, ip, HealthChange::Ejected(None));
         }
-        let due = now + self.jitter(interval);
+        let gap = self.jitter(interval);
+        let due = (launched + gap).max(now + gap / 2);
         self.schedule(service, ip, due);
     }
 
@@ -374,6 +384,7 @@ fn in_flight(targets: &HashMap<IpAddr, Target>) -> impl Iterator<Item = u64> + '
 fn sync_targets(
     key: &ServiceKey,
     tracked: &mut Tracked,
+    now: Instant,
     next_id: &mut u64,
     fx: &mut Effects,
     started: &mut Vec<(ServiceKey, IpAddr, Duration)>,
@@ -429,6 +440,7 @@ fn sync_targets(
                 health: spec.health.clone(),
                 hyst,
                 due: None,
+                launched: now,
             },
         );
         keep.insert(ip);
@@ -445,6 +457,7 @@ fn sync_targets(
 
 /// Re-sends whatever the service's snapshot state does not show of our
 /// belief: probe verdicts (Unknown where nothing probes) and ejections.
+/// Called on spec changes only (see the module doc).
 fn check_beliefs(key: &ServiceKey, tracked: &Tracked, fx: &mut Effects) {
     for ep in &tracked.state.endpoints {
         let ip = ep.endpoint.ip;

@@ -150,7 +150,7 @@ pub fn build(policy: Balance, backends: &[Backend]) -> Box<dyn Balancer> {
         return Box::new(Empty);
     }
     match policy {
-        Balance::RoundRobin => Box::new(RoundRobin::new(backends)),
+        Balance::RoundRobin => Box::new(RoundRobin::starting_anywhere(backends)),
         Balance::LeastConn => Box::new(LeastConn::new(backends)),
         Balance::P2c => Box::new(P2c::new(backends)),
         Balance::Maglev => Box::new(Maglev::new(backends)),
@@ -190,6 +190,24 @@ struct Smooth {
 }
 
 impl RoundRobin {
+    /// A rotation at a random point of its cycle: rebuilt on every snapshot
+    /// change of the service, a rotation always starting at the first
+    /// endpoint would favour it.
+    pub fn starting_anywhere(backends: &[Backend]) -> Self {
+        let rr = Self::new(backends);
+        match &rr.smooth {
+            None => rr.next.store(fastrand::usize(..rr.n), Ordering::Relaxed),
+            Some(s) => {
+                let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
+                for _ in 0..fastrand::i64(..s.total.min(1024)) {
+                    s.next();
+                }
+            }
+        }
+        rr
+    }
+
+    /// A rotation starting at the first endpoint.
     pub fn new(backends: &[Backend]) -> Self {
         let weights: Vec<i64> = backends.iter().map(|b| b.weight() as i64).collect();
         let equal = weights.windows(2).all(|w| w[0] == w[1]);
@@ -560,6 +578,23 @@ mod tests {
         let rr = RoundRobin::new(&backends(&[5, 1, 1]));
         let seq: Vec<usize> = (0..7).map(|i| rr.pick(&conn(i)).first().unwrap()).collect();
         assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(counts(&rr, 3, 700), vec![500, 100, 100]);
+    }
+
+    #[test]
+    fn round_robin_rebuilt_does_not_favour_the_first() {
+        fastrand::seed(3);
+        let bs = backends(&[1, 1, 1]);
+        let mut firsts = [0; 3];
+        for _ in 0..300 {
+            firsts[build(Balance::RoundRobin, &bs)
+                .pick(&conn(0))
+                .first()
+                .unwrap()] += 1;
+        }
+        assert!(firsts.iter().all(|&k| k > 60), "{firsts:?}");
+        // Weighted: still exact over whole cycles.
+        let rr = RoundRobin::starting_anywhere(&backends(&[5, 1, 1]));
         assert_eq!(counts(&rr, 3, 700), vec![500, 100, 100]);
     }
 

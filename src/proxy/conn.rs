@@ -30,7 +30,7 @@ pub(crate) async fn serve(
         let Some((upstream, idx, _load)) = connect(&shared, &route, peer).await else {
             return;
         };
-        route.metrics.ok.increment(1);
+        route.metrics().ok.increment(1);
         proxy(&shared, &route, client, upstream, idx, peer).await;
     }
     .instrument(span)
@@ -62,7 +62,7 @@ async fn connect(
 ) -> Option<(TcpStream, usize, LoadGuard)> {
     let picks = route.balancer.pick(&ConnInfo { client: peer });
     if picks.is_empty() {
-        route.metrics.no_endpoints.increment(1);
+        route.metrics().no_endpoints.increment(1);
         tracing::debug!("no serving endpoint; connection closed");
         return None;
     }
@@ -77,20 +77,10 @@ async fn connect(
             r = tokio::time::timeout(spec.connect_timeout, TcpStream::connect(backend.addr)) => r,
         };
         shared
-            .connect_duration
+            .connect_duration()
             .record(started.elapsed().as_secs_f64());
         let ok = matches!(result, Ok(Ok(_)));
-        if ok {
-            backend.load.failures.store(0, Ordering::Relaxed);
-        } else {
-            backend.load.failures.fetch_add(1, Ordering::Relaxed);
-        }
-        // Passive health signal; never block the data path on it.
-        let _ = shared.outcomes.try_send(ConnectOutcome {
-            service: route.service.clone(),
-            ip: backend.addr.ip(),
-            success: ok,
-        });
+        report(shared, route, idx, ok);
         match result {
             Ok(Ok(stream)) => return Some((stream, idx, load)),
             Ok(Err(e)) => {
@@ -99,9 +89,30 @@ async fn connect(
             Err(_) => tracing::debug!(endpoint = %backend.addr, attempt, "connect timed out"),
         }
     }
-    route.metrics.connect_failed.increment(1);
+    route.metrics().connect_failed.increment(1);
     tracing::debug!("every connect attempt failed; connection closed");
     None
+}
+
+/// Passive health signal, never blocking the data path (dropped when the
+/// channel is full). Every failure is sent; a success only when it ends a
+/// failure streak, which is all a consecutive-failure count needs, so the
+/// happy path sends nothing.
+fn report(shared: &Shared, route: &Route, idx: usize, success: bool) {
+    let backend = &route.backends[idx];
+    let streak = if success {
+        backend.load.failures.swap(0, Ordering::Relaxed)
+    } else {
+        backend.load.failures.fetch_add(1, Ordering::Relaxed) + 1
+    };
+    if success && streak == 0 {
+        return;
+    }
+    let _ = shared.outcomes.try_send(ConnectOutcome {
+        service: route.service.clone(),
+        ip: backend.addr.ip(),
+        success,
+    });
 }
 
 /// The PROXY protocol header announcing `client` → `local` (the address
@@ -161,11 +172,11 @@ async fn proxy(
         &upstream,
         shared.copy_mode,
         Meter {
-            bytes: &route.metrics.to_upstream,
+            bytes: &route.metrics().to_upstream,
             activity: &activity,
         },
         Meter {
-            bytes: &route.metrics.to_client,
+            bytes: &route.metrics().to_client,
             activity: &activity,
         },
     );

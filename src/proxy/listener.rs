@@ -171,16 +171,16 @@ pub(crate) async fn accept_loop<A: Acceptor>(
 /// global or per-service cap; otherwise start the connection task.
 fn admit(shared: &Arc<Shared>, route: Arc<Route>, stream: TcpStream, peer: SocketAddr) {
     if !shared.ready.load(Ordering::Acquire) {
-        route.metrics.not_ready.increment(1);
+        route.metrics().not_ready.increment(1);
         tracing::debug!(client.addr = %peer, service = %route.service, "not ready; connection refused");
         return;
     }
     let Some(guard) = ActiveGuard::acquire(shared, route.clone()) else {
-        route.metrics.over_limit.increment(1);
+        route.metrics().over_limit.increment(1);
         tracing::debug!(client.addr = %peer, service = %route.service, "connection limit reached; refused");
         return;
     };
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY and SO_KEEPALIVE are inherited from the listener.
     shared
         .tracker
         .spawn(conn::serve(shared.clone(), route, stream, peer, guard));
@@ -205,7 +205,7 @@ impl ActiveGuard {
             shared.active.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        route.metrics.active.increment(1.0);
+        route.metrics().active.increment(1.0);
         Some(Self {
             shared: shared.clone(),
             route,
@@ -215,7 +215,7 @@ impl ActiveGuard {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.route.metrics.active.decrement(1.0);
+        self.route.metrics().active.decrement(1.0);
         self.route.service_active.fetch_sub(1, Ordering::AcqRel);
         self.shared.active.fetch_sub(1, Ordering::AcqRel);
     }

@@ -33,7 +33,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -65,9 +65,10 @@ pub enum ProxyError {
     ProxyHeader(#[source] io::Error),
 }
 
-/// Knobs tests turn; the binary uses the defaults.
+/// Knobs beyond the config (tests and measurements turn them; the binary
+/// uses the defaults).
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Options {
+pub struct Options {
     pub copy_mode: copy::Mode,
 }
 
@@ -119,7 +120,17 @@ struct Shared {
     kill: CancellationToken,
     tracker: TaskTracker,
     copy_mode: copy::Mode,
-    connect_duration: Histogram,
+    /// Metric handles are resolved at first use, not at spawn: the app
+    /// may install the recorder after starting the proxy, and a handle
+    /// taken before that would be a no-op forever.
+    connect_duration: OnceLock<Histogram>,
+}
+
+impl Shared {
+    fn connect_duration(&self) -> &Histogram {
+        self.connect_duration
+            .get_or_init(|| metrics::histogram!("beacon_proxy_connect_duration_seconds"))
+    }
 }
 
 /// Pre-resolved metric handles of one service (no label allocation per
@@ -163,7 +174,15 @@ struct Route {
     entries: Vec<Arc<EndpointEntry>>,
     balancer: Box<dyn Balancer>,
     service_active: Arc<AtomicUsize>,
-    metrics: ServiceMetrics,
+    /// Resolved at the first connection (see `Shared::connect_duration`).
+    metrics: OnceLock<ServiceMetrics>,
+}
+
+impl Route {
+    fn metrics(&self) -> &ServiceMetrics {
+        self.metrics
+            .get_or_init(|| ServiceMetrics::new(&self.service))
+    }
 }
 
 /// An open listener.
@@ -185,7 +204,7 @@ pub fn spawn(
     spawn_with(cfg, reader, outcomes, shutdown, Options::default())
 }
 
-pub(crate) fn spawn_with(
+pub fn spawn_with(
     cfg: &ProxyConfig,
     reader: Reader,
     outcomes: mpsc::Sender<ConnectOutcome>,
@@ -204,7 +223,7 @@ pub(crate) fn spawn_with(
         kill: CancellationToken::new(),
         tracker: TaskTracker::new(),
         copy_mode: opts.copy_mode,
-        connect_duration: metrics::histogram!("beacon_proxy_connect_duration_seconds"),
+        connect_duration: OnceLock::new(),
     });
     let stop = shutdown.child_token();
     let control = cfg.enabled.then(|| {
@@ -212,6 +231,7 @@ pub(crate) fn spawn_with(
             shared: shared.clone(),
             listeners: HashMap::new(),
             served: BTreeMap::new(),
+            failing: HashSet::new(),
             stop: stop.clone(),
         };
         tokio::spawn(rec.run(reader))
@@ -283,6 +303,8 @@ struct Reconciler {
     listeners: HashMap<SocketAddr, Listener>,
     /// The services as last applied, to see endpoints leave.
     served: BTreeMap<ServiceKey, Arc<ServiceState>>,
+    /// Listen addresses whose bind failed (warned once, then retried quietly).
+    failing: HashSet<SocketAddr>,
     stop: CancellationToken,
 }
 
@@ -347,6 +369,7 @@ impl Reconciler {
         self.shared.ready.store(snap.ready, Ordering::Release);
         let wanted = wanted_listeners(snap);
         let shared = &self.shared;
+        self.failing.retain(|addr| wanted.contains_key(addr));
         self.listeners.retain(|addr, l| {
             let keep = wanted.contains_key(addr);
             if !keep {
@@ -370,6 +393,7 @@ impl Reconciler {
             match listener::bind(*addr) {
                 Ok(tcp) => {
                     let local = tcp.local_addr().unwrap_or(*addr);
+                    self.failing.remove(addr);
                     tracing::info!(%addr, %local, service = %key, "proxy listening");
                     let (tx, rx) = watch::channel(route);
                     let stop = self.stop.child_token();
@@ -387,7 +411,11 @@ impl Reconciler {
                         addr: *addr,
                         source,
                     };
-                    tracing::warn!(service = %key, error = %e, "proxy listener not opened; retrying");
+                    if self.failing.insert(*addr) {
+                        tracing::warn!(service = %key, error = %e, "proxy listener not opened; retrying every {}s", BIND_RETRY.as_secs());
+                    } else {
+                        tracing::debug!(service = %key, error = %e, "proxy listener still not opened");
+                    }
                     metrics::counter!("beacon_proxy_listener_errors_total", "service" => key.to_string())
                         .increment(1);
                     failed = true;
@@ -441,7 +469,7 @@ impl Reconciler {
                 .entry(key.clone())
                 .or_default()
                 .clone(),
-            metrics: ServiceMetrics::new(key),
+            metrics: OnceLock::new(),
         }
     }
 

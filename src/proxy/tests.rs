@@ -1,7 +1,7 @@
 //! In-process tests of the whole proxy: a real registry, real sockets on
 //! 127.0.0.0/8, backends that say who they are.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize};
@@ -506,20 +506,60 @@ async fn refusing_backend_costs_the_client_nothing() {
     for _ in 0..20 {
         assert_eq!(greet(addr).await.1.as_deref(), Some("live"));
     }
-    // Half the picks hit the refusing endpoint first: reported as failures.
+    // Half the picks hit the refusing endpoint first: each failure is
+    // reported; successes only when they end a failure streak (never here).
     let mut failures = 0;
-    let mut successes = 0;
     while let Ok(o) = h.outcomes.try_recv() {
-        if o.success {
-            assert_eq!(o.ip, live.addr.ip());
-            successes += 1;
-        } else {
-            assert_eq!(o.ip, dead.ip());
-            failures += 1;
-        }
+        assert!(!o.success, "a success with no failure before it: {o:?}");
+        assert_eq!(o.ip, dead.ip());
+        failures += 1;
     }
-    assert_eq!(successes, 20);
     assert_eq!(failures, 10);
+    assert_eq!(live.accepted.load(Ordering::SeqCst), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_after_failures_is_reported() {
+    let mut h = harness();
+    let (baddr, mut accepted) = scripted_backend("127.0.0.43").await;
+    let spec = service("flap", "127.0.1.26:0", &[baddr], Balance::RoundRobin);
+    h.set(vec![spec]).await;
+    let addr = h.addr("127.0.1.26:0").await;
+    // Connects succeed (the backend accepts): nothing to report.
+    let _c = TcpStream::connect(addr).await.unwrap();
+    let _s = tokio::time::timeout(T, accepted.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(h.outcomes.try_recv().is_err());
+    // Mark a failure streak on the endpoint, then connect again.
+    let key = (ServiceKey::new("default", "flap"), baddr);
+    h.proxy()
+        .shared
+        .endpoints
+        .get(&key)
+        .unwrap()
+        .load
+        .failures
+        .store(3, Ordering::Relaxed);
+    let _c2 = TcpStream::connect(addr).await.unwrap();
+    let o = tokio::time::timeout(T, h.outcomes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((o.ip, o.success), (baddr.ip(), true));
+    assert_eq!(
+        h.proxy()
+            .shared
+            .endpoints
+            .get(&key)
+            .unwrap()
+            .load
+            .failures
+            .load(Ordering::Relaxed),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -570,9 +610,14 @@ async fn close_on_removal_closes_open_connections() {
     spec.proxy.close_on_removal = true;
     h.set(vec![spec.clone()]).await;
     let addr = h.addr("127.0.1.10:0").await;
-    let (mut first, n1) = greet(addr).await;
-    let (mut second, n2) = greet(addr).await;
-    assert_eq!((n1.as_deref(), n2.as_deref()), (Some("a"), Some("b")));
+    let (c1, n1) = greet(addr).await;
+    let (c2, n2) = greet(addr).await;
+    // Round robin starts anywhere in its cycle; one went to each.
+    let (mut first, mut second) = match (n1.as_deref(), n2.as_deref()) {
+        (Some("a"), Some("b")) => (c1, c2),
+        (Some("b"), Some("a")) => (c2, c1),
+        other => panic!("round robin sent {other:?}"),
+    };
     spec.endpoints.remove(0);
     h.set(vec![spec]).await;
     assert!(closed_within(&mut first, Duration::from_secs(2)).await);
@@ -903,6 +948,7 @@ async fn accept_loop_backs_off_on_emfile_and_recovers() {
         shared: shared.clone(),
         listeners: HashMap::new(),
         served: BTreeMap::new(),
+        failing: HashSet::new(),
         stop: CancellationToken::new(),
     };
     let route = Arc::new(rec.route(&state, 0));

@@ -212,13 +212,23 @@ impl State {
     }
 
     fn health_update(&mut self, service: ServiceKey, ip: IpAddr, change: HealthChange) -> Changed {
+        let mut changed = Changed::default();
+        if self.set_health(&service, ip, change) && self.rebuild(&service) {
+            changed.services.push(service);
+        }
+        changed
+    }
+
+    /// Records a health change without rebuilding the service; false when
+    /// the endpoint is unknown.
+    fn set_health(&mut self, service: &ServiceKey, ip: IpAddr, change: HealthChange) -> bool {
         let known = self
             .snapshot
             .services
-            .get(&service)
+            .get(service)
             .is_some_and(|s| s.endpoint(ip).is_some());
         if !known {
-            return Changed::default();
+            return false;
         }
         let health = self
             .health
@@ -230,11 +240,7 @@ impl State {
             HealthChange::Probe(p) => health.probe = p,
             HealthChange::Ejected(e) => health.ejected = e,
         }
-        let mut changed = Changed::default();
-        if self.rebuild(&service) {
-            changed.services.push(service);
-        }
-        changed
+        true
     }
 }
 
@@ -267,6 +273,41 @@ pub fn apply(state: &mut State, event: Event) -> Changed {
             }
         }
     }
+}
+
+/// Applies a burst of events with the same result as applying them one by
+/// one, but rebuilds a service once for all of its health changes (a mass
+/// flip of 10,000 endpoints of one service costs one rebuild, not 10,000).
+pub fn apply_batch(state: &mut State, events: impl IntoIterator<Item = Event>) -> Changed {
+    let mut changed = Changed::default();
+    let mut dirty: Vec<ServiceKey> = Vec::new();
+    let mut seen: HashSet<ServiceKey> = HashSet::new();
+    for event in events {
+        match event {
+            Event::Health {
+                service,
+                ip,
+                change,
+            } => {
+                if state.set_health(&service, ip, change) && seen.insert(service.clone()) {
+                    dirty.push(service);
+                }
+            }
+            other => {
+                let more = apply(state, other);
+                changed.ready |= more.ready;
+                changed.services.extend(more.services);
+            }
+        }
+    }
+    for key in dirty {
+        if state.rebuild(&key) {
+            changed.services.push(key);
+        }
+    }
+    changed.services.sort();
+    changed.services.dedup();
+    changed
 }
 
 /// A cheap, cloneable handle to the latest snapshot.
@@ -343,6 +384,9 @@ impl Handle {
     }
 }
 
+/// Events applied together at most, so a flood still publishes regularly.
+const BURST: usize = 4096;
+
 /// Starts the registry task. `sources` lists the configured sources in
 /// priority order; readiness waits for each of them (or `startup_timeout`).
 pub fn spawn(
@@ -367,13 +411,14 @@ pub fn spawn(
                     None => break,
                 },
             };
-            let mut changed = apply(&mut state, event);
             // Coalesce a burst into one published version.
-            while let Ok(event) = rx.try_recv() {
-                let more = apply(&mut state, event);
-                changed.ready |= more.ready;
-                changed.services.extend(more.services);
+            let mut burst = vec![event];
+            while burst.len() < BURST
+                && let Ok(event) = rx.try_recv()
+            {
+                burst.push(event);
             }
+            let changed = apply_batch(&mut state, burst);
             if changed.any() {
                 let snap = state.next_snapshot();
                 metrics::gauge!("beacon_registry_version").set(snap.version as f64);

@@ -235,3 +235,52 @@ fn panic_mode_is_counted_on_entry() {
     );
     assert!(text.contains("beacon_panic_mode_total{service=\"web.default\"} 1"));
 }
+
+#[test]
+fn a_batch_ends_where_events_one_by_one_end() {
+    let ips = ["10.0.0.1", "10.0.0.2", "10.0.0.3"];
+    let probe = |ip: &str, up: bool| Event::Health {
+        service: key("web"),
+        ip: ip.parse().unwrap(),
+        change: HealthChange::Probe(if up {
+            ProbeState::Up
+        } else {
+            ProbeState::Down("probe failed: x 3/3".into())
+        }),
+    };
+    let events = || {
+        vec![
+            probe(ips[0], false),
+            probe(ips[1], true),
+            // Drops 10.0.0.3: its later health change is ignored.
+            Event::Source {
+                source: src("a"),
+                update: Update::Upsert(Box::new(spec("web", &ips[..2]))),
+            },
+            probe(ips[2], false),
+            probe(ips[0], true),
+            Event::Health {
+                service: key("web"),
+                ip: ips[1].parse().unwrap(),
+                change: HealthChange::Ejected(Some("ejected: 5 connect failures".into())),
+            },
+        ]
+    };
+    let mut one_by_one = State::new(vec![src("a")]);
+    let mut batched = State::new(vec![src("a")]);
+    for st in [&mut one_by_one, &mut batched] {
+        reset(st, "a", vec![spec("web", &ips)]);
+    }
+    let mut expected = Vec::new();
+    for e in events() {
+        expected.extend(apply(&mut one_by_one, e).services);
+    }
+    let changed = apply_batch(&mut batched, events());
+    assert_eq!(changed.services, vec![key("web")]);
+    assert!(!expected.is_empty());
+    assert_eq!(batched.snapshot().services, one_by_one.snapshot().services);
+    let web = batched.snapshot().service(&key("web")).unwrap().clone();
+    assert_eq!(web.endpoints.len(), 2);
+    assert!(web.endpoints[0].healthy);
+    assert_eq!(&*web.endpoints[1].reason, "ejected: 5 connect failures");
+}

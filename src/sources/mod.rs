@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::model::{ServiceSpec, SourceId};
 use crate::registry::{self, Update};
 
+pub mod docker;
 pub mod file;
 
 /// A watcher of endpoints. `run` loops until `shutdown`, reporting through

@@ -2,6 +2,8 @@
 //! `beacon` on free loopback ports and stops it on drop.
 
 mod dns;
+mod docker;
 mod harness;
 mod health_e2e;
+mod proxy;
 mod spine;

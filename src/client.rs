@@ -1,0 +1,356 @@
+//! Tiny clients for scratch containers, which have no `dig`, `curl` or
+//! shell: `beacon query` (one DNS question), `beacon get` (HTTP GETs, one
+//! connection each, to watch balancing) and `beacon probe` (an exit status
+//! for a Docker HEALTHCHECK).
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("bad URL `{0}`: expected http://HOST[:PORT]/PATH or tcp://HOST:PORT")]
+    Url(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}: timed out")]
+    Timeout(String),
+    #[error("DNS: {0}")]
+    Dns(String),
+    #[error("HTTP status {0}")]
+    Status(u16),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClientError {
+    let what = what.into();
+    move |source| ClientError::Io { what, source }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Tcp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Url {
+    pub scheme: Scheme,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+/// `http://host[:port]/path` (port 80 by default) or `tcp://host:port`.
+pub fn parse_url(s: &str) -> Result<Url, ClientError> {
+    let bad = || ClientError::Url(s.to_string());
+    let (scheme, rest) = if let Some(r) = s.strip_prefix("http://") {
+        (Scheme::Http, r)
+    } else if let Some(r) = s.strip_prefix("tcp://") {
+        (Scheme::Tcp, r)
+    } else {
+        return Err(bad());
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            (h, p.parse::<u16>().map_err(|_| bad())?)
+        }
+        _ if scheme == Scheme::Http => (authority, 80),
+        _ => return Err(bad()),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok(Url {
+        scheme,
+        host: host.to_string(),
+        port,
+        path: path.to_string(),
+    })
+}
+
+/// The `nameserver` lines of a resolv.conf, on port 53.
+pub fn nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("nameserver")).then_some(())?;
+            let ip: IpAddr = words.next()?.parse().ok()?;
+            Some(SocketAddr::new(ip, 53))
+        })
+        .collect()
+}
+
+/// Asks `server` one question over UDP.
+pub async fn query(
+    server: SocketAddr,
+    name: &str,
+    rtype: RecordType,
+    timeout: Duration,
+) -> Result<Message, ClientError> {
+    let name = Name::from_str(name).map_err(|e| ClientError::Dns(format!("`{name}`: {e}")))?;
+    let mut msg = Message::new(fastrand::u16(..), MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(name, rtype));
+    let bytes = msg.to_vec().map_err(|e| ClientError::Dns(e.to_string()))?;
+    let bind: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let what = format!("DNS query to {server}");
+    let sock = UdpSocket::bind(bind).await.map_err(io(&what))?;
+    sock.connect(server).await.map_err(io(&what))?;
+    let exchange = async {
+        sock.send(&bytes).await?;
+        let mut buf = vec![0u8; 65535];
+        loop {
+            let n = sock.recv(&mut buf).await?;
+            match Message::from_vec(&buf[..n]) {
+                Ok(m) if m.metadata.id == msg.metadata.id => return Ok(m),
+                _ => continue,
+            }
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| ClientError::Timeout(what.clone()))?
+        .map_err(io(what))
+}
+
+/// The addresses of `host`: itself if it is an IP, else its A records from
+/// `dns` (or the first nameserver of /etc/resolv.conf).
+pub async fn resolve(
+    host: &str,
+    dns: Option<SocketAddr>,
+    timeout: Duration,
+) -> Result<Vec<IpAddr>, ClientError> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![ip]);
+    }
+    let server = match dns {
+        Some(s) => s,
+        None => {
+            let conf =
+                std::fs::read_to_string("/etc/resolv.conf").map_err(io("/etc/resolv.conf"))?;
+            *nameservers(&conf)
+                .first()
+                .ok_or_else(|| ClientError::Dns("no nameserver in /etc/resolv.conf".into()))?
+        }
+    };
+    let fqdn = if host.ends_with('.') {
+        host.to_string()
+    } else {
+        format!("{host}.")
+    };
+    let answer = query(server, &fqdn, RecordType::A, timeout).await?;
+    if answer.metadata.response_code != ResponseCode::NoError {
+        return Err(ClientError::Dns(format!(
+            "{host}: {} from {server}",
+            answer.metadata.response_code
+        )));
+    }
+    let ips: Vec<IpAddr> = answer
+        .answers
+        .iter()
+        .filter_map(|r| r.data.ip_addr())
+        .collect();
+    if ips.is_empty() {
+        return Err(ClientError::Dns(format!(
+            "{host}: no address from {server}"
+        )));
+    }
+    Ok(ips)
+}
+
+/// One HTTP/1.1 GET on a new connection; returns the status and body.
+pub async fn http_get(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), ClientError> {
+    let what = format!("GET http://{addr}{path}");
+    let exchange = async {
+        let mut s = TcpStream::connect(addr).await?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::new();
+        (&mut s).take(1 << 20).read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let buf = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| ClientError::Timeout(what.clone()))?
+        .map_err(io(&what))?;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text
+        .strip_prefix("HTTP/1.")
+        .and_then(|r| r.get(2..5))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| ClientError::Io {
+            what,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response"),
+        })?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// GETs `url` (resolving its host each time) and returns the body's first
+/// line; an HTTP status outside 2xx/3xx is an error.
+pub async fn get_once(
+    url: &Url,
+    dns: Option<SocketAddr>,
+    timeout: Duration,
+) -> Result<String, ClientError> {
+    if url.scheme != Scheme::Http {
+        return Err(ClientError::Url(format!("tcp://{}:{}", url.host, url.port)));
+    }
+    let ips = resolve(&url.host, dns, timeout).await?;
+    let addr = SocketAddr::new(ips[0], url.port);
+    let (status, body) = http_get(addr, &url.host, &url.path, timeout).await?;
+    if !(200..400).contains(&status) {
+        return Err(ClientError::Status(status));
+    }
+    Ok(body.lines().next().unwrap_or("").to_string())
+}
+
+/// Ok when `url` answers: an HTTP 2xx/3xx, or a TCP connect for `tcp://`.
+pub async fn probe(url: &Url, timeout: Duration) -> Result<(), ClientError> {
+    let ips = resolve(&url.host, None, timeout).await?;
+    let addr = SocketAddr::new(ips[0], url.port);
+    match url.scheme {
+        Scheme::Tcp => tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ClientError::Timeout(format!("connect {addr}")))?
+            .map(drop)
+            .map_err(io(format!("connect {addr}"))),
+        Scheme::Http => {
+            let (status, _) = http_get(addr, &url.host, &url.path, timeout).await?;
+            if (200..400).contains(&status) {
+                Ok(())
+            } else {
+                Err(ClientError::Status(status))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_util::sync::CancellationToken;
+
+    #[test]
+    fn urls() {
+        let u = parse_url("http://web.default.svc.cluster.local/x?y=1").unwrap();
+        assert_eq!(
+            (u.scheme, u.host.as_str(), u.port, u.path.as_str()),
+            (Scheme::Http, "web.default.svc.cluster.local", 80, "/x?y=1")
+        );
+        let u = parse_url("http://127.0.0.1:8080").unwrap();
+        assert_eq!((u.port, u.path.as_str()), (8080, "/"));
+        let u = parse_url("tcp://[::1]:53").unwrap();
+        assert_eq!(
+            (u.scheme, u.host.as_str(), u.port),
+            (Scheme::Tcp, "::1", 53)
+        );
+        for bad in ["ftp://x", "tcp://x", "http://:80/", "http://x:port/"] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn resolv_conf_nameservers() {
+        let conf = "# generated\nsearch x\nnameserver 127.0.0.11\nnameserver ::1\noptions ndots:0\nnameserver nope\n";
+        assert_eq!(
+            nameservers(conf),
+            vec![
+                "127.0.0.11:53".parse::<SocketAddr>().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn probe_and_get_against_a_demo_backend() {
+        let shutdown = CancellationToken::new();
+        let (addr, backend) =
+            crate::backend::start("b-1", "127.0.0.1:0".parse().unwrap(), shutdown.clone())
+                .await
+                .unwrap();
+        let t = Duration::from_secs(2);
+        let health = parse_url(&format!("http://{addr}/healthz")).unwrap();
+        probe(&health, t).await.unwrap();
+        backend.set_failing(true);
+        assert!(matches!(
+            probe(&health, t).await,
+            Err(ClientError::Status(500))
+        ));
+        assert!(matches!(
+            get_once(&health, None, t).await,
+            Err(ClientError::Status(500))
+        ));
+        let root = parse_url(&format!("http://{addr}/")).unwrap();
+        assert_eq!(get_once(&root, None, t).await.unwrap(), "b-1");
+        probe(&parse_url(&format!("tcp://{addr}")).unwrap(), t)
+            .await
+            .unwrap();
+        shutdown.cancel();
+        // Nothing listens on a just-freed port.
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert!(
+            probe(&parse_url(&format!("tcp://{free}")).unwrap(), t)
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn query_reads_the_answer_with_a_matching_id() {
+        // A one-shot DNS server that answers A 10.9.8.7.
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 512];
+            let (n, peer) = server.recv_from(&mut buf).await.unwrap();
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            let mut r = Message::response(q.metadata.id, OpCode::Query);
+            r.add_query(q.queries[0].clone());
+            r.answers.push(hickory_proto::rr::Record::from_rdata(
+                q.queries[0].name().clone(),
+                5,
+                hickory_proto::rr::RData::A("10.9.8.7".parse().unwrap()),
+            ));
+            server.send_to(&r.to_vec().unwrap(), peer).await.unwrap();
+        });
+        let ips = resolve(
+            "web.default.svc.cluster.local",
+            Some(addr),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+        assert_eq!(ips, vec!["10.9.8.7".parse::<IpAddr>().unwrap()]);
+    }
+}
