@@ -188,8 +188,8 @@ fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, DnsError> {
     sock.set_reuse_port(true).map_err(err)?;
     // Blocking, woken by the kernel; the timeout lets the thread see shutdown.
     sock.set_read_timeout(Some(server::UDP_POLL)).map_err(err)?;
-    // A deeper queue rides out bursts; the kernel caps it at rmem_max.
-    let _ = sock.set_recv_buffer_size(4 << 20);
+    // The kernel's default receive buffer: at saturation a short queue sheds
+    // load (clients retry) where a deep one only adds latency to every query.
     sock.bind(&addr.into()).map_err(err)?;
     Ok(sock.into())
 }
