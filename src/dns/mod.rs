@@ -4,7 +4,7 @@
 //! down.
 //!
 //! ```text
-//!  UDP socket ×N (SO_REUSEPORT) ─┐                       ┌─ zone: answer::answer (pure)
+//!  UDP thread ×N (SO_REUSEPORT) ─┐                       ┌─ zone: answer::answer (pure)
 //!  TCP listener → connection ────┴─► handler ─ fast path ┤
 //!                                     (per task cache)   └─ else: forward (upstreams + cache)
 //! ```
@@ -27,7 +27,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
-use tokio::net::{TcpListener, UdpSocket};
+use std::net::UdpSocket;
+
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +59,7 @@ pub struct DnsServer {
     /// Where UDP and TCP listen (the real port when the config said 0).
     pub local_addr: SocketAddr,
     tasks: Vec<JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl DnsServer {
@@ -66,6 +69,14 @@ impl DnsServer {
         for task in self.tasks {
             let _ = task.await;
         }
+        // UDP threads notice the shutdown within `server::UDP_POLL`.
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
     }
 }
 
@@ -98,14 +109,19 @@ pub async fn spawn(
     let (udp, tcp, local_addr) = bind_all(cfg.listen, cfg.udp_sockets.max(1))?;
     let shared = Arc::new(server::Shared::new(handler));
     let mut tasks = Vec::new();
-    for sock in udp {
-        let sock = Arc::new(sock);
-        tasks.push(tokio::spawn(server::udp_loop(
-            sock,
-            shared.clone(),
-            reader.clone(),
-            shutdown.clone(),
-        )));
+    let mut threads = Vec::new();
+    for (i, sock) in udp.into_iter().enumerate() {
+        let (shared, reader, shutdown) = (shared.clone(), reader.clone(), shutdown.clone());
+        let runtime = tokio::runtime::Handle::current();
+        let thread = std::thread::Builder::new()
+            .name(format!("beacon-dns-udp-{i}"))
+            .spawn(move || server::udp_thread(sock, shared, reader, shutdown, runtime))
+            .map_err(|source| DnsError::Bind {
+                proto: "udp",
+                addr: local_addr,
+                source,
+            })?;
+        threads.push(thread);
     }
     let settings = server::TcpSettings {
         idle_timeout: cfg.tcp_idle_timeout,
@@ -115,7 +131,11 @@ pub async fn spawn(
         tcp, shared, reader, settings, shutdown,
     )));
     tracing::info!(addr = %local_addr, zone = %cfg.zone, "dns serving");
-    Ok(DnsServer { local_addr, tasks })
+    Ok(DnsServer {
+        local_addr,
+        tasks,
+        threads,
+    })
 }
 
 /// Binds every socket. With port 0, the first UDP socket picks the port and
@@ -166,11 +186,12 @@ fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, DnsError> {
     )
     .map_err(err)?;
     sock.set_reuse_port(true).map_err(err)?;
-    sock.set_nonblocking(true).map_err(err)?;
-    // A deeper queue rides out bursts; the kernel caps it at rmem_max.
-    let _ = sock.set_recv_buffer_size(4 << 20);
+    // Blocking, woken by the kernel; the timeout lets the thread see shutdown.
+    sock.set_read_timeout(Some(server::UDP_POLL)).map_err(err)?;
+    // The kernel's default receive buffer: at saturation a short queue sheds
+    // load (clients retry) where a deep one only adds latency to every query.
     sock.bind(&addr.into()).map_err(err)?;
-    UdpSocket::from_std(sock.into()).map_err(err)
+    Ok(sock.into())
 }
 
 fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, DnsError> {

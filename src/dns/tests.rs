@@ -1106,60 +1106,59 @@ async fn tcp_client_that_never_reads_loses_its_slot() {
     drop(writer.await);
 }
 
-#[test]
-fn metrics_count_requests_responses_and_durations() {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-    let handle = recorder.handle();
-    // One thread: every task of the server sees this thread's recorder.
-    let _guard = metrics::set_default_local_recorder(&recorder);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut c = cfg();
-        c.udp_sockets = 1;
-        let run = start(c, Reader::fixed(demo())).await;
-        let a = query("web.default.svc.cluster.local.", RecordType::A, None)
-            .to_vec()
-            .unwrap();
-        let nx = query("nope.default.svc.cluster.local.", RecordType::AAAA, None)
-            .to_vec()
-            .unwrap();
-        for _ in 0..3 {
-            assert!(udp_ask(run.addr, &a).await.is_some());
-        }
-        assert!(udp_ask(run.addr, &nx).await.is_some());
-        let _ = tcp_ask(run.addr, &a).await;
-        // The UDP loop adds its tallies when the socket runs dry.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        run.stop().await;
-    });
-    let text = handle.render();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_responses_and_durations() {
+    // The process-wide recorder: UDP threads are not runtime threads. Other
+    // tests count too, so compare MX counts (no other test sends MX to a
+    // server) before and after.
+    let handle = crate::telemetry::metrics();
     let value = |series: &str| -> f64 {
-        text.lines()
+        handle
+            .render()
+            .lines()
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{series} missing in:\n{text}"))
+            .unwrap_or(0.0)
     };
-    assert_eq!(
-        value(r#"beacon_dns_requests_total{proto="udp",qtype="A"}"#),
-        3.0
-    );
-    assert_eq!(
-        value(r#"beacon_dns_requests_total{proto="udp",qtype="AAAA"}"#),
-        1.0
-    );
-    assert_eq!(
-        value(r#"beacon_dns_requests_total{proto="tcp",qtype="A"}"#),
-        1.0
-    );
-    assert_eq!(value(r#"beacon_dns_responses_total{rcode="NOERROR"}"#), 4.0);
-    assert_eq!(
-        value(r#"beacon_dns_responses_total{rcode="NXDOMAIN"}"#),
-        1.0
+    let udp_mx = r#"beacon_dns_requests_total{proto="udp",qtype="MX"}"#;
+    let tcp_mx = r#"beacon_dns_requests_total{proto="tcp",qtype="MX"}"#;
+    let noerror = r#"beacon_dns_responses_total{rcode="NOERROR"}"#;
+    let nx = r#"beacon_dns_responses_total{rcode="NXDOMAIN"}"#;
+    let before = [value(udp_mx), value(tcp_mx), value(noerror), value(nx)];
+    let run = start(cfg(), Reader::fixed(demo())).await;
+    let mx = query("web.default.svc.cluster.local.", RecordType::MX, None)
+        .to_vec()
+        .unwrap();
+    let mx_nx = query("nope.default.svc.cluster.local.", RecordType::MX, None)
+        .to_vec()
+        .unwrap();
+    for _ in 0..3 {
+        assert!(udp_ask(run.addr, &mx).await.is_some());
+    }
+    assert!(udp_ask(run.addr, &mx_nx).await.is_some());
+    let _ = tcp_ask(run.addr, &mx).await;
+    // UDP threads add their tallies within UDP_POLL of going idle.
+    tokio::time::sleep(server::UDP_POLL * 3).await;
+    run.stop().await;
+    let after = [value(udp_mx), value(tcp_mx), value(noerror), value(nx)];
+    assert!(
+        after[0] - before[0] >= 4.0,
+        "udp MX: {before:?} -> {after:?}"
     );
     assert!(
-        text.contains("beacon_dns_request_duration_seconds"),
-        "{text}"
+        after[1] - before[1] >= 1.0,
+        "tcp MX: {before:?} -> {after:?}"
+    );
+    assert!(
+        after[2] - before[2] >= 4.0,
+        "NOERROR: {before:?} -> {after:?}"
+    );
+    assert!(
+        after[3] - before[3] >= 1.0,
+        "NXDOMAIN: {before:?} -> {after:?}"
+    );
+    assert!(
+        handle
+            .render()
+            .contains("beacon_dns_request_duration_seconds")
     );
 }
