@@ -40,6 +40,17 @@ pub fn metrics() -> PrometheusHandle {
                 .expect("buckets are not empty")
                 .build_recorder();
             let handle = recorder.handle();
+            // Histograms buffer samples until drained: drain them even when
+            // nobody scrapes /metrics, so memory stays flat under load.
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                });
             // Another recorder may be installed already (tests): then ours
             // only renders what it sees, which is still well-formed.
             let _ = metrics::set_global_recorder(recorder);
