@@ -1076,6 +1076,39 @@ fn validate_service(
     (r.errors.len() == errors_before).then_some(spec)
 }
 
+/// Reads every services file of a `file` source (`path` is one file or a
+/// directory of `*.toml` files), spotting duplicates through `index`.
+/// Returns each file's services, or every error found.
+pub fn load_services_path(
+    path: &Path,
+    defaults: &ServiceDefaults,
+    index: &mut ServicesIndex,
+) -> Result<std::collections::BTreeMap<PathBuf, Vec<ServiceSpec>>, ConfigErrors> {
+    let files = services_files(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            path: path.to_path_buf(),
+            line: 1,
+            col: 1,
+            message: format!("cannot read services path: {e}"),
+        }])
+    })?;
+    let mut loaded = std::collections::BTreeMap::new();
+    let mut errors = Vec::new();
+    for file in files {
+        match load_services(&file, defaults, index) {
+            Ok(specs) => {
+                loaded.insert(file, specs);
+            }
+            Err(e) => errors.extend(e.0),
+        }
+    }
+    if errors.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
 /// Validates a main config and every services file it names, as `beacon
 /// check` does. Returns every error found.
 pub fn check(path: &Path) -> Result<(Config, usize), ConfigErrors> {
@@ -1088,23 +1121,9 @@ pub fn check(path: &Path) -> Result<(Config, usize), ConfigErrors> {
         let SourceConfig::File { path } = source else {
             continue;
         };
-        let files = match services_files(path) {
-            Ok(f) => f,
-            Err(e) => {
-                errors.push(ConfigError {
-                    path: path.clone(),
-                    line: 1,
-                    col: 1,
-                    message: format!("cannot read services path: {e}"),
-                });
-                continue;
-            }
-        };
-        for file in files {
-            match load_services(&file, &defaults, &mut index) {
-                Ok(specs) => services += specs.len(),
-                Err(e) => errors.extend(e.0),
-            }
+        match load_services_path(path, &defaults, &mut index) {
+            Ok(files) => services += files.values().map(Vec::len).sum::<usize>(),
+            Err(e) => errors.extend(e.0),
         }
     }
     if errors.is_empty() {

@@ -55,36 +55,14 @@ impl FileSource {
 
     /// Reads every file from scratch.
     fn read_all(&mut self) -> Result<(), ConfigErrors> {
-        let files = match config::services_files(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                tracing::warn!(path = %self.path.display(), "services path does not exist yet; serving no services from it until it appears");
-                Vec::new()
-            }
-            Err(e) => {
-                return Err(ConfigErrors(vec![config::ConfigError {
-                    path: self.path.clone(),
-                    line: 1,
-                    col: 1,
-                    message: format!("cannot read services path: {e}"),
-                }]));
-            }
-        };
         let mut index = ServicesIndex::default();
-        let mut loaded = BTreeMap::new();
-        let mut errors = Vec::new();
-        for file in files {
-            match config::load_services(&file, &self.defaults, &mut index) {
-                Ok(specs) => {
-                    loaded.insert(file, specs);
-                }
-                Err(e) => errors.extend(e.0),
-            }
+        if !self.path.exists() {
+            tracing::warn!(path = %self.path.display(), "services path does not exist yet; serving no services from it until it appears");
+            self.files = BTreeMap::new();
+            self.index = index;
+            return Ok(());
         }
-        if !errors.is_empty() {
-            return Err(ConfigErrors(errors));
-        }
-        self.files = loaded;
+        self.files = config::load_services_path(&self.path, &self.defaults, &mut index)?;
         self.index = index;
         Ok(())
     }
