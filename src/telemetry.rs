@@ -1,4 +1,10 @@
 //! Logs (tracing) and metrics (Prometheus recorder).
+//!
+//! Every metric beacon exports is named here, once, with its help text
+//! ([`METRICS`]); code elsewhere refers to the constants, never to a string
+//! literal. The recorder is installed by [`metrics`], which `app::start`
+//! calls before it starts any loop, so a loop may resolve its metric handles
+//! once when it starts.
 
 use std::sync::OnceLock;
 
@@ -25,11 +31,11 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide metrics recorder once and returns its handle.
 pub fn metrics() -> PrometheusHandle {
-    METRICS
+    RECORDER
         .get_or_init(|| {
             let buckets = [
                 0.000_05, 0.0001, 0.000_25, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -60,43 +66,93 @@ pub fn metrics() -> PrometheusHandle {
         .clone()
 }
 
+/// What kind of series a metric is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One exported metric: its name, kind and `# HELP` text.
+#[derive(Clone, Copy, Debug)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+}
+
+macro_rules! catalogue {
+    ($( $(#[$doc:meta])* $konst:ident = ($name:literal, $kind:ident, $help:literal); )*) => {
+        $( $(#[$doc])* pub const $konst: &str = $name; )*
+        /// Every metric beacon exports, in one list.
+        pub const METRICS: &[Metric] = &[
+            $( Metric { name: $name, kind: Kind::$kind, help: $help }, )*
+        ];
+    };
+}
+
+catalogue! {
+    // DNS (the contract's names; `proto` = udp | tcp | dot | doh)
+    DNS_REQUESTS = ("beacon_dns_requests_total", Counter, "DNS requests by transport and query type");
+    DNS_RESPONSES = ("beacon_dns_responses_total", Counter, "DNS responses by rcode");
+    DNS_REQUEST_DURATION = ("beacon_dns_request_duration_seconds", Histogram, "DNS request handling time");
+    // Proxy
+    PROXY_CONNECTIONS = ("beacon_proxy_connections_total", Counter, "Proxied connections by service and result");
+    PROXY_ACTIVE_CONNECTIONS = ("beacon_proxy_active_connections", Gauge, "Open proxied connections by service");
+    PROXY_BYTES = ("beacon_proxy_bytes_total", Counter, "Proxied bytes by service and direction");
+    PROXY_CONNECT_DURATION = ("beacon_proxy_connect_duration_seconds", Histogram, "Time to connect to an endpoint");
+    PROXY_SPLICE = ("beacon_proxy_splice_total", Counter, "Proxied directions by copy mode (splice or userspace)");
+    PROXY_LISTENERS = ("beacon_proxy_listeners", Gauge, "Open proxy listeners");
+    PROXY_LISTENER_ERRORS = ("beacon_proxy_listener_errors_total", Counter, "Proxy listeners that could not be opened, by service");
+    PROXY_ACCEPT_ERRORS = ("beacon_proxy_accept_errors_total", Counter, "Failed accepts on proxy listeners, by kind");
+    // Health
+    ENDPOINTS = ("beacon_endpoints", Gauge, "Endpoints per service and state");
+    HEALTH_CHECKS = ("beacon_health_checks_total", Counter, "Health probes by result");
+    ENDPOINT_EJECTIONS = ("beacon_endpoint_ejections_total", Counter, "Passive ejections by service");
+    PANIC_MODE = ("beacon_panic_mode", Gauge, "1 while fail_open serves every endpoint of a service because none is healthy");
+    PANIC_MODE_ENTRIES = ("beacon_panic_mode_total", Counter, "Entries into panic mode by service");
+    // Sources and registry
+    SOURCE_UPDATES = ("beacon_source_updates_total", Counter, "Updates sent by each source");
+    SOURCE_ERRORS = ("beacon_source_errors_total", Counter, "Errors of each source");
+    REGISTRY_VERSION = ("beacon_registry_version", Gauge, "Version of the published snapshot");
+    CONFIG_RELOADS = ("beacon_config_reloads_total", Counter, "Services file reloads by result");
+}
+
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(
-        "beacon_config_reloads_total",
-        "Services file reloads by result"
-    );
-    describe_counter!("beacon_source_updates_total", "Updates sent by each source");
-    describe_counter!("beacon_source_errors_total", "Errors of each source");
-    describe_gauge!(
-        "beacon_registry_version",
-        "Version of the published snapshot"
-    );
-    describe_gauge!("beacon_endpoints", "Endpoints per service and state");
-    describe_counter!(
-        "beacon_dns_requests_total",
-        "DNS requests by transport and type"
-    );
-    describe_counter!("beacon_dns_responses_total", "DNS responses by rcode");
-    describe_histogram!(
-        "beacon_dns_request_duration_seconds",
-        "DNS request handling time"
-    );
-    describe_counter!(
-        "beacon_proxy_connections_total",
-        "Proxied connections by result"
-    );
-    describe_gauge!(
-        "beacon_proxy_active_connections",
-        "Open proxied connections"
-    );
-    describe_counter!("beacon_proxy_bytes_total", "Proxied bytes by direction");
-    describe_histogram!(
-        "beacon_proxy_connect_duration_seconds",
-        "Upstream connect time"
-    );
-    describe_counter!("beacon_health_checks_total", "Health probes by result");
+    for m in METRICS {
+        match m.kind {
+            Kind::Counter => ::metrics::describe_counter!(m.name, m.help),
+            Kind::Gauge => ::metrics::describe_gauge!(m.name, m.help),
+            Kind::Histogram => ::metrics::describe_histogram!(m.name, m.help),
+        }
+    }
     // Counters people alert on exist from the start, at zero.
-    metrics::counter!("beacon_config_reloads_total", "result" => "ok").increment(0);
-    metrics::counter!("beacon_config_reloads_total", "result" => "error").increment(0);
+    ::metrics::counter!(CONFIG_RELOADS, "result" => "ok").increment(0);
+    ::metrics::counter!(CONFIG_RELOADS, "result" => "error").increment(0);
+    ::metrics::gauge!(REGISTRY_VERSION).set(0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_named_once_with_help() {
+        let mut names: Vec<&str> = METRICS.iter().map(|m| m.name).collect();
+        names.sort();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len(), "a metric is listed twice");
+        for m in METRICS {
+            assert!(m.name.starts_with("beacon_"), "{}", m.name);
+            assert!(!m.help.is_empty(), "{} has no help", m.name);
+            assert_eq!(
+                m.kind == Kind::Counter,
+                m.name.ends_with("_total"),
+                "{}: counters and only counters end in _total",
+                m.name
+            );
+        }
+    }
 }

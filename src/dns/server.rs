@@ -44,12 +44,13 @@ fn rcode_label(rcode: ResponseCode) -> &'static str {
 /// are looked up per call, never cached at task start: a task may start
 /// before the process installs its recorder.
 pub fn record(proto: Proto, qtype: QType, rcode: Option<ResponseCode>, started: Instant) {
-    metrics::counter!("beacon_dns_requests_total", "proto" => proto.as_str(), "qtype" => qtype_label(qtype))
+    metrics::counter!(crate::telemetry::DNS_REQUESTS, "proto" => proto.as_str(), "qtype" => qtype_label(qtype))
         .increment(1);
     if let Some(rcode) = rcode {
-        metrics::counter!("beacon_dns_responses_total", "rcode" => rcode_label(rcode)).increment(1);
+        metrics::counter!(crate::telemetry::DNS_RESPONSES, "rcode" => rcode_label(rcode))
+            .increment(1);
     }
-    metrics::histogram!("beacon_dns_request_duration_seconds")
+    metrics::histogram!(crate::telemetry::DNS_REQUEST_DURATION)
         .record(started.elapsed().as_secs_f64());
 }
 
@@ -116,18 +117,18 @@ impl LocalMetrics {
         for (i, n) in self.requests.iter_mut().enumerate() {
             if *n > 0 {
                 let qtype = QTYPES.get(i).copied().unwrap_or("other");
-                metrics::counter!("beacon_dns_requests_total", "proto" => "udp", "qtype" => qtype)
+                metrics::counter!(crate::telemetry::DNS_REQUESTS, "proto" => "udp", "qtype" => qtype)
                     .increment(std::mem::take(n));
             }
         }
         for (i, n) in self.responses.iter_mut().enumerate() {
             if *n > 0 {
                 let rcode = RCODES.get(i).copied().unwrap_or("other");
-                metrics::counter!("beacon_dns_responses_total", "rcode" => rcode)
+                metrics::counter!(crate::telemetry::DNS_RESPONSES, "rcode" => rcode)
                     .increment(std::mem::take(n));
             }
         }
-        let histogram = metrics::histogram!("beacon_dns_request_duration_seconds");
+        let histogram = metrics::histogram!(crate::telemetry::DNS_REQUEST_DURATION);
         for d in self.durations.drain(..) {
             histogram.record(d);
         }

@@ -309,7 +309,7 @@ impl Supervisor {
         // Looked up per probe, not cached: a handle taken before the
         // recorder is installed would count into nothing.
         let outcome = if result.is_ok() { "success" } else { "failure" };
-        metrics::counter!("beacon_health_checks_total", "result" => outcome).increment(1);
+        metrics::counter!(crate::telemetry::HEALTH_CHECKS, "result" => outcome).increment(1);
         let th = t.thresholds();
         if let Some(state) = t.hyst.observe(result, th) {
             tracing::debug!(service = %service, %ip, state = ?state, "probe verdict changed");
@@ -346,7 +346,7 @@ impl Supervisor {
         if let Some(Change::Ejected { until, reason }) = change {
             self.totals.ejected += 1;
             tracing::info!(service = %o.service, ip = %o.ip, %reason, ?until, "endpoint ejected");
-            metrics::counter!("beacon_endpoint_ejections_total", "service" => o.service.to_string())
+            metrics::counter!(crate::telemetry::ENDPOINT_EJECTIONS, "service" => o.service.to_string())
                 .increment(1);
             self.expiries
                 .push(Reverse((until, o.service.clone(), o.ip)));

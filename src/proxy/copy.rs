@@ -180,7 +180,7 @@ pub async fn one_way(
         Mode::Auto => userspace(src, dst, meter).await?,
         Mode::Userspace => userspace(src, dst, meter).await?,
     };
-    metrics::counter!("beacon_proxy_splice_total", "mode" => moved.path.as_str()).increment(1);
+    metrics::counter!(crate::telemetry::PROXY_SPLICE, "mode" => moved.path.as_str()).increment(1);
     match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
         Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
         _ => {}

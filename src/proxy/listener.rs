@@ -152,7 +152,8 @@ pub(crate) async fn accept_loop<A: Acceptor>(
                 } else {
                     "other"
                 };
-                metrics::counter!("beacon_proxy_accept_errors_total", "kind" => kind).increment(1);
+                metrics::counter!(crate::telemetry::PROXY_ACCEPT_ERRORS, "kind" => kind)
+                    .increment(1);
                 if wait == BACKOFF_MIN {
                     tracing::warn!(error = %e, "accept failing; backing off");
                 } else {

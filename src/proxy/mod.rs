@@ -129,7 +129,7 @@ struct Shared {
 impl Shared {
     fn connect_duration(&self) -> &Histogram {
         self.connect_duration
-            .get_or_init(|| metrics::histogram!("beacon_proxy_connect_duration_seconds"))
+            .get_or_init(|| metrics::histogram!(crate::telemetry::PROXY_CONNECT_DURATION))
     }
 }
 
@@ -149,15 +149,15 @@ struct ServiceMetrics {
 impl ServiceMetrics {
     fn new(key: &ServiceKey) -> Self {
         let service = key.to_string();
-        let result = |r: &'static str| metrics::counter!("beacon_proxy_connections_total", "service" => service.clone(), "result" => r);
-        let bytes = |d: &'static str| metrics::counter!("beacon_proxy_bytes_total", "service" => service.clone(), "direction" => d);
+        let result = |r: &'static str| metrics::counter!(crate::telemetry::PROXY_CONNECTIONS, "service" => service.clone(), "result" => r);
+        let bytes = |d: &'static str| metrics::counter!(crate::telemetry::PROXY_BYTES, "service" => service.clone(), "direction" => d);
         Self {
             ok: result("ok"),
             not_ready: result("not_ready"),
             no_endpoints: result("no_endpoints"),
             connect_failed: result("connect_failed"),
             over_limit: result("over_limit"),
-            active: metrics::gauge!("beacon_proxy_active_connections", "service" => service.clone()),
+            active: metrics::gauge!(crate::telemetry::PROXY_ACTIVE_CONNECTIONS, "service" => service.clone()),
             to_upstream: bytes("to_upstream"),
             to_client: bytes("to_client"),
         }
@@ -491,13 +491,13 @@ impl Reconciler {
                     } else {
                         tracing::debug!(service = %key, error = %e, "proxy listener still not opened");
                     }
-                    metrics::counter!("beacon_proxy_listener_errors_total", "service" => key.to_string())
+                    metrics::counter!(crate::telemetry::PROXY_LISTENER_ERRORS, "service" => key.to_string())
                         .increment(1);
                     failed = true;
                 }
             }
         }
-        metrics::gauge!("beacon_proxy_listeners").set(self.listeners.len() as f64);
+        metrics::gauge!(crate::telemetry::PROXY_LISTENERS).set(self.listeners.len() as f64);
         self.owned.clear();
         for (addr, (key, _)) in &wanted {
             self.owned.entry(key.clone()).or_default().push(*addr);

@@ -421,7 +421,7 @@ pub fn spawn(
             let changed = apply_batch(&mut state, burst);
             if changed.any() {
                 let snap = state.next_snapshot();
-                metrics::gauge!("beacon_registry_version").set(snap.version as f64);
+                metrics::gauge!(crate::telemetry::REGISTRY_VERSION).set(snap.version as f64);
                 let previous = snap_tx.send_replace(snap.clone());
                 publish_endpoint_gauges(&previous, &snap, &changed.services);
             }
@@ -443,22 +443,20 @@ fn publish_endpoint_gauges(previous: &Snapshot, snap: &Snapshot, changed: &[Serv
             (healthy, svc.endpoints.len())
         });
         let service = key.to_string();
-        metrics::gauge!("beacon_endpoints", "service" => service.clone(), "state" => "healthy")
+        metrics::gauge!(crate::telemetry::ENDPOINTS, "service" => service.clone(), "state" => "healthy")
             .set(healthy as f64);
-        metrics::gauge!("beacon_endpoints", "service" => service.clone(), "state" => "unhealthy")
+        metrics::gauge!(crate::telemetry::ENDPOINTS, "service" => service.clone(), "state" => "unhealthy")
             .set((total - healthy) as f64);
         let panic = svc.is_some_and(|s| s.panic);
         let was_panic = previous.services.get(key).is_some_and(|s| s.panic);
         if panic != was_panic {
-            metrics::gauge!("beacon_panic_mode", "service" => service.clone()).set(if panic {
-                1.0
-            } else {
-                0.0
-            });
+            metrics::gauge!(crate::telemetry::PANIC_MODE, "service" => service.clone())
+                .set(if panic { 1.0 } else { 0.0 });
         }
         if panic && !was_panic {
             tracing::warn!(service = %key, "no endpoint is healthy: fail_open serves them all");
-            metrics::counter!("beacon_panic_mode_total", "service" => service).increment(1);
+            metrics::counter!(crate::telemetry::PANIC_MODE_ENTRIES, "service" => service)
+                .increment(1);
         }
     }
 }

@@ -98,7 +98,8 @@ impl FileSource {
             let previous = self.index.take_file(file);
             match config::load_services(file, &self.defaults, &mut self.index) {
                 Ok(specs) => {
-                    metrics::counter!("beacon_config_reloads_total", "result" => "ok").increment(1);
+                    metrics::counter!(crate::telemetry::CONFIG_RELOADS, "result" => "ok")
+                        .increment(1);
                     tracing::info!(file = %file.display(), services = specs.len(), "services file reloaded");
                     after.extend(specs.iter().map(|s| (s.key.clone(), s.clone())));
                     if let Some(old) = self.files.insert(file.clone(), specs) {
@@ -106,7 +107,7 @@ impl FileSource {
                     }
                 }
                 Err(errors) => {
-                    metrics::counter!("beacon_config_reloads_total", "result" => "error")
+                    metrics::counter!(crate::telemetry::CONFIG_RELOADS, "result" => "error")
                         .increment(1);
                     count_error(&self.id);
                     for e in &errors.0 {
@@ -165,13 +166,14 @@ impl FileSource {
     async fn full_reload(&mut self, registry: &registry::Handle) {
         match self.read_all() {
             Ok(()) => {
-                metrics::counter!("beacon_config_reloads_total", "result" => "ok").increment(1);
+                metrics::counter!(crate::telemetry::CONFIG_RELOADS, "result" => "ok").increment(1);
                 tracing::info!(path = %self.path.display(), "services re-read");
                 let all = self.services();
                 self.send(registry, Update::Reset(all)).await;
             }
             Err(errors) => {
-                metrics::counter!("beacon_config_reloads_total", "result" => "error").increment(1);
+                metrics::counter!(crate::telemetry::CONFIG_RELOADS, "result" => "error")
+                    .increment(1);
                 count_error(&self.id);
                 for e in &errors.0 {
                     tracing::error!(position = %e, "services rejected; the last good state stays in force");

@@ -85,11 +85,12 @@ impl Backoff {
 
 /// Counts one update or error of a source in the contract's metrics.
 pub fn count_update(source: &SourceId) {
-    metrics::counter!("beacon_source_updates_total", "source" => source.to_string()).increment(1);
+    metrics::counter!(crate::telemetry::SOURCE_UPDATES, "source" => source.to_string())
+        .increment(1);
 }
 
 pub fn count_error(source: &SourceId) {
-    metrics::counter!("beacon_source_errors_total", "source" => source.to_string()).increment(1);
+    metrics::counter!(crate::telemetry::SOURCE_ERRORS, "source" => source.to_string()).increment(1);
 }
 
 #[cfg(test)]
