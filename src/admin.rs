@@ -22,23 +22,26 @@ struct AdminState {
     metrics: PrometheusHandle,
 }
 
-/// Binds `addr` and serves until `shutdown`. Returns the bound address.
-pub async fn spawn(
+/// Binds `addr`. Returns the bound address and the server loop, which
+/// serves until `shutdown` (then `Ok`).
+pub async fn bind(
     addr: SocketAddr,
     reader: Reader,
     metrics: PrometheusHandle,
     shutdown: CancellationToken,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+) -> std::io::Result<(
+    SocketAddr,
+    impl std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let app = router(reader, metrics);
-    let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
-        if let Err(e) = serve.await {
-            tracing::warn!(error = %e, "admin server stopped");
-        }
-    });
-    Ok((local, task))
+    let serve = async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+    };
+    Ok((local, serve))
 }
 
 pub fn router(reader: Reader, metrics: PrometheusHandle) -> Router {

@@ -253,6 +253,164 @@ pub async fn probe(url: &Url, timeout: Duration) -> Result<(), ClientError> {
     }
 }
 
+// === the `query`, `get` and `probe` commands ===
+
+/// The client commands of the `beacon` binary.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Ask a DNS server one question (scratch images have no dig).
+    Query {
+        name: String,
+        #[arg(long, default_value = "127.0.0.1:53")]
+        server: SocketAddr,
+        /// Record type: A, AAAA, SRV, PTR, TXT, SOA, ...
+        #[arg(long = "type", default_value = "A")]
+        rtype: String,
+    },
+    /// HTTP GET a URL `count` times, one connection each; prints each
+    /// body's first line (the demo backends answer their name).
+    Get {
+        url: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// DNS server for the URL's host (default: /etc/resolv.conf).
+        #[arg(long)]
+        dns: Option<SocketAddr>,
+        /// Pause between requests.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Before counting, retry the first request this long (while the
+        /// service comes up).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
+    /// Exit 0 when URL answers (http:// with 2xx/3xx, tcp:// connects);
+    /// for Docker HEALTHCHECKs in scratch images.
+    Probe {
+        url: String,
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+/// How a client command ended: the process exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    Ok = 0,
+    /// The server said no, or could not be reached.
+    Failed = 1,
+    /// Bad arguments.
+    Usage = 2,
+}
+
+/// Runs one client command, printing its results on stdout and its errors
+/// on stderr.
+pub async fn run(command: Command) -> Exit {
+    let timeout = Duration::from_secs(2);
+    match command {
+        Command::Query {
+            name,
+            server,
+            rtype,
+        } => run_query(&name, server, &rtype, timeout).await,
+        Command::Get {
+            url,
+            count,
+            dns,
+            interval,
+            wait,
+        } => match parse_url(&url) {
+            Ok(url) => run_get(&url, count, dns, interval, wait, timeout).await,
+            Err(e) => {
+                eprintln!("beacon: {e}");
+                Exit::Usage
+            }
+        },
+        Command::Probe { url, timeout } => {
+            let result = match parse_url(&url) {
+                Ok(u) => probe(&u, timeout).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => Exit::Ok,
+                Err(e) => {
+                    eprintln!("beacon: probe {url}: {e}");
+                    Exit::Failed
+                }
+            }
+        }
+    }
+}
+
+async fn run_query(name: &str, server: SocketAddr, rtype: &str, timeout: Duration) -> Exit {
+    let Ok(rtype) = rtype.to_ascii_uppercase().parse() else {
+        eprintln!("beacon: unknown record type `{rtype}`");
+        return Exit::Usage;
+    };
+    match query(server, name, rtype, timeout).await {
+        Ok(answer) => {
+            for r in &answer.answers {
+                println!("{} {} {} {}", r.name, r.ttl, r.record_type(), r.data);
+            }
+            let rcode = answer.metadata.response_code;
+            if rcode == ResponseCode::NoError {
+                Exit::Ok
+            } else {
+                eprintln!("beacon: {rcode}");
+                Exit::Failed
+            }
+        }
+        Err(e) => {
+            eprintln!("beacon: {e}");
+            Exit::Failed
+        }
+    }
+}
+
+async fn run_get(
+    url: &Url,
+    count: u32,
+    dns: Option<SocketAddr>,
+    interval: Duration,
+    wait: Duration,
+    timeout: Duration,
+) -> Exit {
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Err(e) = get_once(url, dns, timeout).await {
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        eprintln!("beacon: {e} (retrying)");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut failed = 0;
+    let mut tally = std::collections::BTreeMap::<String, u32>::new();
+    for i in 0..count {
+        if i > 0 && !interval.is_zero() {
+            tokio::time::sleep(interval).await;
+        }
+        match get_once(url, dns, timeout).await {
+            Ok(line) => {
+                println!("{line}");
+                *tally.entry(line).or_default() += 1;
+            }
+            Err(e) => {
+                eprintln!("beacon: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if count > 1 {
+        let summary: Vec<String> = tally.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        eprintln!(
+            "{} ok, {failed} failed: {}",
+            count - failed,
+            summary.join(" ")
+        );
+    }
+    if failed == 0 { Exit::Ok } else { Exit::Failed }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

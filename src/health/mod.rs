@@ -44,15 +44,32 @@ use supervisor::{Effects, Launch, Supervisor};
 /// Outcomes handled per wake-up before the loop looks at timers again.
 const OUTCOME_BATCH: usize = 1024;
 
-/// Starts the health loop. It runs until `shutdown` or until the registry
-/// stops; every probe it started ends with it.
+/// Why the health loop ended before shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error("the registry stopped")]
+    RegistryGone,
+}
+
+/// The health loop: runs until `shutdown` (then `Ok`) or until the
+/// registry stops (`Err`); every probe it started ends with it.
+pub async fn run(
+    reader: Reader,
+    registry: Handle,
+    outcomes: mpsc::Receiver<ConnectOutcome>,
+    shutdown: CancellationToken,
+) -> Result<(), HealthError> {
+    run_loop(reader, registry, outcomes, shutdown, None).await
+}
+
+/// [`run`] spawned on the runtime.
 pub fn spawn(
     reader: Reader,
     registry: Handle,
     outcomes: mpsc::Receiver<ConnectOutcome>,
     shutdown: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(run(reader, registry, outcomes, shutdown, None))
+) -> tokio::task::JoinHandle<Result<(), HealthError>> {
+    tokio::spawn(run(reader, registry, outcomes, shutdown))
 }
 
 /// Like [`spawn`], and publishes the loop's [`Stats`] (probe targets,
@@ -62,9 +79,12 @@ pub fn spawn_with_stats(
     registry: Handle,
     outcomes: mpsc::Receiver<ConnectOutcome>,
     shutdown: CancellationToken,
-) -> (tokio::task::JoinHandle<()>, watch::Receiver<Stats>) {
+) -> (
+    tokio::task::JoinHandle<Result<(), HealthError>>,
+    watch::Receiver<Stats>,
+) {
     let (tx, rx) = watch::channel(Stats::default());
-    let task = tokio::spawn(run(reader, registry, outcomes, shutdown, Some(tx)));
+    let task = tokio::spawn(run_loop(reader, registry, outcomes, shutdown, Some(tx)));
     (task, rx)
 }
 
@@ -121,13 +141,13 @@ impl Probes {
     }
 }
 
-async fn run(
+async fn run_loop(
     mut reader: Reader,
     registry: Handle,
     mut outcomes: mpsc::Receiver<ConnectOutcome>,
     shutdown: CancellationToken,
     stats: Option<watch::Sender<Stats>>,
-) {
+) -> Result<(), HealthError> {
     let mut core = Supervisor::default();
     let mut probes = Probes::default();
     let mut fx = Effects::default();
@@ -137,7 +157,7 @@ async fn run(
     let mut sleep = pin!(tokio::time::sleep_until(far()));
     let mut armed: Option<std::time::Instant> = None;
     core.reconcile(&reader.latest(), now(), &mut fx);
-    loop {
+    let result = loop {
         core.due(now(), &mut launches, &mut fx);
         for l in launches.drain(..) {
             probes.launch(l);
@@ -147,8 +167,12 @@ async fn run(
         }
         for r in fx.reports.drain(..) {
             if !registry.health(r.service, r.ip, r.change).await {
-                tracing::debug!("registry stopped; health loop ends");
-                return;
+                probes.set.shutdown().await;
+                return if shutdown.is_cancelled() {
+                    Ok(())
+                } else {
+                    Err(HealthError::RegistryGone)
+                };
             }
         }
         if let Some(tx) = &stats {
@@ -163,10 +187,11 @@ async fn run(
             sleep.as_mut().reset(at);
         }
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => break Ok(()),
             snap = reader.changed() => match snap {
                 Some(snap) => core.reconcile(&snap, now(), &mut fx),
-                None => break,
+                None if shutdown.is_cancelled() => break Ok(()),
+                None => break Err(HealthError::RegistryGone),
             },
             Some(joined) = probes.set.join_next(), if !probes.set.is_empty() => {
                 let now = now();
@@ -194,8 +219,9 @@ async fn run(
                 armed = None;
             }
         }
-    }
+    };
     probes.set.shutdown().await;
+    result
 }
 
 fn now() -> std::time::Instant {

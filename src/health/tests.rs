@@ -49,7 +49,7 @@ struct Rig {
     outcomes: mpsc::Sender<ConnectOutcome>,
     stats: watch::Receiver<Stats>,
     shutdown: CancellationToken,
-    health: JoinHandle<()>,
+    health: JoinHandle<Result<(), super::HealthError>>,
 }
 
 impl Rig {
@@ -196,7 +196,10 @@ async fn tcp_probe_follows_a_backend_down_and_up() {
         .await;
     eprintln!("tcp: down after {fall:?}, up after {rise:?}");
     rig.shutdown.cancel();
-    rig.health.await.unwrap();
+    rig.health
+        .await
+        .unwrap()
+        .expect("the health loop ends Ok on shutdown");
 }
 
 #[tokio::test]
@@ -376,7 +379,8 @@ async fn probes_come_and_go_with_endpoints() {
     tokio::time::timeout(Duration::from_secs(1), rig.health)
         .await
         .expect("health loop ends on shutdown")
-        .unwrap();
+        .unwrap()
+        .expect("the health loop ends Ok on shutdown");
     let deadline = Instant::now() + Duration::from_secs(1);
     // The loop and its three probes are gone (the registry ends too).
     while metrics.num_alive_tasks() > before - 4 {

@@ -14,6 +14,7 @@
 //! of arrival.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -387,48 +388,93 @@ impl Handle {
 /// Events applied together at most, so a flood still publishes regularly.
 const BURST: usize = 4096;
 
-/// Starts the registry task. `sources` lists the configured sources in
-/// priority order; readiness waits for each of them (or `startup_timeout`).
+/// Why the registry loop ended before shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("every sender of events is gone (sources and health stopped)")]
+    NoSenders,
+}
+
+/// Builds the registry: the handle sources and health send to, the reader
+/// everyone else reads, and the loop to run (`app` supervises it). The
+/// loop returns `Ok(())` once `shutdown` is cancelled. `sources` lists the
+/// configured sources in priority order; readiness waits for each of them
+/// (or `startup_timeout`).
+pub fn new(
+    sources: Vec<SourceId>,
+    startup_timeout: Duration,
+    shutdown: CancellationToken,
+) -> (
+    Handle,
+    Reader,
+    impl Future<Output = Result<(), RegistryError>> + Send + 'static,
+) {
+    let (tx, rx) = mpsc::channel::<Event>(4096);
+    let state = State::new(sources);
+    let (snap_tx, snap_rx) = watch::channel(Arc::new(state.snapshot.clone()));
+    let run = run(state, rx, tx.clone(), snap_tx, startup_timeout, shutdown);
+    (Handle { tx }, Reader { rx: snap_rx }, run)
+}
+
+/// Like [`new`], with the loop spawned on the runtime (tests, benches).
 pub fn spawn(
     sources: Vec<SourceId>,
     startup_timeout: Duration,
     shutdown: CancellationToken,
-) -> (Handle, Reader, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::channel::<Event>(4096);
-    let mut state = State::new(sources);
-    let (snap_tx, snap_rx) = watch::channel(Arc::new(state.snapshot.clone()));
-    let timeout_tx = tx.clone();
-    let task = tokio::spawn(async move {
-        let timer = tokio::spawn(async move {
-            tokio::time::sleep(startup_timeout).await;
-            let _ = timeout_tx.send(Event::StartupTimeout).await;
-        });
-        loop {
-            let event = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                event = rx.recv() => match event {
-                    Some(e) => e,
-                    None => break,
-                },
-            };
-            // Coalesce a burst into one published version.
-            let mut burst = vec![event];
-            while burst.len() < BURST
-                && let Ok(event) = rx.try_recv()
-            {
-                burst.push(event);
-            }
-            let changed = apply_batch(&mut state, burst);
-            if changed.any() {
-                let snap = state.next_snapshot();
-                metrics::gauge!(crate::telemetry::REGISTRY_VERSION).set(snap.version as f64);
-                let previous = snap_tx.send_replace(snap.clone());
-                publish_endpoint_gauges(&previous, &snap, &changed.services);
+) -> (
+    Handle,
+    Reader,
+    tokio::task::JoinHandle<Result<(), RegistryError>>,
+) {
+    let (handle, reader, run) = new(sources, startup_timeout, shutdown);
+    (handle, reader, tokio::spawn(run))
+}
+
+async fn run(
+    mut state: State,
+    mut rx: mpsc::Receiver<Event>,
+    timeout_tx: mpsc::Sender<Event>,
+    snap_tx: watch::Sender<Arc<Snapshot>>,
+    startup_timeout: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), RegistryError> {
+    let timer = tokio::spawn(async move {
+        tokio::time::sleep(startup_timeout).await;
+        let _ = timeout_tx.send(Event::StartupTimeout).await;
+    });
+    let result = loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            event = rx.recv() => match event {
+                Some(e) => e,
+                None => break Err(RegistryError::NoSenders),
+            },
+        };
+        // Coalesce a burst into one published version.
+        let mut burst = vec![event];
+        while burst.len() < BURST
+            && let Ok(event) = rx.try_recv()
+        {
+            burst.push(event);
+        }
+        let changed = apply_batch(&mut state, burst);
+        if changed.any() {
+            let snap = state.next_snapshot();
+            metrics::gauge!(crate::telemetry::REGISTRY_VERSION).set(snap.version as f64);
+            let previous = snap_tx.send_replace(snap.clone());
+            publish_endpoint_gauges(&previous, &snap, &changed.services);
+            if changed.ready {
+                tracing::info!(
+                    services = snap.services.len(),
+                    endpoints = snap.endpoint_count(),
+                    version = snap.version,
+                    "ready"
+                );
             }
         }
-        timer.abort();
-    });
-    (Handle { tx }, Reader { rx: snap_rx }, task)
+    };
+    timer.abort();
+    result
 }
 
 /// Updates `beacon_endpoints{service,state}` and the panic-mode metrics

@@ -186,7 +186,9 @@ async fn task_publishes_versions_and_coalesces() {
     let snap = reader.changed().await.unwrap();
     assert_eq!(snap.version, v + 1);
     shutdown.cancel();
-    task.await.unwrap();
+    task.await
+        .unwrap()
+        .expect("the registry loop ends Ok on shutdown");
 }
 
 #[test]

@@ -35,10 +35,8 @@
 //! needs no engine.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -57,7 +55,7 @@ use crate::model::{
 };
 use crate::registry::{self, Update};
 
-use super::{Backoff, Source, count_error, count_update};
+use super::{Backoff, Source, SourceError, SourceFuture, count_error};
 
 /// The opt-in label.
 pub const LABEL_SERVICE: &str = "beacon.service";
@@ -87,6 +85,8 @@ pub enum DockerError {
     },
     #[error("the docker event stream ended")]
     EventsEnded,
+    #[error("the registry stopped")]
+    RegistryGone,
 }
 
 /// Why a labeled container is skipped.
@@ -654,13 +654,18 @@ impl DockerSource {
         Ok(members)
     }
 
-    async fn send(&self, registry: &registry::Handle, update: Update) {
-        count_update(&self.id);
-        registry.source(&self.id, update).await;
+    async fn send(&self, registry: &registry::Handle, update: Update) -> Result<(), DockerError> {
+        super::send(registry, &self.id, update)
+            .await
+            .map_err(|_| DockerError::RegistryGone)
     }
 
     /// Replaces every member and sends a `Reset`.
-    async fn reset(&mut self, registry: &registry::Handle, members: BTreeMap<String, Member>) {
+    async fn reset(
+        &mut self,
+        registry: &registry::Handle,
+        members: BTreeMap<String, Member>,
+    ) -> Result<(), DockerError> {
         self.members = members;
         self.sent = all_services(self.members.values(), &self.defaults);
         tracing::info!(
@@ -669,11 +674,15 @@ impl DockerSource {
             "docker: synced"
         );
         let all = self.sent.values().cloned().collect();
-        self.send(registry, Update::Reset(all)).await;
+        self.send(registry, Update::Reset(all)).await
     }
 
     /// Recomputes `keys` and sends what changed.
-    async fn publish(&mut self, registry: &registry::Handle, keys: BTreeSet<ServiceKey>) {
+    async fn publish(
+        &mut self,
+        registry: &registry::Handle,
+        keys: BTreeSet<ServiceKey>,
+    ) -> Result<(), DockerError> {
         for key in keys {
             let now = service_spec(&key, self.members.values(), &self.defaults);
             if now.as_ref() == self.sent.get(&key) {
@@ -683,15 +692,16 @@ impl DockerSource {
                 Some(spec) => {
                     tracing::debug!(service = %key, endpoints = spec.endpoints.len(), "docker: service changed");
                     self.sent.insert(key, spec.clone());
-                    self.send(registry, Update::Upsert(Box::new(spec))).await;
+                    self.send(registry, Update::Upsert(Box::new(spec))).await?;
                 }
                 None => {
                     tracing::debug!(service = %key, "docker: service gone");
                     self.sent.remove(&key);
-                    self.send(registry, Update::Remove(key)).await;
+                    self.send(registry, Update::Remove(key)).await?;
                 }
             }
         }
+        Ok(())
     }
 
     /// A re-list while connected: only what changed is sent.
@@ -704,8 +714,7 @@ impl DockerSource {
         let mut keys: BTreeSet<ServiceKey> = self.sent.keys().cloned().collect();
         keys.extend(members.values().map(|m| m.key.clone()));
         self.members = members;
-        self.publish(registry, keys).await;
-        Ok(())
+        self.publish(registry, keys).await
     }
 
     async fn on_event(
@@ -767,8 +776,7 @@ impl DockerSource {
             keys.insert(m.key.clone());
             self.members.insert(id, m);
         }
-        self.publish(registry, keys).await;
-        Ok(())
+        self.publish(registry, keys).await
     }
 
     /// One connection to the engine: list, Reset, follow events. Returns
@@ -796,7 +804,7 @@ impl DockerSource {
         };
         let mut events = docker.events(Some(options));
         let members = self.list(&docker).await?;
-        self.reset(registry, members).await;
+        self.reset(registry, members).await?;
         backoff.reset();
         let mut resync =
             tokio::time::interval_at(tokio::time::Instant::now() + RESYNC_EVERY, RESYNC_EVERY);
@@ -813,20 +821,28 @@ impl DockerSource {
         }
     }
 
-    async fn run_loop(mut self, registry: registry::Handle, shutdown: CancellationToken) {
+    async fn run_loop(
+        mut self,
+        registry: registry::Handle,
+        shutdown: CancellationToken,
+    ) -> Result<(), SourceError> {
         let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
         loop {
             let result = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
                 r = self.session(&registry, &shutdown, &mut backoff) => r,
             };
-            let Err(e) = result else { return };
+            let e = match result {
+                Ok(()) => return Ok(()),
+                Err(DockerError::RegistryGone) => return Err(SourceError::RegistryGone),
+                Err(e) => e,
+            };
             count_error(&self.id);
             let delay = backoff.next_delay();
             tracing::warn!(error = %e, retry_in = ?delay,
                 "docker engine unavailable; serving the last known endpoints until it is back");
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(delay) => {}
             }
         }
@@ -842,7 +858,7 @@ impl Source for DockerSource {
         self: Box<Self>,
         registry: registry::Handle,
         shutdown: CancellationToken,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    ) -> SourceFuture {
         Box::pin(self.run_loop(registry, shutdown))
     }
 }

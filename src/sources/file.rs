@@ -7,9 +7,7 @@
 //! and counted in `beacon_config_reloads_total{result="error"}`.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -20,7 +18,7 @@ use crate::config::{self, ConfigErrors, ServiceDefaults, ServicesIndex};
 use crate::model::{ServiceKey, ServiceSpec, SourceId};
 use crate::registry::{self, Update};
 
-use super::{Source, count_error, count_update};
+use super::{Source, SourceError, SourceFuture, count_error};
 
 /// Quiet time after the last file event before re-reading.
 const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -158,18 +156,17 @@ impl FileSource {
         Ok(watcher)
     }
 
-    async fn send(&self, registry: &registry::Handle, update: Update) {
-        count_update(&self.id);
-        registry.source(&self.id, update).await;
+    async fn send(&self, registry: &registry::Handle, update: Update) -> Result<(), SourceError> {
+        super::send(registry, &self.id, update).await
     }
 
-    async fn full_reload(&mut self, registry: &registry::Handle) {
+    async fn full_reload(&mut self, registry: &registry::Handle) -> Result<(), SourceError> {
         match self.read_all() {
             Ok(()) => {
                 metrics::counter!(crate::telemetry::CONFIG_RELOADS, "result" => "ok").increment(1);
                 tracing::info!(path = %self.path.display(), "services re-read");
                 let all = self.services();
-                self.send(registry, Update::Reset(all)).await;
+                self.send(registry, Update::Reset(all)).await?;
             }
             Err(errors) => {
                 metrics::counter!(crate::telemetry::CONFIG_RELOADS, "result" => "error")
@@ -180,9 +177,14 @@ impl FileSource {
                 }
             }
         }
+        Ok(())
     }
 
-    async fn run_loop(mut self, registry: registry::Handle, shutdown: CancellationToken) {
+    async fn run_loop(
+        mut self,
+        registry: registry::Handle,
+        shutdown: CancellationToken,
+    ) -> Result<(), SourceError> {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let _watcher = match self.watch(tx) {
             Ok(w) => Some(w),
@@ -194,15 +196,23 @@ impl FileSource {
         };
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let all = self.services();
-        self.send(&registry, Update::Reset(all)).await;
+        self.send(&registry, Update::Reset(all)).await?;
+        // Without a watcher the channel is closed at once: SIGHUP still works.
+        let mut watching = _watcher.is_some();
         loop {
             let first = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
                 Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    self.full_reload(&registry).await;
+                    self.full_reload(&registry).await?;
                     continue;
                 }
-                p = rx.recv() => match p { Some(p) => p, None => return },
+                p = rx.recv(), if watching => match p {
+                    Some(p) => p,
+                    None => {
+                        watching = false;
+                        continue;
+                    }
+                },
             };
             let mut dirty = HashSet::from([first]);
             let deadline = tokio::time::Instant::now() + DEBOUNCE_MAX;
@@ -225,7 +235,7 @@ impl FileSource {
                 BTreeSet::from([self.path.clone()])
             };
             for update in self.reload(changed) {
-                self.send(&registry, update).await;
+                self.send(&registry, update).await?;
             }
         }
     }
@@ -240,7 +250,7 @@ impl Source for FileSource {
         self: Box<Self>,
         registry: registry::Handle,
         shutdown: CancellationToken,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    ) -> SourceFuture {
         Box::pin(self.run_loop(registry, shutdown))
     }
 }

@@ -14,6 +14,20 @@ use crate::registry::{self, Update};
 pub mod docker;
 pub mod file;
 
+/// Why a source loop ended before shutdown. A source rides out a lost
+/// upstream (engine, API server, etcd) by itself, with backoff; it ends only
+/// when it cannot go on, and the app then exits (see `app`).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("the registry stopped")]
+    RegistryGone,
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What a source loop returns: `Ok(())` once shutdown was requested.
+pub type SourceFuture = Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>>;
+
 /// A watcher of endpoints. `run` loops until `shutdown`, reporting through
 /// `registry`; it must send a `Reset` as its first sync.
 pub trait Source: Send + 'static {
@@ -22,10 +36,25 @@ pub trait Source: Send + 'static {
         self: Box<Self>,
         registry: registry::Handle,
         shutdown: CancellationToken,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+    ) -> SourceFuture;
 }
 
-/// A fixed set of services (the `dev` demo, tests).
+/// Sends one update of `source`, counted in `beacon_source_updates_total`.
+pub async fn send(
+    registry: &registry::Handle,
+    source: &SourceId,
+    update: Update,
+) -> Result<(), SourceError> {
+    count_update(source);
+    if registry.source(source, update).await {
+        Ok(())
+    } else {
+        Err(SourceError::RegistryGone)
+    }
+}
+
+/// A fixed set of services (the `dev` demo, tests): one Reset, then it holds
+/// them until shutdown.
 pub struct StaticSource {
     pub id: SourceId,
     pub services: Vec<ServiceSpec>,
@@ -39,12 +68,12 @@ impl Source for StaticSource {
     fn run(
         self: Box<Self>,
         registry: registry::Handle,
-        _shutdown: CancellationToken,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        shutdown: CancellationToken,
+    ) -> SourceFuture {
         Box::pin(async move {
-            registry
-                .source(&self.id, Update::Reset(self.services))
-                .await;
+            send(&registry, &self.id, Update::Reset(self.services)).await?;
+            shutdown.cancelled().await;
+            Ok(())
         })
     }
 }
@@ -81,6 +110,14 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
+}
+
+/// Creates a source's update and error series at zero, so that rates and
+/// alerts see the source before its first error.
+pub fn register_metrics(source: &SourceId) {
+    metrics::counter!(crate::telemetry::SOURCE_UPDATES, "source" => source.to_string())
+        .increment(0);
+    metrics::counter!(crate::telemetry::SOURCE_ERRORS, "source" => source.to_string()).increment(0);
 }
 
 /// Counts one update or error of a source in the contract's metrics.

@@ -80,6 +80,8 @@ pub struct Options {
     /// Written to `services.toml` in the config's directory when set.
     pub services: Option<String>,
     pub args: Vec<String>,
+    /// Environment variables for the process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Beacon {
@@ -103,7 +105,7 @@ impl Beacon {
             dir.path().join("beacon.toml").display().to_string(),
         ];
         args.extend(opts.args);
-        Self::spawn(dir, admin, dns, &args)
+        Self::spawn_env(dir, admin, dns, &args, &opts.env)
     }
 
     /// Runs the binary with `args` in `dir`, logging to `dir/beacon.log`.
@@ -113,10 +115,22 @@ impl Beacon {
         dns: SocketAddr,
         args: &[String],
     ) -> Beacon {
+        Self::spawn_env(dir, admin, dns, args, &[])
+    }
+
+    /// [`Beacon::spawn`] with extra environment variables.
+    pub fn spawn_env(
+        dir: tempfile::TempDir,
+        admin: SocketAddr,
+        dns: SocketAddr,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Beacon {
         let log = dir.path().join("beacon.log");
         let child = Command::new(BIN)
             .args(args)
             .env("RUST_LOG", "info,beacon=debug")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::from(
                 std::fs::File::create(dir.path().join("stdout.log")).unwrap(),
             ))

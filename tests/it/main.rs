@@ -7,3 +7,4 @@ mod harness;
 mod health_e2e;
 mod proxy;
 mod spine;
+mod supervision;

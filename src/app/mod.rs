@@ -1,0 +1,198 @@
+//! Wiring: builds every loop from the config, connects them with channels,
+//! and runs them under supervision until shutdown. The only module that
+//! knows every part.
+//!
+//! - [`supervise`]: the loops in one `JoinSet`; a loop that ends before
+//!   shutdown is fatal (exit 1, the loop named in the log).
+//! - [`dev`]: the `beacon dev` demo.
+
+pub mod dev;
+pub mod supervise;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigErrors, SourceConfig};
+use crate::registry::{self, Reader};
+use crate::sources::{Source, docker::DockerSource, file::FileSource};
+use supervise::Loops;
+
+/// Why beacon could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad config or services file: exit code 2.
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    /// Anything else (a port in use, a loop that died, ...): exit code 1.
+    #[error(transparent)]
+    Runtime(#[from] anyhow::Error),
+}
+
+/// A started beacon.
+pub struct Running {
+    pub reader: Reader,
+    pub admin_addr: Option<SocketAddr>,
+    pub dns_addr: Option<SocketAddr>,
+    /// Feeds passive health signals (the proxy's connect outcomes).
+    pub outcomes: tokio::sync::mpsc::Sender<crate::model::ConnectOutcome>,
+    proxy: Option<crate::proxy::Proxy>,
+    drain_timeout: Duration,
+    loops: Loops,
+}
+
+/// Builds the configured sources (reading files once: a broken one is a
+/// config error).
+pub fn build_sources(config: &Config) -> Result<Vec<Box<dyn Source>>, StartError> {
+    let defaults = config.service_defaults();
+    let mut out: Vec<Box<dyn Source>> = Vec::new();
+    for s in &config.sources {
+        match s {
+            SourceConfig::File { path } => {
+                out.push(Box::new(FileSource::load(path, defaults.clone())?))
+            }
+            SourceConfig::Docker { socket, network } => out.push(Box::new(DockerSource::new(
+                socket.clone(),
+                network.clone(),
+                defaults.clone(),
+            ))),
+        }
+    }
+    Ok(out)
+}
+
+/// Starts every loop, plus `extra_sources` (the dev demo). Returns once
+/// every listener is bound.
+pub async fn start(
+    config: Config,
+    extra_sources: Vec<Box<dyn Source>>,
+    shutdown: CancellationToken,
+) -> Result<Running, StartError> {
+    // The recorder before any loop: loops resolve their metric handles
+    // when they start.
+    let metrics = crate::telemetry::metrics();
+    let mut loops = Loops::new();
+    let mut sources = build_sources(&config)?;
+    sources.extend(extra_sources);
+    let ids = sources.iter().map(|s| s.id()).collect();
+    let (handle, reader, registry_loop) =
+        registry::new(ids, config.startup_timeout, shutdown.clone());
+    loops.spawn("registry", registry_loop);
+    for source in sources {
+        crate::sources::register_metrics(&source.id());
+        let name = format!("source/{}", source.id());
+        loops.spawn(name, source.run(handle.clone(), shutdown.clone()));
+    }
+    // Passive health signals: the proxy's connect outcomes feed health.
+    let (outcomes_tx, outcomes_rx) = tokio::sync::mpsc::channel(4096);
+    loops.spawn(
+        "health",
+        crate::health::run(
+            reader.clone(),
+            handle.clone(),
+            outcomes_rx,
+            shutdown.clone(),
+        ),
+    );
+    let dns_addr = if config.dns.enabled {
+        let dns = crate::dns::spawn(&config.dns, reader.clone(), shutdown.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let addr = dns.local_addr;
+        loops.spawn("dns", async move {
+            dns.join().await;
+            Ok::<(), std::convert::Infallible>(())
+        });
+        Some(addr)
+    } else {
+        None
+    };
+    let proxy = config.proxy.enabled.then(|| {
+        crate::proxy::spawn(
+            &config.proxy,
+            reader.clone(),
+            outcomes_tx.clone(),
+            shutdown.clone(),
+        )
+    });
+    let admin_addr = match config.admin.listen {
+        Some(addr) => {
+            let (local, serve) =
+                crate::admin::bind(addr, reader.clone(), metrics, shutdown.clone())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("admin: cannot listen on {addr}: {e}"))?;
+            tracing::info!(addr = %local, "admin listening");
+            loops.spawn("admin", serve);
+            Some(local)
+        }
+        None => None,
+    };
+    Ok(Running {
+        reader,
+        admin_addr,
+        dns_addr,
+        outcomes: outcomes_tx,
+        proxy,
+        drain_timeout: config.proxy.drain_timeout.unwrap_or(config.shutdown_grace),
+        loops,
+    })
+}
+
+impl Running {
+    /// Waits until `shutdown` is cancelled (`None`) or a loop ends before
+    /// that (`Some`, which is fatal).
+    pub async fn watch(&mut self, shutdown: &CancellationToken) -> Option<supervise::Ended> {
+        tokio::select! {
+            _ = shutdown.cancelled() => None,
+            ended = self.loops.next_end() => Some(ended),
+        }
+    }
+
+    /// After `shutdown` was cancelled: waits up to `grace` for every loop.
+    pub async fn stop(mut self, grace: Duration) {
+        let proxy = self.proxy.take();
+        let drain = self.drain_timeout.min(grace);
+        let loops = &mut self.loops;
+        let all = async move {
+            // Live connections drain while the other loops finish.
+            let drained = async move {
+                if let Some(p) = proxy {
+                    p.drain(drain).await;
+                }
+            };
+            tokio::join!(drained, loops.drain());
+        };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(?grace, "shutdown grace passed; closing what is left");
+            self.loops.abort_all();
+        }
+    }
+}
+
+/// Runs until `shutdown` is cancelled, then drains within the grace. A
+/// loop that ends before shutdown stops everything: `Err`, exit code 1.
+pub async fn run(
+    config: Config,
+    extra_sources: Vec<Box<dyn Source>>,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let grace = config.shutdown_grace;
+    let mut running = start(config, extra_sources, shutdown.clone()).await?;
+    let died = running.watch(&shutdown).await;
+    match &died {
+        Some(ended) => {
+            tracing::error!(
+                name = %ended.name,
+                "{ended} before shutdown; stopping everything (a frozen loop must not leave a stale snapshot served)"
+            );
+            shutdown.cancel();
+        }
+        None => tracing::info!("shutting down"),
+    }
+    running.stop(grace).await;
+    match died {
+        Some(ended) => Err(StartError::Runtime(anyhow::anyhow!("{ended}"))),
+        None => Ok(()),
+    }
+}
