@@ -5,9 +5,9 @@
 //! ```text
 //!  sources/file ─┐                      ┌─► dns     (answers from the snapshot)
 //!  sources/docker├─ Update ─► registry ─┼─► proxy   (balancers rebuilt from the snapshot)
-//!  sources/dev  ─┘    ▲   (one writer,  └─► health  (probes what the snapshot lists)
-//!                     │    Arc<Snapshot>)      │
-//!                     └──── HealthEvent ───────┘
+//!  StaticSource ─┘    ▲   (one writer,  └─► health  (probes what the snapshot lists)
+//!  (dev demo)         │    Arc<Snapshot>)      │
+//!                     └──── HealthChange ──────┘
 //! ```
 //!
 //! - [`sources`] say what exists (`Reset`, then `Upsert`/`Remove`).
@@ -15,7 +15,12 @@
 //!   [`model::Snapshot`] on a `watch` channel.
 //! - [`dns`], [`proxy`] and [`health`] each reconcile against the latest
 //!   snapshot; none of them imports another or any source. Only [`app`]
-//!   knows every part.
+//!   knows every part, and supervises every loop: one that ends before
+//!   shutdown stops the process (exit 1).
+//! - [`config`] turns files into typed values; [`telemetry`] names every
+//!   metric; [`admin`] serves the HTTP endpoints; [`client`] and
+//!   [`backend`] are the small tools the binary carries (`beacon query`,
+//!   `get`, `probe`, `backend`).
 #![deny(unsafe_code)]
 
 pub mod admin;

@@ -286,3 +286,126 @@ fn a_batch_ends_where_events_one_by_one_end() {
     assert!(web.endpoints[0].healthy);
     assert_eq!(&*web.endpoints[1].reason, "ejected: 5 connect failures");
 }
+
+mod batch_equivalence {
+    //! `apply_batch` over any event sequence ends in the same state as
+    //! `apply` one by one, and reports every service whose served state
+    //! differs from where the batch started.
+    use super::*;
+    use proptest::prelude::*;
+
+    const NAMES: [&str; 3] = ["web", "db", "api"];
+    const SOURCES: [&str; 2] = ["a", "b"];
+
+    fn ip(i: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, 1 + i])
+    }
+
+    fn arb_spec() -> impl Strategy<Value = ServiceSpec> {
+        (
+            0..NAMES.len(),
+            proptest::collection::btree_set(0u8..4, 0..4),
+            any::<bool>(),
+        )
+            .prop_map(|(n, ips, fail_open)| {
+                let mut s = ServiceSpec::new(key(NAMES[n]));
+                s.fail_open = fail_open;
+                s.endpoints = ips.into_iter().map(|i| Endpoint::new(ip(i))).collect();
+                s
+            })
+    }
+
+    fn arb_change() -> impl Strategy<Value = HealthChange> {
+        prop_oneof![
+            Just(HealthChange::Probe(ProbeState::Up)),
+            Just(HealthChange::Probe(ProbeState::Unknown)),
+            Just(HealthChange::Probe(ProbeState::Down(
+                "probe failed: x 3/3".into()
+            ))),
+            Just(HealthChange::Ejected(Some(
+                "ejected: 5 connect failures".into()
+            ))),
+            Just(HealthChange::Ejected(None)),
+        ]
+    }
+
+    fn arb_event() -> impl Strategy<Value = Event> {
+        let source = (0..SOURCES.len()).prop_map(|i| src(SOURCES[i]));
+        prop_oneof![
+            1 => (source.clone(), proptest::collection::vec(arb_spec(), 0..3)).prop_map(
+                |(source, specs)| {
+                    // A Reset lists each service once.
+                    let mut seen = HashSet::new();
+                    let specs = specs.into_iter().filter(|s| seen.insert(s.key.clone())).collect();
+                    Event::Source {
+                        source,
+                        update: Update::Reset(specs),
+                    }
+                }
+            ),
+            2 => (source.clone(), arb_spec()).prop_map(|(source, spec)| Event::Source {
+                source,
+                update: Update::Upsert(Box::new(spec)),
+            }),
+            1 => (source, 0..NAMES.len()).prop_map(|(source, n)| Event::Source {
+                source,
+                update: Update::Remove(key(NAMES[n])),
+            }),
+            4 => (0..NAMES.len(), 0u8..4, arb_change()).prop_map(|(n, i, change)| {
+                Event::Health {
+                    service: key(NAMES[n]),
+                    ip: ip(i),
+                    change,
+                }
+            }),
+            1 => Just(Event::StartupTimeout),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn batch_equals_one_by_one(
+            before in proptest::collection::vec(arb_event(), 0..12),
+            burst in proptest::collection::vec(arb_event(), 0..24),
+        ) {
+            let mut one_by_one = State::new(SOURCES.iter().map(|s| src(s)).collect());
+            for e in before {
+                apply(&mut one_by_one, e);
+            }
+            let start = one_by_one.snapshot().clone();
+            // The same history, then the burst both ways.
+            let mut batched = State {
+                sources: one_by_one.sources.clone(),
+                synced: one_by_one.synced.clone(),
+                desired: one_by_one.desired.clone(),
+                health: one_by_one.health.clone(),
+                snapshot: one_by_one.snapshot.clone(),
+            };
+            let mut reported = HashSet::new();
+            let mut ready = false;
+            for e in burst.clone() {
+                let c = apply(&mut one_by_one, e);
+                reported.extend(c.services);
+                ready |= c.ready;
+            }
+            let changed = apply_batch(&mut batched, burst);
+
+            prop_assert_eq!(&batched.snapshot().services, &one_by_one.snapshot().services);
+            prop_assert_eq!(batched.snapshot().ready, one_by_one.snapshot().ready);
+            prop_assert_eq!(changed.ready, ready);
+            prop_assert_eq!(&batched.health, &one_by_one.health);
+            // Reported: no more than one by one would, and every service
+            // whose served state moved.
+            for k in &changed.services {
+                prop_assert!(reported.contains(k), "{} reported by the batch only", k);
+            }
+            for k in NAMES.iter().map(|n| key(n)) {
+                if start.services.get(&k) != batched.snapshot().services.get(&k) {
+                    prop_assert!(changed.services.contains(&k), "{} changed unreported", k);
+                }
+            }
+        }
+    }
+}
