@@ -159,21 +159,13 @@ async fn run_loop(
     core.reconcile(&reader.latest(), now(), &mut fx);
     let result = loop {
         core.due(now(), &mut launches, &mut fx);
-        for l in launches.drain(..) {
-            probes.launch(l);
-        }
-        for id in fx.aborts.drain(..) {
-            probes.abort(id);
-        }
-        for r in fx.reports.drain(..) {
-            if !registry.health(r.service, r.ip, r.change).await {
-                probes.set.shutdown().await;
-                return if shutdown.is_cancelled() {
-                    Ok(())
-                } else {
-                    Err(HealthError::RegistryGone)
-                };
-            }
+        if !act(&mut probes, &mut launches, &mut fx, &registry).await {
+            probes.set.shutdown().await;
+            return if shutdown.is_cancelled() {
+                Ok(())
+            } else {
+                Err(HealthError::RegistryGone)
+            };
         }
         if let Some(tx) = &stats {
             let mut s = core.stats();
@@ -222,6 +214,28 @@ async fn run_loop(
     };
     probes.set.shutdown().await;
     result
+}
+
+/// Carries out what the core decided: launches and aborts probes, reports
+/// verdicts. False when the registry has stopped.
+async fn act(
+    probes: &mut Probes,
+    launches: &mut Vec<Launch>,
+    fx: &mut Effects,
+    registry: &Handle,
+) -> bool {
+    for l in launches.drain(..) {
+        probes.launch(l);
+    }
+    for id in fx.aborts.drain(..) {
+        probes.abort(id);
+    }
+    for r in fx.reports.drain(..) {
+        if !registry.health(r.service, r.ip, r.change).await {
+            return false;
+        }
+    }
+    true
 }
 
 fn now() -> std::time::Instant {
