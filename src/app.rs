@@ -95,12 +95,18 @@ pub async fn start(
         None
     };
     let proxy = config.proxy.enabled.then(|| {
-        crate::proxy::spawn(
+        let (proxy, task) = crate::proxy::spawn(
             &config.proxy,
             reader.clone(),
             outcomes_tx.clone(),
             shutdown.clone(),
-        )
+        );
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "proxy reconcile loop ended");
+            }
+        }));
+        proxy
     });
     let admin_addr = match config.admin.listen {
         Some(addr) => {
