@@ -13,14 +13,7 @@ use crate::proxy::copy::Activity;
 async fn bulk_through_proxy(mode: copy::Mode, listen: &str) {
     let h = harness_with(10_000, mode, &[]);
     let backend = banner_backend("127.0.0.21", "echo").await;
-    h.set(vec![service(
-        "bulk",
-        listen,
-        &[backend.addr],
-        Balance::RoundRobin,
-    )])
-    .await;
-    let addr = h.addr(listen).await;
+    let addr = h.serve_one("bulk", listen, backend.addr).await;
     let (s, name) = greet(addr).await;
     assert_eq!(name.as_deref(), Some("echo"));
     let len = 64 << 20;
@@ -70,14 +63,7 @@ async fn bulk_64mib_each_way_through_fallback() {
 async fn half_close_both_ways_through_proxy() {
     let h = harness();
     let (baddr, mut accepted) = scripted_backend("127.0.0.31").await;
-    h.set(vec![service(
-        "hc",
-        "127.0.1.7:0",
-        &[baddr],
-        Balance::RoundRobin,
-    )])
-    .await;
-    let addr = h.addr("127.0.1.7:0").await;
+    let addr = h.serve_one("hc", "127.0.1.7:0", baddr).await;
 
     // Client closes first; the server still answers afterwards.
     let mut client = TcpStream::connect(addr).await.unwrap();
@@ -85,22 +71,8 @@ async fn half_close_both_ways_through_proxy() {
         .await
         .unwrap()
         .unwrap();
-    client.write_all(b"question").await.unwrap();
-    client.shutdown().await.unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(T, server.read_to_end(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(got, b"question");
-    server.write_all(b"late answer").await.unwrap();
-    server.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(T, client.read_to_end(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(back, b"late answer");
+    send_then_fin(&mut client, &mut server, b"question").await;
+    send_then_fin(&mut server, &mut client, b"late answer").await;
 
     // Server closes first; the client still sends afterwards.
     let mut client = TcpStream::connect(addr).await.unwrap();
@@ -108,22 +80,20 @@ async fn half_close_both_ways_through_proxy() {
         .await
         .unwrap()
         .unwrap();
-    server.write_all(b"banner").await.unwrap();
-    server.shutdown().await.unwrap();
+    send_then_fin(&mut server, &mut client, b"banner").await;
+    send_then_fin(&mut client, &mut server, b"upload after FIN").await;
+}
+
+/// `from` sends `msg` and its FIN; `to` reads exactly `msg`, then EOF.
+async fn send_then_fin(from: &mut TcpStream, to: &mut TcpStream, msg: &[u8]) {
+    from.write_all(msg).await.unwrap();
+    from.shutdown().await.unwrap();
     let mut got = Vec::new();
-    tokio::time::timeout(T, client.read_to_end(&mut got))
+    tokio::time::timeout(T, to.read_to_end(&mut got))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(got, b"banner");
-    client.write_all(b"upload after FIN").await.unwrap();
-    client.shutdown().await.unwrap();
-    let mut up = Vec::new();
-    tokio::time::timeout(T, server.read_to_end(&mut up))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(up, b"upload after FIN");
+    assert_eq!(got, msg);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,14 +225,7 @@ async fn connection_caps_refuse_at_once_and_recover() {
     // Global cap.
     let h = harness_with(2, copy::Mode::Auto, &[]);
     let a = banner_backend("127.0.0.51", "a").await;
-    h.set(vec![service(
-        "cap",
-        "127.0.1.11:0",
-        &[a.addr],
-        Balance::RoundRobin,
-    )])
-    .await;
-    let addr = h.addr("127.0.1.11:0").await;
+    let addr = h.serve_one("cap", "127.0.1.11:0", a.addr).await;
     let (c1, n1) = greet(addr).await;
     let (_c2, n2) = greet(addr).await;
     assert!(n1.is_some() && n2.is_some());

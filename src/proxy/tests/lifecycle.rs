@@ -9,14 +9,7 @@ use crate::proxy::spawn;
 async fn drain_closes_listeners_then_live_connections_after_grace() {
     let mut h = harness();
     let a = banner_backend("127.0.0.95", "a").await;
-    h.set(vec![service(
-        "drain",
-        "127.0.1.21:0",
-        &[a.addr],
-        Balance::RoundRobin,
-    )])
-    .await;
-    let addr = h.addr("127.0.1.21:0").await;
+    let addr = h.serve_one("drain", "127.0.1.21:0", a.addr).await;
     let (mut live, _) = greet(addr).await;
     h.shutdown.cancel();
     let proxy = h.proxy.take().unwrap();
@@ -52,14 +45,7 @@ async fn drain_closes_listeners_then_live_connections_after_grace() {
 async fn drain_returns_early_when_connections_finish() {
     let mut h = harness();
     let a = banner_backend("127.0.0.96", "a").await;
-    h.set(vec![service(
-        "drain2",
-        "127.0.1.22:0",
-        &[a.addr],
-        Balance::RoundRobin,
-    )])
-    .await;
-    let addr = h.addr("127.0.1.22:0").await;
+    let addr = h.serve_one("drain2", "127.0.1.22:0", a.addr).await;
     let (live, _) = greet(addr).await;
     let proxy = h.proxy.take().unwrap();
     let started = Instant::now();

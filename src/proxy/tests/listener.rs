@@ -114,14 +114,7 @@ async fn emfile_child() {
         Ok(addr) => addr.parse().unwrap(),
         Err(_) => banner_backend("127.0.0.98", "a").await.addr,
     };
-    h.set(vec![service(
-        "fd",
-        "127.0.1.25:0",
-        &[backend],
-        Balance::RoundRobin,
-    )])
-    .await;
-    let addr = h.addr("127.0.1.25:0").await;
+    let addr = h.serve_one("fd", "127.0.1.25:0", backend).await;
     println!("LISTEN {addr}");
     tokio::task::spawn_blocking(|| {
         let mut hog = Vec::new();

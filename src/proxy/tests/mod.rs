@@ -205,6 +205,18 @@ impl Harness {
         self.reset_from("test", specs).await;
     }
 
+    /// Serves one round-robin service over one endpoint; the bound address.
+    async fn serve_one(&self, name: &str, listen: &str, endpoint: SocketAddr) -> SocketAddr {
+        self.set(vec![service(
+            name,
+            listen,
+            &[endpoint],
+            Balance::RoundRobin,
+        )])
+        .await;
+        self.addr(listen).await
+    }
+
     /// The bound address of a configured listener, once it is open.
     async fn addr(&self, configured: &str) -> SocketAddr {
         let configured: SocketAddr = configured.parse().unwrap();
