@@ -389,7 +389,9 @@ fn inproc(a: &Args, ports: [u16; 2]) {
             .expect("dns binds");
         let (outcomes, mut drain) = tokio::sync::mpsc::channel(1024);
         tokio::spawn(async move { while drain.recv().await.is_some() {} });
-        let proxy = beacon::proxy::spawn(&config.proxy, reader.clone(), outcomes, shutdown.clone());
+        let (proxy, task) =
+            beacon::proxy::spawn(&config.proxy, reader.clone(), outcomes, shutdown.clone());
+        tokio::spawn(task);
         (handle, reader, dns, proxy)
     });
     let dns_addr = dns.local_addr;

@@ -108,14 +108,18 @@ pub async fn start(
     } else {
         None
     };
-    let proxy = config.proxy.enabled.then(|| {
-        crate::proxy::spawn(
+    let proxy = if config.proxy.enabled {
+        let (proxy, reconcile) = crate::proxy::spawn(
             &config.proxy,
             reader.clone(),
             outcomes_tx.clone(),
             shutdown.clone(),
-        )
-    });
+        );
+        loops.spawn("proxy", reconcile);
+        Some(proxy)
+    } else {
+        None
+    };
     let admin_addr = match config.admin.listen {
         Some(addr) => {
             let (local, serve) =
@@ -140,13 +144,30 @@ pub async fn start(
 }
 
 impl Running {
-    /// Waits until `shutdown` is cancelled (`None`) or a loop ends before
-    /// that (`Some`, which is fatal).
-    pub async fn watch(&mut self, shutdown: &CancellationToken) -> Option<supervise::Ended> {
-        tokio::select! {
-            _ = shutdown.cancelled() => None,
-            ended = self.loops.next_end() => Some(ended),
+    /// Waits until `shutdown` is cancelled (empty) or loops end before
+    /// that (fatal): the first one, and any that end within
+    /// [`supervise::SETTLE`] after it, so that a loop whose death takes
+    /// others down (the registry) is named beside them.
+    pub async fn watch(&mut self, shutdown: &CancellationToken) -> Vec<supervise::Ended> {
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Vec::new(),
+            ended = self.loops.next_end() => ended,
+        };
+        if shutdown.is_cancelled() {
+            // It ended because of the shutdown.
+            return Vec::new();
         }
+        let mut ended = vec![first];
+        let settle = tokio::time::sleep(supervise::SETTLE);
+        tokio::pin!(settle);
+        loop {
+            tokio::select! {
+                _ = &mut settle => break,
+                more = self.loops.next_end() => ended.push(more),
+            }
+        }
+        ended
     }
 
     /// After `shutdown` was cancelled: waits up to `grace` for every loop.
@@ -180,19 +201,21 @@ pub async fn run(
     let grace = config.shutdown_grace;
     let mut running = start(config, extra_sources, shutdown.clone()).await?;
     let died = running.watch(&shutdown).await;
-    match &died {
-        Some(ended) => {
+    if died.is_empty() {
+        tracing::info!("shutting down");
+    } else {
+        for ended in &died {
             tracing::error!(
                 name = %ended.name,
                 "{ended} before shutdown; stopping everything (a frozen loop must not leave a stale snapshot served)"
             );
-            shutdown.cancel();
         }
-        None => tracing::info!("shutting down"),
+        shutdown.cancel();
     }
     running.stop(grace).await;
-    match died {
-        Some(ended) => Err(StartError::Runtime(anyhow::anyhow!("{ended}"))),
-        None => Ok(()),
+    if died.is_empty() {
+        return Ok(());
     }
+    let all: Vec<String> = died.iter().map(|e| e.to_string()).collect();
+    Err(StartError::Runtime(anyhow::anyhow!("{}", all.join("; "))))
 }

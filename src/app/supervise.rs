@@ -16,6 +16,10 @@ use std::time::Duration;
 
 use tokio::task::{Id, JoinSet};
 
+/// After a loop dies, how long to wait for others that die with it before
+/// stopping everything: they are named in the log beside it.
+pub const SETTLE: Duration = Duration::from_millis(100);
+
 /// The env var of the fault hook.
 pub const FAULT_ENV: &str = "BEACON_TEST_FAULT";
 

@@ -7,8 +7,10 @@
 //! row while others exist. Picks are plain synchronous code over a few
 //! atomics, with plain `#[test]`s.
 //!
-//! Live load (active connections) lives in [`EndpointLoad`], shared with
-//! the proxy's per-endpoint map so counts survive snapshot changes.
+//! Live load (active connections) lives in [`EndpointLoad`]: the proxy
+//! keeps one per service and endpoint address and hands the same one to
+//! every balancer rebuilt over that endpoint, so counts survive snapshot
+//! changes.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -31,7 +33,7 @@ pub struct ConnInfo {
 }
 
 /// Live counts of one endpoint (per service and endpoint address), kept
-/// beside the snapshot.
+/// across snapshots.
 #[derive(Debug, Default)]
 pub struct EndpointLoad {
     /// Connections being established or proxied to this endpoint.

@@ -1,6 +1,7 @@
-//! One proxied connection: pick, connect with retry, PROXY protocol
-//! header, then copy until both sides close (or idle timeout, endpoint
-//! removal, drain deadline).
+//! One client connection: admission (readiness, the global and
+//! per-service caps), then pick, connect with retry, PROXY protocol
+//! header, and copy until both sides close (or the idle timeout, the
+//! endpoint's removal, the drain deadline).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,11 +14,66 @@ use tracing::Instrument;
 
 use super::balancer::{ConnInfo, EndpointLoad};
 use super::copy::{self, Activity, Meter};
-use super::listener::ActiveGuard;
-use super::{ProxyError, Route, Shared};
+use super::error::ProxyError;
+use super::route::Route;
+use super::shared::Shared;
 use crate::model::{ConnectOutcome, ProxyProtocol};
 
-pub(crate) async fn serve(
+/// Admission: refuse (close at once) before readiness and beyond the
+/// global or per-service cap; otherwise start the connection task.
+pub(super) fn admit(shared: &Arc<Shared>, route: Arc<Route>, stream: TcpStream, peer: SocketAddr) {
+    if !shared.ready.load(Ordering::Acquire) {
+        route.metrics().not_ready.increment(1);
+        tracing::debug!(client.addr = %peer, service = %route.service, "not ready; connection refused");
+        return;
+    }
+    let Some(guard) = ActiveGuard::acquire(shared, route.clone()) else {
+        route.metrics().over_limit.increment(1);
+        tracing::debug!(client.addr = %peer, service = %route.service, "connection limit reached; refused");
+        return;
+    };
+    // TCP_NODELAY and SO_KEEPALIVE are inherited from the listener.
+    shared
+        .tracker
+        .spawn(serve(shared.clone(), route, stream, peer, guard));
+}
+
+/// One admitted connection in the global and per-service counts.
+struct ActiveGuard {
+    shared: Arc<Shared>,
+    route: Arc<Route>,
+}
+
+impl ActiveGuard {
+    fn acquire(shared: &Arc<Shared>, route: Arc<Route>) -> Option<Self> {
+        if shared.active.fetch_add(1, Ordering::AcqRel) >= shared.max_connections {
+            shared.active.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let cap = route.state.spec.proxy.max_connections;
+        let n = route.live.active.fetch_add(1, Ordering::AcqRel);
+        if cap.is_some_and(|cap| n >= cap as usize) {
+            route.live.active.fetch_sub(1, Ordering::AcqRel);
+            shared.active.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        route.metrics().active.increment(1.0);
+        Some(Self {
+            shared: shared.clone(),
+            route,
+        })
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.route.metrics().active.decrement(1.0);
+        self.route.live.active.fetch_sub(1, Ordering::AcqRel);
+        self.shared.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn serve(
     shared: Arc<Shared>,
     route: Arc<Route>,
     client: TcpStream,
@@ -77,7 +133,7 @@ async fn connect(
             r = tokio::time::timeout(spec.connect_timeout, TcpStream::connect(backend.addr)) => r,
         };
         shared
-            .connect_duration()
+            .connect_duration
             .record(started.elapsed().as_secs_f64());
         let ok = matches!(result, Ok(Ok(_)));
         report(shared, route, idx, ok);
@@ -117,7 +173,7 @@ fn report(shared: &Shared, route: &Route, idx: usize, success: bool) {
 
 /// The PROXY protocol header announcing `client` → `local` (the address
 /// the client connected to).
-pub(crate) fn proxy_header(
+pub(super) fn proxy_header(
     version: ProxyProtocol,
     client: SocketAddr,
     local: SocketAddr,
@@ -200,7 +256,7 @@ async fn proxy(
 }
 
 /// Resolves once nothing moved for `idle`.
-async fn idle_expired(activity: &Activity, idle: Duration) {
+pub(super) async fn idle_expired(activity: &Activity, idle: Duration) {
     loop {
         let quiet = activity.idle_for();
         if quiet >= idle {

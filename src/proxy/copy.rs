@@ -2,9 +2,9 @@
 //!
 //! On Linux each direction moves data with splice(2): socket → pipe →
 //! socket, never through userspace. The pipe comes from a process-wide
-//! pool and is held only while bytes are in flight: an idle direction
-//! holds no pipe and no buffer, so idle connections cost two sockets and
-//! a task. Readiness comes from tokio's reactor (`readable()` /
+//! pool and is held only while bytes are in flight: an idle spliced
+//! direction holds no pipe and no buffer, so idle connections cost two
+//! sockets and a task. Readiness comes from tokio's reactor (`readable()` /
 //! `writable()` / `try_io`), which clears readiness only when the
 //! operation itself says `EAGAIN`.
 //!
@@ -14,8 +14,9 @@
 //! the direction. An empty pipe always has room.
 //!
 //! Elsewhere, or when splice reports `ENOSYS`/`EINVAL` (or no pipe can be
-//! made), a direction falls back to a userspace copy with a buffer
-//! allocated at that moment.
+//! made), a direction falls back to a userspace copy. Its buffer is
+//! allocated when the source first turns readable and kept until the
+//! direction ends.
 //!
 //! Half-close is exact: when one side's FIN arrives, everything already
 //! read is written out first, then the FIN is forwarded (`shutdown(Write)`)
@@ -26,9 +27,10 @@
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// Userspace copy buffer per direction (only when falling back).
 pub const FALLBACK_BUFFER: usize = 64 * 1024;
@@ -72,7 +74,8 @@ pub fn copied_bytes() -> u64 {
     COPIED_BYTES.load(Ordering::Relaxed)
 }
 
-/// Last time any byte moved on a connection, for the idle timeout.
+/// Last time any byte moved on a connection, for the idle timeout. On
+/// tokio's clock, so paused-time tests can move it.
 #[derive(Debug)]
 pub struct Activity {
     epoch: Instant,
@@ -235,7 +238,7 @@ mod splice {
     use tokio::io::Interest;
     use tokio::net::TcpStream;
 
-    use super::{Meter, Path};
+    use crate::proxy::copy::{Meter, Path};
 
     /// Requested pipe capacity (F_SETPIPE_SZ); the kernel may give less.
     pub const PIPE_SIZE: usize = 256 * 1024;
@@ -417,6 +420,17 @@ mod tests {
             .collect()
     }
 
+    /// [`bidirectional`] with no-op byte counters.
+    async fn unmetered(a: &TcpStream, b: &TcpStream, mode: Mode) -> io::Result<Totals> {
+        let counter = metrics::Counter::noop();
+        let activity = Activity::default();
+        let meter = || Meter {
+            bytes: &counter,
+            activity: &activity,
+        };
+        bidirectional(a, b, mode, meter(), meter()).await
+    }
+
     /// client ⇄ [a | proxy copy | b] ⇄ server. Sends `len` bytes each way
     /// concurrently and checks both arrive byte-identical.
     async fn roundtrip(mode: Mode, len: usize) -> Totals {
@@ -426,24 +440,7 @@ mod tests {
         let down = pattern(2, len);
         let want_up = Sha256::digest(&up);
         let want_down = Sha256::digest(&down);
-        let counter = metrics::Counter::noop();
-        let activity = Activity::default();
-        let proxy = async {
-            bidirectional(
-                &a,
-                &b,
-                mode,
-                Meter {
-                    bytes: &counter,
-                    activity: &activity,
-                },
-                Meter {
-                    bytes: &counter,
-                    activity: &activity,
-                },
-            )
-            .await
-        };
+        let proxy = unmetered(&a, &b, mode);
         let (mut cr, mut cw) = client.split();
         let (mut sr, mut sw) = server.split();
         let client_side = async {
@@ -522,24 +519,7 @@ mod tests {
         } else {
             (server, client)
         };
-        let counter = metrics::Counter::noop();
-        let activity = Activity::default();
-        let proxy = tokio::spawn(async move {
-            bidirectional(
-                &a,
-                &b,
-                mode,
-                Meter {
-                    bytes: &counter,
-                    activity: &activity,
-                },
-                Meter {
-                    bytes: &counter,
-                    activity: &activity,
-                },
-            )
-            .await
-        });
+        let proxy = tokio::spawn(async move { unmetered(&a, &b, mode).await });
         let t = Duration::from_secs(10);
         first.write_all(b"request").await.unwrap();
         first.shutdown().await.unwrap();
@@ -594,7 +574,7 @@ mod tests {
         half_close(Mode::Userspace, false).await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn activity_tracks_idle_time() {
         let a = Activity::default();
         a.touch();

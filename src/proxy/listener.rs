@@ -1,11 +1,11 @@
-//! Listening sockets and the accept loop: admission (readiness, limits)
-//! and backoff when the process runs out of descriptors.
+//! Listening sockets and the accept loop: each accepted connection goes
+//! to admission ([`conn::admit`]) with the route in force; accept errors
+//! back off (EMFILE never makes the loop spin).
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
@@ -13,17 +13,19 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Route, Shared, conn};
+use super::conn;
+use super::route::Route;
+use super::shared::Shared;
 
 const BACKLOG: i32 = 4096;
 /// First pause after an accept error that is not about one connection.
-pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(5);
-pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(1);
+pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(5);
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Binds a listening socket: SO_REUSEADDR (restart without waiting for
 /// TIME_WAIT), SO_REUSEPORT (a second process may take over), keepalive
 /// and no-delay inherited by accepted sockets.
-pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+pub(super) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let sock = Socket::new(
         Domain::for_address(addr),
         Type::STREAM,
@@ -45,7 +47,7 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Where connections come from: a `TcpListener`, or a test double that
 /// injects errors.
-pub(crate) trait Acceptor: Send + 'static {
+pub(super) trait Acceptor: Send + 'static {
     fn accept(&self) -> impl Future<Output = io::Result<(TcpStream, SocketAddr)>> + Send;
 }
 
@@ -59,13 +61,13 @@ impl Acceptor for TcpListener {
 /// anything else (EMFILE, ENFILE, ENOBUFS, ENOMEM, …) pauses the loop,
 /// doubling from [`BACKOFF_MIN`] to [`BACKOFF_MAX`], so it never spins.
 #[derive(Debug, Default)]
-pub(crate) struct AcceptBackoff {
+pub(super) struct AcceptBackoff {
     streak: u32,
 }
 
 impl AcceptBackoff {
     /// How long to pause after `e` (None: go on at once).
-    pub(crate) fn on_error(&mut self, e: &io::Error) -> Option<Duration> {
+    pub(super) fn on_error(&mut self, e: &io::Error) -> Option<Duration> {
         if per_connection(e) {
             return None;
         }
@@ -77,7 +79,7 @@ impl AcceptBackoff {
     }
 
     /// A connection was accepted; true if that ends a streak of errors.
-    pub(crate) fn on_success(&mut self) -> bool {
+    pub(super) fn on_success(&mut self) -> bool {
         std::mem::take(&mut self.streak) > 0
     }
 }
@@ -121,7 +123,7 @@ fn fd_exhausted(e: &io::Error) -> bool {
 }
 
 /// Accepts until `stop`, handing each connection to its route.
-pub(crate) async fn accept_loop<A: Acceptor>(
+pub(super) async fn accept_loop<A: Acceptor>(
     acceptor: A,
     routes: watch::Receiver<Arc<Route>>,
     shared: Arc<Shared>,
@@ -140,7 +142,7 @@ pub(crate) async fn accept_loop<A: Acceptor>(
                     tracing::info!("proxy accepting again");
                 }
                 let route = routes.borrow().clone();
-                admit(&shared, route, stream, peer);
+                conn::admit(&shared, route, stream, peer);
             }
             Err(e) => {
                 let Some(wait) = backoff.on_error(&e) else {
@@ -165,59 +167,5 @@ pub(crate) async fn accept_loop<A: Acceptor>(
                 }
             }
         }
-    }
-}
-
-/// Admission: refuse (close at once) before readiness and beyond the
-/// global or per-service cap; otherwise start the connection task.
-fn admit(shared: &Arc<Shared>, route: Arc<Route>, stream: TcpStream, peer: SocketAddr) {
-    if !shared.ready.load(Ordering::Acquire) {
-        route.metrics().not_ready.increment(1);
-        tracing::debug!(client.addr = %peer, service = %route.service, "not ready; connection refused");
-        return;
-    }
-    let Some(guard) = ActiveGuard::acquire(shared, route.clone()) else {
-        route.metrics().over_limit.increment(1);
-        tracing::debug!(client.addr = %peer, service = %route.service, "connection limit reached; refused");
-        return;
-    };
-    // TCP_NODELAY and SO_KEEPALIVE are inherited from the listener.
-    shared
-        .tracker
-        .spawn(conn::serve(shared.clone(), route, stream, peer, guard));
-}
-
-/// One admitted connection in the global and per-service counts.
-pub(crate) struct ActiveGuard {
-    shared: Arc<Shared>,
-    route: Arc<Route>,
-}
-
-impl ActiveGuard {
-    fn acquire(shared: &Arc<Shared>, route: Arc<Route>) -> Option<Self> {
-        if shared.active.fetch_add(1, Ordering::AcqRel) >= shared.max_connections {
-            shared.active.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        let cap = route.state.spec.proxy.max_connections;
-        let n = route.service_active.fetch_add(1, Ordering::AcqRel);
-        if cap.is_some_and(|cap| n >= cap as usize) {
-            route.service_active.fetch_sub(1, Ordering::AcqRel);
-            shared.active.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        route.metrics().active.increment(1.0);
-        Some(Self {
-            shared: shared.clone(),
-            route,
-        })
-    }
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.route.metrics().active.decrement(1.0);
-        self.route.service_active.fetch_sub(1, Ordering::AcqRel);
-        self.shared.active.fetch_sub(1, Ordering::AcqRel);
     }
 }

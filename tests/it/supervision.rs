@@ -45,6 +45,7 @@ fn a_loop_that_dies_outside_shutdown_exits_1_and_names_the_loop() {
         ("registry:exit@1500", "loop `registry` ended"),
         ("dns:panic@1500", "loop `dns` panicked"),
         ("admin:exit@1500", "loop `admin` ended"),
+        ("proxy:panic@1500", "loop `proxy` panicked"),
         ("source/file:panic@1500", "loop `source/file:"),
     ] {
         let mut b = start_with_fault(fault);

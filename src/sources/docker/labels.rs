@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-
 use crate::config::{ServiceDefaults, is_dns_label};
 use crate::model::{Balance, Endpoint, Port, ProbeKind, Protocol, ServiceKey, ServiceSpec};
 

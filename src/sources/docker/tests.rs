@@ -1,6 +1,6 @@
 use super::*;
-use bollard::models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum};
 use crate::model::{Balance, ProbeKind};
+use bollard::models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum};
 
 fn container(name: &str, ip: &str, labels: &[(&str, &str)]) -> Container {
     Container {

@@ -1,0 +1,143 @@
+//! What a listener routes to, and the live per-service and per-endpoint
+//! entries that routes and connections share.
+//!
+//! The reconcile loop owns the maps that hold these entries and rebuilds a
+//! [`Route`] when its service changes; the entries are `Arc`s handed to
+//! every route of their service, so live counts (and the removal signal)
+//! survive rebuilds while connections read them lock-free.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+
+use metrics::{Counter, Gauge};
+use tokio_util::sync::CancellationToken;
+
+use super::balancer::{self, Backend, Balancer, EndpointLoad};
+use crate::model::{ServiceKey, ServiceState};
+
+/// Live counts of one endpoint and the signal that closes its connections
+/// when it leaves a `close_on_removal` service.
+#[derive(Debug, Default)]
+pub(super) struct EndpointEntry {
+    pub(super) load: Arc<EndpointLoad>,
+    removal: Mutex<CancellationToken>,
+}
+
+impl EndpointEntry {
+    pub(super) fn removal(&self) -> CancellationToken {
+        self.removal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Closes the connections opened so far; later ones get a fresh token.
+    pub(super) fn close_connections(&self) {
+        let mut t = self.removal.lock().unwrap_or_else(|e| e.into_inner());
+        t.cancel();
+        *t = CancellationToken::new();
+    }
+}
+
+/// Live state of one service, shared by all its routes: the connections
+/// open on it (for its cap) and its metric handles, resolved once when
+/// the service gets its first route (no label allocation per connection).
+pub(super) struct ServiceEntry {
+    pub(super) active: AtomicUsize,
+    pub(super) metrics: ServiceMetrics,
+}
+
+impl ServiceEntry {
+    pub(super) fn new(key: &ServiceKey) -> Self {
+        Self {
+            active: AtomicUsize::new(0),
+            metrics: ServiceMetrics::new(key),
+        }
+    }
+}
+
+pub(super) struct ServiceMetrics {
+    pub(super) ok: Counter,
+    pub(super) not_ready: Counter,
+    pub(super) no_endpoints: Counter,
+    pub(super) connect_failed: Counter,
+    pub(super) over_limit: Counter,
+    pub(super) active: Gauge,
+    pub(super) to_upstream: Counter,
+    pub(super) to_client: Counter,
+}
+
+impl ServiceMetrics {
+    fn new(key: &ServiceKey) -> Self {
+        use crate::telemetry::{PROXY_ACTIVE_CONNECTIONS, PROXY_BYTES, PROXY_CONNECTIONS};
+        let service = key.to_string();
+        let result = |r: &'static str| metrics::counter!(PROXY_CONNECTIONS, "service" => service.clone(), "result" => r);
+        let bytes = |d: &'static str| metrics::counter!(PROXY_BYTES, "service" => service.clone(), "direction" => d);
+        Self {
+            ok: result("ok"),
+            not_ready: result("not_ready"),
+            no_endpoints: result("no_endpoints"),
+            connect_failed: result("connect_failed"),
+            over_limit: result("over_limit"),
+            active: metrics::gauge!(PROXY_ACTIVE_CONNECTIONS, "service" => service.clone()),
+            to_upstream: bytes("to_upstream"),
+            to_client: bytes("to_client"),
+        }
+    }
+}
+
+/// What a listener routes to: one service port's serving endpoints and
+/// their balancer, as of one snapshot.
+pub(super) struct Route {
+    pub(super) service: ServiceKey,
+    pub(super) state: Arc<ServiceState>,
+    pub(super) port: usize,
+    pub(super) backends: Vec<Backend>,
+    /// Same order as `backends`.
+    pub(super) entries: Vec<Arc<EndpointEntry>>,
+    pub(super) balancer: Box<dyn Balancer>,
+    pub(super) live: Arc<ServiceEntry>,
+}
+
+impl Route {
+    /// The route of port `port` of `state`; `entry` gives the live entry
+    /// of each serving endpoint address.
+    pub(super) fn build(
+        state: &Arc<ServiceState>,
+        port: usize,
+        live: Arc<ServiceEntry>,
+        mut entry: impl FnMut(SocketAddr) -> Arc<EndpointEntry>,
+    ) -> Self {
+        let key = state.key();
+        let p = &state.spec.ports[port];
+        let mut backends = Vec::new();
+        let mut entries = Vec::new();
+        for ep in state.serving() {
+            let addr = ep.endpoint.addr(p);
+            let e = entry(addr);
+            backends.push(Backend {
+                addr,
+                weight: ep.endpoint.weight,
+                load: e.load.clone(),
+            });
+            entries.push(e);
+        }
+        let balancer = balancer::build(state.spec.balance, &backends);
+        tracing::debug!(service = %key, port = %p.port, endpoints = backends.len(),
+            policy = ?state.spec.balance, "proxy route built");
+        Self {
+            service: key.clone(),
+            state: state.clone(),
+            port,
+            backends,
+            entries,
+            balancer,
+            live,
+        }
+    }
+
+    pub(super) fn metrics(&self) -> &ServiceMetrics {
+        &self.live.metrics
+    }
+}
