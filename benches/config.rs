@@ -1,6 +1,7 @@
-//! Parsing services files: the shipped `config/services.toml`, and one
+//! Parsing services files: the shipped `config/services.toml`, one
 //! service with 10 endpoints as the file source re-reads it on a change
-//! (one file per service).
+//! (one file per service), and 10,000 services in one file (parsing must
+//! stay linear in the file's size: positions come from a line index).
 //!
 //! Run: `cargo bench --bench config`.
 
@@ -27,14 +28,30 @@ fn one_service_file(endpoints: u32) -> String {
     s
 }
 
+/// `n` services with a vip, one port and two endpoints each.
+fn many_services_file(n: u32) -> String {
+    let mut s = String::new();
+    for i in 0..n {
+        let (a, b) = (i / 250, i % 250 + 1);
+        s.push_str(&format!(
+            "[[service]]\nname = \"svc-{i}\"\nvip = \"127.1.{a}.{b}\"\n\n  [[service.port]]\n  name = \"http\"\n  port = 80\n  target_port = 8080\n\n  [[service.endpoint]]\n  ip = \"10.0.{a}.{b}\"\n  hostname = \"ep-0\"\n\n  [[service.endpoint]]\n  ip = \"10.1.{a}.{b}\"\n  hostname = \"ep-1\"\n\n"
+        ));
+    }
+    s
+}
+
 fn parse(c: &mut Criterion) {
     let defaults = ServiceDefaults::default();
     let ten = one_service_file(10);
+    let many = many_services_file(10_000);
     let mut group = c.benchmark_group("parse_services");
-    for (name, text) in [
-        ("shipped_services_toml", SHIPPED),
-        ("one_service_10_endpoints", &ten),
+    // The large file takes fewer samples: each one parses 2.5 MB.
+    for (name, text, samples) in [
+        ("shipped_services_toml", SHIPPED, 100),
+        ("one_service_10_endpoints", &ten, 100),
+        ("ten_thousand_services", &many, 10),
     ] {
+        group.sample_size(samples);
         // Every input must parse, or the bench measures the error path.
         let specs = parse_services(
             text,

@@ -1,4 +1,8 @@
+use std::path::Path;
+use std::time::Duration;
+
 use super::*;
+use crate::model::{Balance, ProbeKind, ProxyProtocol, ServiceKey, ServiceSpec};
 
 fn parse_svc(text: &str) -> Result<Vec<ServiceSpec>, ConfigErrors> {
     parse_services(
@@ -15,31 +19,50 @@ fn one_error(text: &str) -> ConfigError {
     errs.into_iter().next().unwrap()
 }
 
-#[test]
-fn every_shipped_config_file_parses() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+/// Parses a shipped file as what it is: a services file, or a main config
+/// checked with every services file it names.
+fn parse_shipped(path: &Path) {
+    let text = std::fs::read_to_string(path).unwrap();
+    if text.contains("[[service]]")
+        || path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("services")
+    {
+        parse_svc(&text).unwrap_or_else(|e| panic!("{e}"));
+    } else {
+        let (config, _) = check(path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!config.sources.is_empty() || path.ends_with("dev.toml"));
+    }
+}
+
+/// Every `*.toml` file in `dir` (of the crate), parsed; how many there were.
+fn parse_shipped_dir(dir: &str) -> usize {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_none_or(|x| x != "toml") {
             continue;
         }
-        let text = std::fs::read_to_string(&path).unwrap();
-        if text.contains("[[service]]")
-            || path
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("services")
-        {
-            parse_svc(&text).unwrap_or_else(|e| panic!("{e}"));
-        } else {
-            let (config, _) = check(&path).unwrap_or_else(|e| panic!("{e}"));
-            assert!(!config.sources.is_empty() || path.ends_with("dev.toml"));
-        }
+        parse_shipped(&path);
         seen += 1;
     }
-    assert!(seen >= 2, "config/ must hold the shipped examples");
+    seen
+}
+
+#[test]
+fn every_shipped_config_file_parses() {
+    assert!(
+        parse_shipped_dir("config") >= 2,
+        "config/ must hold the shipped examples"
+    );
+    // The compose demo's and the sidecar's main configs.
+    assert!(
+        parse_shipped_dir("docker") >= 2,
+        "docker/ must hold the demo and sidecar configs"
+    );
 }
 
 #[test]
@@ -354,4 +377,136 @@ fn check_reports_services_errors_with_their_file() {
     std::fs::write(dir.path().join("svc/b.toml"), "[[service]]\nname = \"b\"\n").unwrap();
     let (_, n) = check(&dir.path().join("beacon.toml")).unwrap();
     assert_eq!(n, 2);
+}
+
+#[test]
+fn services_inherit_proxy_and_health_keys_and_override_them() {
+    let config = Config::parse(
+        r#"
+[health]
+kind = "http"
+path = "/ready"
+rise = 4
+[proxy]
+max_connections = 500
+connect_timeout = "3s"
+connect_attempts = 5
+idle_timeout = "10m"
+proxy_protocol = "v1"
+close_on_removal = true
+drain_timeout = "4s"
+"#,
+        Path::new("b.toml"),
+        Path::new(""),
+    )
+    .unwrap();
+    assert_eq!(config.proxy.max_connections, 500);
+    assert_eq!(config.proxy.drain_timeout, Some(Duration::from_secs(4)));
+    let defaults = config.service_defaults();
+    assert_eq!(defaults.proxy.connect_attempts, 5);
+    assert_eq!(defaults.proxy.proxy_protocol, Some(ProxyProtocol::V1));
+    let specs = parse_services(
+        r#"
+[[service]]
+name = "inherits"
+[[service]]
+name = "overrides"
+connect_attempts = 2
+proxy_protocol = "none"
+close_on_removal = false
+max_connections = 7
+  [service.health]
+  path = "/live"
+  rise = 1
+"#,
+        Path::new("svc.toml"),
+        &defaults,
+        &mut ServicesIndex::default(),
+    )
+    .unwrap();
+    let (inherits, overrides) = (&specs[0], &specs[1]);
+    assert_eq!(inherits.proxy, defaults.proxy);
+    assert_eq!(inherits.proxy.connect_timeout, Duration::from_secs(3));
+    assert_eq!(inherits.proxy.idle_timeout, Duration::from_secs(600));
+    assert!(inherits.proxy.close_on_removal);
+    assert_eq!(
+        inherits.proxy.max_connections, None,
+        "the global cap is not a service cap"
+    );
+    assert_eq!(inherits.health, defaults.health);
+    assert_eq!(overrides.proxy.connect_attempts, 2);
+    assert_eq!(overrides.proxy.connect_timeout, Duration::from_secs(3));
+    assert_eq!(overrides.proxy.proxy_protocol, None);
+    assert!(!overrides.proxy.close_on_removal);
+    assert_eq!(overrides.proxy.max_connections, Some(7));
+    assert_eq!(
+        overrides.health.probe,
+        ProbeKind::Http {
+            path: "/live".into(),
+            host: None
+        },
+        "a path alone adjusts the inherited http probe"
+    );
+    assert_eq!((overrides.health.rise, overrides.health.fall), (1, 3));
+}
+
+#[test]
+fn unknown_proxy_key_lists_valid_keys_in_both_places() {
+    let errs = Config::parse(
+        "[proxy]\nconnect_timeout = \"1s\"\nconect_attempts = 2\n",
+        Path::new("b.toml"),
+        Path::new(""),
+    )
+    .unwrap_err()
+    .0;
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    let e = &errs[0];
+    assert_eq!((e.line, e.col), (3, 1), "{e}");
+    assert!(e.message.contains("unknown key `conect_attempts`"), "{e}");
+    for key in [
+        "`max_connections`",
+        "`drain_timeout`",
+        "`connect_attempts`",
+        "`close_on_removal`",
+    ] {
+        assert!(e.message.contains(key), "{key} missing: {e}");
+    }
+    let e = one_error("[[service]]\nname = \"a\"\nidle_timeout = \"1s\"\nproxy_protocl = \"v1\"\n");
+    assert_eq!((e.line, e.col), (4, 1), "{e}");
+    assert!(e.message.contains("unknown key `proxy_protocl`"), "{e}");
+    for key in [
+        "`name`",
+        "`endpoint`",
+        "`max_connections`",
+        "`proxy_protocol`",
+        "`idle_timeout`",
+    ] {
+        assert!(e.message.contains(key), "{key} missing: {e}");
+    }
+    assert!(
+        !e.message.contains("`drain_timeout`"),
+        "a global-only key: {e}"
+    );
+}
+
+#[test]
+fn bad_proxy_values_point_at_the_value_in_both_places() {
+    let errs = Config::parse(
+        "[proxy]\nconnect_attempts = 0\nproxy_protocol = \"v3\"\n",
+        Path::new("b.toml"),
+        Path::new(""),
+    )
+    .unwrap_err()
+    .0;
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert_eq!((errs[0].line, errs[0].col), (2, 20));
+    assert!(
+        errs[0]
+            .message
+            .contains("connect_attempts = 0 is out of range")
+    );
+    assert_eq!((errs[1].line, errs[1].col), (3, 18));
+    assert!(errs[1].message.contains("unknown proxy_protocol `v3`"));
+    let e = one_error("[[service]]\nname = \"a\"\nconnect_timeout = \"soon\"\n");
+    assert_eq!((e.line, e.col), (3, 19), "{e}");
 }

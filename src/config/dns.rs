@@ -1,0 +1,84 @@
+//! `[dns]` → [`DnsConfig`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::raw::RawDns;
+use super::report::Reporter;
+use super::values::{cidr, int_in, normalize_zone, socket_addr};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DnsConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Lower-case, without a trailing dot.
+    pub zone: String,
+    pub ttl: u32,
+    pub forward: Vec<SocketAddr>,
+    pub forward_allow: Vec<IpNet>,
+    pub cache_size: usize,
+    /// UDP sockets bound with SO_REUSEPORT (default: one per core).
+    pub udp_sockets: usize,
+    pub forward_timeout: Duration,
+    pub tcp_idle_timeout: Duration,
+    pub tcp_max_connections: usize,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            enabled: true,
+            listen: "127.0.0.1:1053".parse().unwrap(),
+            zone: "cluster.local".into(),
+            ttl: 5,
+            forward: Vec::new(),
+            forward_allow: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+            cache_size: 10_000,
+            udp_sockets: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            forward_timeout: Duration::from_secs(2),
+            tcp_idle_timeout: Duration::from_secs(10),
+            tcp_max_connections: 1024,
+        }
+    }
+}
+
+pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawDns) -> DnsConfig {
+    let mut d = DnsConfig::default();
+    d.enabled = raw.enabled.unwrap_or(d.enabled);
+    if let Some(v) = &raw.listen {
+        d.listen = socket_addr(r, v, None).unwrap_or(d.listen);
+    }
+    if let Some(z) = &raw.zone {
+        match normalize_zone(z.get_ref()) {
+            Ok(zone) => d.zone = zone,
+            Err(msg) => r.error(z.span(), msg),
+        }
+    }
+    if let Some(v) = &raw.ttl {
+        d.ttl = int_in(r, v, 0, 86_400, "ttl (seconds)").unwrap_or(d.ttl as i64) as u32;
+    }
+    if let Some(list) = &raw.forward {
+        d.forward = list
+            .iter()
+            .filter_map(|v| socket_addr(r, v, Some(53)))
+            .collect();
+    }
+    if let Some(list) = &raw.forward_allow {
+        d.forward_allow = list.iter().filter_map(|v| cidr(r, v)).collect();
+    }
+    if let Some(v) = &raw.cache_size {
+        d.cache_size = int_in(r, v, 0, 10_000_000, "cache_size").unwrap_or(0) as usize;
+    }
+    if let Some(v) = &raw.udp_sockets {
+        d.udp_sockets = int_in(r, v, 1, 64, "udp_sockets").unwrap_or(1) as usize;
+    }
+    d.forward_timeout = raw.forward_timeout.unwrap_or(d.forward_timeout);
+    d.tcp_idle_timeout = raw.tcp_idle_timeout.unwrap_or(d.tcp_idle_timeout);
+    if let Some(v) = &raw.tcp_max_connections {
+        d.tcp_max_connections =
+            int_in(r, v, 1, 1_000_000, "tcp_max_connections").unwrap_or(1) as usize;
+    }
+    d
+}

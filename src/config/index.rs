@@ -1,0 +1,74 @@
+//! What the services files read so far claim (service names, listen
+//! addresses), so that a second claim is an error that names the first.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use crate::model::ServiceKey;
+
+use super::report::Origin;
+
+/// Cross-file checks: duplicate services and listen addresses claimed twice.
+#[derive(Debug, Default)]
+pub struct ServicesIndex {
+    services: HashMap<ServiceKey, Origin>,
+    listeners: HashMap<SocketAddr, (ServiceKey, Origin)>,
+}
+
+impl ServicesIndex {
+    /// Claims a service name; `Err` holds where it was defined first.
+    pub(super) fn claim_service(&mut self, key: &ServiceKey, at: Origin) -> Result<(), &Origin> {
+        if self.services.contains_key(key) {
+            return Err(&self.services[key]);
+        }
+        self.services.insert(key.clone(), at);
+        Ok(())
+    }
+
+    /// Claims a listen address for `key` (claiming it again for the same
+    /// service is fine); `Err` holds the other service and where it claimed it.
+    pub(super) fn claim_listener(
+        &mut self,
+        addr: SocketAddr,
+        key: &ServiceKey,
+        at: Origin,
+    ) -> Result<(), &(ServiceKey, Origin)> {
+        match self.listeners.get(&addr) {
+            Some((owner, _)) if owner != key => Err(&self.listeners[&addr]),
+            Some(_) => Ok(()),
+            None => {
+                self.listeners.insert(addr, (key.clone(), at));
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes and returns what `path` claimed, so the file can be re-read.
+    pub fn take_file(&mut self, path: &Path) -> ServicesIndex {
+        let mut taken = ServicesIndex::default();
+        self.services.retain(|k, o| {
+            if o.path == path {
+                taken.services.insert(k.clone(), o.clone());
+                false
+            } else {
+                true
+            }
+        });
+        self.listeners.retain(|a, (k, o)| {
+            if o.path == path {
+                taken.listeners.insert(*a, (k.clone(), o.clone()));
+                false
+            } else {
+                true
+            }
+        });
+        taken
+    }
+
+    /// Puts back what [`take_file`](Self::take_file) removed.
+    pub fn merge(&mut self, other: ServicesIndex) {
+        self.services.extend(other.services);
+        self.listeners.extend(other.listeners);
+    }
+}

@@ -1,0 +1,82 @@
+//! `[proxy]` → [`ProxyConfig`], and the proxy keys a service inherits from
+//! it → [`ProxySpec`] (one function for both places).
+
+use std::time::Duration;
+
+use crate::model::{ProxyProtocol, ProxySpec};
+
+use super::raw::{RawProxy, RawProxyKeys};
+use super::report::Reporter;
+use super::values::int_in;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProxyConfig {
+    pub enabled: bool,
+    /// Cap on concurrent proxied connections across all services.
+    pub max_connections: usize,
+    /// Defaults for every service.
+    pub defaults: ProxySpec,
+    /// On shutdown, how long live connections may finish (default: the grace).
+    pub drain_timeout: Option<Duration>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            enabled: true,
+            max_connections: 100_000,
+            defaults: ProxySpec::default(),
+            drain_timeout: None,
+        }
+    }
+}
+
+pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawProxy) -> ProxyConfig {
+    let mut p = ProxyConfig::default();
+    p.enabled = raw.own.enabled.unwrap_or(p.enabled);
+    if let Some(v) = &raw.own.max_connections {
+        p.max_connections = int_in(r, v, 1, 10_000_000, "max_connections").unwrap_or(1) as usize;
+    }
+    p.defaults = inherit(r, &raw.shared, &p.defaults);
+    p.drain_timeout = raw.own.drain_timeout;
+    p
+}
+
+/// `base` with what `raw` sets: `[proxy]` over [`ProxySpec::default`], a
+/// service's keys over `[proxy]`.
+pub(super) fn inherit(r: &mut Reporter<'_>, raw: &RawProxyKeys, base: &ProxySpec) -> ProxySpec {
+    let mut p = base.clone();
+    p.connect_timeout = raw.connect_timeout.map_or(p.connect_timeout, |v| *v);
+    if let Some(v) = &raw.connect_attempts {
+        p.connect_attempts = int_in(r, v, 1, 100, "connect_attempts").unwrap_or(1) as u32;
+    }
+    p.idle_timeout = raw.idle_timeout.map_or(p.idle_timeout, |v| *v);
+    if let Some(v) = &raw.proxy_protocol {
+        p.proxy_protocol = match v.get_ref().as_str() {
+            "v1" => Some(ProxyProtocol::V1),
+            "v2" => Some(ProxyProtocol::V2),
+            "none" | "" => None,
+            other => {
+                r.error(
+                    v.span(),
+                    format!("unknown proxy_protocol `{other}`; valid: `v1`, `v2`, `none`"),
+                );
+                None
+            }
+        };
+    }
+    p.close_on_removal = raw.close_on_removal.unwrap_or(p.close_on_removal);
+    p
+}
+
+/// A service's own cap on concurrent connections over the inherited one.
+pub(super) fn service_cap(
+    r: &mut Reporter<'_>,
+    raw: Option<&toml::Spanned<i64>>,
+    base: Option<u32>,
+) -> Option<u32> {
+    match raw {
+        Some(v) => int_in(r, v, 1, 10_000_000, "max_connections").map(|n| n as u32),
+        None => base,
+    }
+}

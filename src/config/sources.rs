@@ -1,0 +1,98 @@
+//! `[[source]]` → [`SourceConfig`]: where endpoints come from.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::raw::RawSource;
+use super::report::Reporter;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum SourceConfig {
+    /// A services file, or a directory of `*.toml` services files.
+    File { path: PathBuf },
+    /// The Docker engine on its unix socket.
+    Docker {
+        socket: PathBuf,
+        network: Option<String>,
+    },
+}
+
+impl SourceConfig {
+    /// The name the registry knows this source by.
+    pub fn id(&self) -> crate::model::SourceId {
+        match self {
+            SourceConfig::File { path } => format!("file:{}", path.display()).into(),
+            SourceConfig::Docker { .. } => "docker".into(),
+        }
+    }
+}
+
+/// Every valid source, in order; `base` is where relative paths point from.
+pub(super) fn validate(r: &mut Reporter<'_>, raw: &[RawSource], base: &Path) -> Vec<SourceConfig> {
+    let sources: Vec<SourceConfig> = raw.iter().filter_map(|s| source(r, s, base)).collect();
+    let mut seen = HashMap::new();
+    for (i, s) in sources.iter().enumerate() {
+        if let Some(first) = seen.insert(s.id(), i) {
+            // Known gap, kept as it was: `i` counts valid sources, so after
+            // an invalid `[[source]]` this points at the table before.
+            let span = raw[i].kind.span();
+            r.error(
+                span,
+                format!(
+                    "source `{}` is configured twice (also as source #{}); remove one",
+                    s.id(),
+                    first + 1
+                ),
+            );
+        }
+    }
+    sources
+}
+
+fn source(r: &mut Reporter<'_>, s: &RawSource, base: &Path) -> Option<SourceConfig> {
+    match s.kind.get_ref().as_str() {
+        "file" => {
+            if let Some(sock) = &s.socket {
+                r.error(
+                    sock.span(),
+                    "`socket` belongs to a docker source, not a file source",
+                );
+            }
+            match &s.path {
+                Some(p) => Some(SourceConfig::File {
+                    path: base.join(p.get_ref()),
+                }),
+                None => {
+                    r.error(
+                        s.kind.span(),
+                        "a file source needs `path` (a services file or a directory of *.toml files)",
+                    );
+                    None
+                }
+            }
+        }
+        "docker" => {
+            if let Some(p) = &s.path {
+                r.error(
+                    p.span(),
+                    "`path` belongs to a file source; a docker source takes `socket` and `network`",
+                );
+            }
+            let socket = s.socket.as_ref().map_or_else(
+                || PathBuf::from("/var/run/docker.sock"),
+                |v| PathBuf::from(v.get_ref()),
+            );
+            Some(SourceConfig::Docker {
+                socket,
+                network: s.network.clone(),
+            })
+        }
+        other => {
+            r.error(
+                s.kind.span(),
+                format!("unknown source type `{other}`; valid types: `file`, `docker`"),
+            );
+            None
+        }
+    }
+}
