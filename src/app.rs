@@ -89,7 +89,11 @@ pub async fn start(
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
         let addr = dns.local_addr;
-        tasks.push(tokio::spawn(dns.join()));
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = dns.join().await {
+                tracing::error!(error = %e, "dns stopped");
+            }
+        }));
         Some(addr)
     } else {
         None
