@@ -7,10 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::TcpStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -102,34 +102,17 @@ pub async fn query(
     rtype: RecordType,
     timeout: Duration,
 ) -> Result<Message, ClientError> {
+    use crate::dns::wire::{self, WireError};
     let name = Name::from_str(name).map_err(|e| ClientError::Dns(format!("`{name}`: {e}")))?;
-    let mut msg = Message::new(fastrand::u16(..), MessageType::Query, OpCode::Query);
-    msg.metadata.recursion_desired = true;
-    msg.add_query(Query::query(name, rtype));
-    let bytes = msg.to_vec().map_err(|e| ClientError::Dns(e.to_string()))?;
-    let bind: SocketAddr = if server.is_ipv4() {
-        "0.0.0.0:0".parse().expect("literal")
-    } else {
-        "[::]:0".parse().expect("literal")
-    };
+    let msg = wire::query(Query::query(name, rtype), false);
     let what = format!("DNS query to {server}");
-    let sock = UdpSocket::bind(bind).await.map_err(io(&what))?;
-    sock.connect(server).await.map_err(io(&what))?;
-    let exchange = async {
-        sock.send(&bytes).await?;
-        let mut buf = vec![0u8; 65535];
-        loop {
-            let n = sock.recv(&mut buf).await?;
-            match Message::from_vec(&buf[..n]) {
-                Ok(m) if m.metadata.id == msg.metadata.id => return Ok(m),
-                _ => continue,
-            }
-        }
-    };
-    tokio::time::timeout(timeout, exchange)
+    tokio::time::timeout(timeout, wire::udp_exchange(server, &msg))
         .await
         .map_err(|_| ClientError::Timeout(what.clone()))?
-        .map_err(io(what))
+        .map_err(|e| match e {
+            WireError::Io(source) => ClientError::Io { what, source },
+            other => ClientError::Dns(other.to_string()),
+        })
 }
 
 /// The addresses of `host`: itself if it is an IP, else its A records from
@@ -414,6 +397,8 @@ async fn run_get(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hickory_proto::op::OpCode;
+    use tokio::net::UdpSocket;
     use tokio_util::sync::CancellationToken;
 
     #[test]

@@ -100,10 +100,7 @@ pub async fn start(
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
         let addr = dns.local_addr;
-        loops.spawn("dns", async move {
-            dns.join().await;
-            Ok::<(), std::convert::Infallible>(())
-        });
+        loops.spawn("dns", dns.join());
         Some(addr)
     } else {
         None

@@ -13,12 +13,15 @@
 //!   without a hostname).
 //! - `_<port>._<proto>.<svc>.<ns>.svc.<zone>`: SRV of a named port, the
 //!   targets' addresses in the additional section.
-//! - `svc.<zone>`, `<ns>.svc.<zone>`, `_<proto>.<svc>.<ns>.svc.<zone>`,
-//!   `dns.<zone>`, `ns.dns.<zone>`: names that exist without data (NODATA).
+//! - `svc.<zone>`, `<ns>.svc.<zone>` (a namespace with a service),
+//!   `_<proto>.<svc>.<ns>.svc.<zone>`, `dns.<zone>`, `ns.dns.<zone>`: names
+//!   that exist without data (NODATA).
 //!
 //! Everything else in the zone is NXDOMAIN; negative answers carry the zone
-//! SOA in the authority section. PTR names (`in-addr.arpa`, `ip6.arpa`) of
-//! vips and serving endpoints are answered; other reverse names are not ours.
+//! SOA in the authority section. ANY on an existing name gets one HINFO
+//! record (RFC 8482). Until the snapshot is ready every name in the zone is
+//! SERVFAIL. PTR names (`in-addr.arpa`, `ip6.arpa`) of vips and serving
+//! endpoints are answered; other reverse names are not ours.
 
 use std::net::IpAddr;
 

@@ -3,26 +3,30 @@
 //!
 //! A query qualifies when it is a standard query with one IN question, an
 //! uncompressed name, no records but an optional empty EDNS(0) OPT, and a
-//! common type. Its cache key is the lower-cased name, the type and the
-//! reply size limit. The cached encoding is the slow path's reply to the
-//! same query with ID 0, RD/CD clear, the lower-case question and no
-//! rotation; per query we copy it, patch ID, RD, CD and the question's case
-//! bytes, and rotate the fixed-size A/AAAA records in place. A test checks
-//! that the result is byte-identical to the slow path for the same rotation.
+//! common type (see `FAST_TYPES`). Its cache key is the lower-cased name,
+//! the type, whether the query has EDNS, and the reply size limit. The
+//! cached encoding is the slow path's reply to the same query with ID 0,
+//! RD/CD clear, the lower-case question and no rotation; per query we copy
+//! it, patch ID, RD, CD and the question's case bytes, and rotate the
+//! fixed-size A/AAAA records in place. A test (`handler::tests`) checks
+//! that the result is byte-identical to the slow path for the same
+//! rotation.
 
 use std::collections::HashMap;
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 
-use super::handler::{EDNS_PAYLOAD, PLAIN_UDP_LIMIT, Proto, TCP_LIMIT};
+use super::wire::{self, Proto};
 
 /// Longest key: a 255-byte name, type, EDNS flag, limit.
 const KEY_MAX: usize = 255 + 5;
 const TYPE_A: u16 = 1;
 const TYPE_AAAA: u16 = 28;
 const TYPE_OPT: u16 = 41;
-/// Types the fast path takes; others (zone transfers, meta types) go slow.
+/// Types the fast path takes: A, NS, CNAME, SOA, PTR, MX, TXT, AAAA, SRV
+/// and ANY (whose zone answer is as deterministic as the others). Zone
+/// transfers (refused) and every other type take the slow path.
 const FAST_TYPES: [u16; 10] = [1, 2, 5, 6, 12, 15, 16, 28, 33, 255];
 
 /// A query the fast path can answer, with its cache key.
@@ -70,25 +74,7 @@ pub fn parse(bytes: &[u8], proto: Proto) -> Option<FastQuery> {
         qtype: 0,
         limit: 0,
     };
-    let mut at = 12;
-    loop {
-        let len = usize::from(*bytes.get(at)?);
-        if len > 63 {
-            return None; // compression pointer or extended label type
-        }
-        if q.key_len + 1 + len > 255 {
-            return None;
-        }
-        let label = bytes.get(at..at + 1 + len)?;
-        for (dst, src) in q.key[q.key_len..q.key_len + 1 + len].iter_mut().zip(label) {
-            *dst = src.to_ascii_lowercase();
-        }
-        q.key_len += 1 + len;
-        at += 1 + len;
-        if len == 0 {
-            break;
-        }
-    }
+    let mut at = read_name(bytes, &mut q)?;
     q.name_end = at;
     let tail = bytes.get(at..at + 4)?;
     q.qtype = u16_at(tail, 0);
@@ -114,11 +100,7 @@ pub fn parse(bytes: &[u8], proto: Proto) -> Option<FastQuery> {
     if at != bytes.len() {
         return None;
     }
-    q.limit = match (proto, edns) {
-        (Proto::Tcp, _) => TCP_LIMIT,
-        (Proto::Udp, None) => PLAIN_UDP_LIMIT,
-        (Proto::Udp, Some(p)) => usize::from(p.clamp(512, EDNS_PAYLOAD)),
-    };
+    q.limit = wire::limit(proto, edns);
     let tail = [
         (q.qtype >> 8) as u8,
         q.qtype as u8,
@@ -129,6 +111,31 @@ pub fn parse(bytes: &[u8], proto: Proto) -> Option<FastQuery> {
     q.key[q.key_len..q.key_len + 5].copy_from_slice(&tail);
     q.key_len += 5;
     Some(q)
+}
+
+/// Copies the question name at offset 12, lower-cased, into the key;
+/// returns the offset just past it. `None` for a compressed, extended or
+/// over-long name.
+fn read_name(bytes: &[u8], q: &mut FastQuery) -> Option<usize> {
+    let mut at = 12;
+    loop {
+        let len = usize::from(*bytes.get(at)?);
+        if len > 63 {
+            return None; // compression pointer or extended label type
+        }
+        if q.key_len + 1 + len > 255 {
+            return None;
+        }
+        let label = bytes.get(at..at + 1 + len)?;
+        for (dst, src) in q.key[q.key_len..q.key_len + 1 + len].iter_mut().zip(label) {
+            *dst = src.to_ascii_lowercase();
+        }
+        q.key_len += 1 + len;
+        at += 1 + len;
+        if len == 0 {
+            return Some(at);
+        }
+    }
 }
 
 /// Where the rotatable A/AAAA records sit in a cached encoding.
@@ -200,7 +207,8 @@ impl Entry {
     }
 }
 
-/// Cached encodings of one task, valid for one snapshot version.
+/// Cached encodings of one loop (a UDP thread or a TCP connection), valid
+/// for one snapshot version.
 #[derive(Debug)]
 pub struct FastCache {
     version: u64,

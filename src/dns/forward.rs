@@ -11,16 +11,14 @@
 //! day after expiry) or SERVFAIL.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
 
-use super::handler::{encode_within, lowercase, our_edns};
+use super::wire::{self, WireError};
 
 /// TTL of an answer served stale (RFC 8767 section 4).
 const STALE_TTL: u32 = 30;
@@ -111,7 +109,7 @@ impl Forwarder {
         let Some(question) = req.queries.first() else {
             return self.render(req, ResponseCode::FormErr, None, 0, limit);
         };
-        let lower = lowercase(question);
+        let lower = wire::lowercase(question);
         let key: Key = (lower.name.clone(), lower.query_type, lower.query_class);
         let now = Instant::now();
         if let Some(entry) = self
@@ -200,15 +198,8 @@ impl Forwarder {
         age: u32,
         limit: usize,
     ) -> (Vec<u8>, ResponseCode) {
-        let mut msg = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
-        msg.metadata.recursion_desired = req.metadata.recursion_desired;
-        msg.metadata.checking_disabled = req.metadata.checking_disabled;
-        msg.metadata.recursion_available = true;
-        msg.metadata.response_code = rcode;
+        let mut msg = wire::response(req, rcode, true);
         msg.queries = req.queries.clone();
-        if req.edns.is_some() {
-            msg.edns = Some(our_edns());
-        }
         if let Some(e) = entry {
             let aged = |rs: &[Record]| -> Vec<Record> {
                 rs.iter()
@@ -223,16 +214,12 @@ impl Forwarder {
             msg.authorities = aged(&e.authorities);
             msg.additionals = aged(&e.additionals);
         }
-        match encode_within(&msg, limit) {
+        match wire::encode_within(&msg, limit) {
             Some(bytes) => (bytes, rcode),
-            None => {
-                let mut h = vec![0u8; 12];
-                h[..2].copy_from_slice(&req.metadata.id.to_be_bytes());
-                (
-                    super::handler::header_only(&h, ResponseCode::ServFail),
-                    ResponseCode::ServFail,
-                )
-            }
+            None => (
+                wire::header_for_id(req.metadata.id, ResponseCode::ServFail),
+                ResponseCode::ServFail,
+            ),
         }
     }
 
@@ -289,49 +276,17 @@ fn entry_from(reply: Message, now: Instant) -> CacheEntry {
 
 /// One exchange with one upstream: UDP, then TCP if the reply is truncated.
 async fn ask(upstream: SocketAddr, query: &Query) -> Result<Message, ForwardError> {
-    let io = |e| ForwardError::Io(upstream, e);
-    let mut msg = Message::new(fastrand::u16(..), MessageType::Query, OpCode::Query);
-    msg.metadata.recursion_desired = true;
-    msg.queries.push(query.clone());
-    msg.edns = Some(our_edns());
-    let bytes = msg
-        .to_vec()
-        .map_err(|_| ForwardError::Malformed(upstream))?;
-    let local: SocketAddr = if upstream.is_ipv4() {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
+    let err = |e| match e {
+        WireError::Io(e) => ForwardError::Io(upstream, e),
+        WireError::Encode(_) | WireError::Malformed => ForwardError::Malformed(upstream),
     };
-    let sock = UdpSocket::bind(local).await.map_err(io)?;
-    sock.connect(upstream).await.map_err(io)?;
-    sock.send(&bytes).await.map_err(io)?;
-    let mut buf = vec![0u8; 4096];
-    let reply = loop {
-        let n = sock.recv(&mut buf).await.map_err(io)?;
-        // Ignore anything that is not the reply to this query.
-        if let Ok(reply) = Message::from_vec(&buf[..n])
-            && reply.metadata.id == msg.metadata.id
-            && reply.metadata.message_type == MessageType::Response
-            && reply.queries.first().is_some_and(|q| {
-                q.name.to_lowercase() == query.name && q.query_type == query.query_type
-            })
-        {
-            break reply;
-        }
-    };
+    let msg = wire::query(query.clone(), true);
+    let reply = wire::udp_exchange(upstream, &msg).await.map_err(err)?;
     if !reply.metadata.truncation {
         return Ok(reply);
     }
-    let mut stream = TcpStream::connect(upstream).await.map_err(io)?;
-    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
-    framed.extend_from_slice(&bytes);
-    stream.write_all(&framed).await.map_err(io)?;
-    let len = stream.read_u16().await.map_err(io)?;
-    let mut body = vec![0u8; usize::from(len)];
-    stream.read_exact(&mut body).await.map_err(io)?;
-    let reply = Message::from_vec(&body).map_err(|_| ForwardError::Malformed(upstream))?;
-    if reply.metadata.id != msg.metadata.id {
-        return Err(ForwardError::Malformed(upstream));
-    }
-    Ok(reply)
+    wire::tcp_exchange(upstream, &msg).await.map_err(err)
 }
+
+#[cfg(test)]
+mod tests;

@@ -13,36 +13,15 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::op::{Edns, Message, OpCode, Query, ResponseCode};
 use hickory_proto::rr::RecordType;
 use ipnet::IpNet;
 
 use super::answer::{self, Outcome, Zone, ZoneAnswer};
 use super::fast::{self, FastCache};
 use super::forward::{ForwardJob, Forwarder};
+use super::wire::{self, Proto, QType};
 use crate::model::Snapshot;
-
-/// Our EDNS UDP payload size (DNS flag day 2020).
-pub const EDNS_PAYLOAD: u16 = 1232;
-/// Largest reply without EDNS over UDP.
-pub const PLAIN_UDP_LIMIT: usize = 512;
-/// Largest DNS message over TCP.
-pub const TCP_LIMIT: usize = 65535;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Proto {
-    Udp,
-    Tcp,
-}
-
-impl Proto {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Proto::Udp => "udp",
-            Proto::Tcp => "tcp",
-        }
-    }
-}
 
 /// What to do with one received message.
 #[derive(Debug)]
@@ -55,9 +34,11 @@ pub enum Reply {
     Drop,
 }
 
-/// The question type of a request, for the `qtype` metric label (`None` when
-/// no question could be read).
-pub type QType = Option<RecordType>;
+/// What the slow path made of a well-formed query.
+enum Answered {
+    Send(ResponseCode, Vec<u8>),
+    Forward(Box<ForwardJob>),
+}
 
 /// The message handler shared by every UDP and TCP task.
 #[derive(Debug)]
@@ -99,18 +80,10 @@ impl Handler {
         if let Some(q) = fast::parse(bytes, proto) {
             cache.sync(snapshot.version);
             if let Some(entry) = cache.get(q.key()) {
-                entry.render(bytes, &q, rotate, out);
-                return Reply::Send {
-                    rcode: entry.rcode,
-                    qtype: Some(q.qtype()),
-                };
+                return fast_reply(entry, bytes, &q, rotate, out);
             }
             if let Some(entry) = self.template(snapshot, bytes, &q) {
-                entry.render(bytes, &q, rotate, out);
-                let reply = Reply::Send {
-                    rcode: entry.rcode,
-                    qtype: Some(q.qtype()),
-                };
+                let reply = fast_reply(&entry, bytes, &q, rotate, out);
                 cache.insert(q.key(), entry);
                 return reply;
             }
@@ -132,7 +105,7 @@ impl Handler {
         req.metadata.recursion_desired = false;
         req.metadata.checking_disabled = false;
         let query = req.queries.first()?;
-        let lower = lowercase(query);
+        let lower = wire::lowercase(query);
         let Outcome::Answer(za) = answer::answer(snapshot, &self.zone, &lower, 0) else {
             return None;
         };
@@ -152,7 +125,7 @@ impl Handler {
         out: &mut Vec<u8>,
     ) -> Reply {
         out.clear();
-        if bytes.len() < 12 || bytes[2] & 0x80 != 0 {
+        if bytes.len() < wire::HEADER_LEN || bytes[2] & 0x80 != 0 {
             // No header, or a response: never answer those (no loops).
             return Reply::Drop;
         }
@@ -160,7 +133,7 @@ impl Handler {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(error = %e, "malformed DNS message");
-                out.extend_from_slice(&header_only(bytes, ResponseCode::FormErr));
+                out.extend_from_slice(&wire::header_only(bytes, ResponseCode::FormErr));
                 return Reply::Send {
                     rcode: ResponseCode::FormErr,
                     qtype: None,
@@ -168,55 +141,51 @@ impl Handler {
             }
         };
         let qtype = req.queries.first().map(|q| q.query_type);
-        let mut send = |rcode: ResponseCode, encoded: Vec<u8>| {
-            *out = encoded;
-            Reply::Send { rcode, qtype }
+        let (rcode, encoded) = match refusal(&req) {
+            Some(rcode) => (rcode, self.error(&req, rcode)),
+            None => match self.answer(snapshot, req, client, proto, rotate) {
+                Answered::Send(rcode, encoded) => (rcode, encoded),
+                Answered::Forward(job) => return Reply::Forward(job),
+            },
         };
-        let limit = limit(proto, req.edns.as_ref());
-        if req.metadata.op_code != OpCode::Query {
-            return send(ResponseCode::NotImp, self.error(&req, ResponseCode::NotImp));
-        }
-        if req.queries.len() != 1 {
-            return send(
-                ResponseCode::FormErr,
-                self.error(&req, ResponseCode::FormErr),
-            );
-        }
-        if req.edns.as_ref().is_some_and(|e| e.version() > 0) {
-            return send(
-                ResponseCode::BADVERS,
-                self.error(&req, ResponseCode::BADVERS),
-            );
-        }
+        *out = encoded;
+        Reply::Send { rcode, qtype }
+    }
+
+    /// The reply to a request that passed the protocol checks: the zone's
+    /// answer, a forward job, or REFUSED for names we may not forward.
+    fn answer(
+        &self,
+        snapshot: &Snapshot,
+        req: Message,
+        client: IpAddr,
+        proto: Proto,
+        rotate: usize,
+    ) -> Answered {
+        let limit = wire::limit(proto, req.edns.as_ref().map(Edns::max_payload));
         let query = &req.queries[0];
-        if matches!(query.query_type, RecordType::AXFR | RecordType::IXFR) {
-            return send(
-                ResponseCode::Refused,
-                self.error(&req, ResponseCode::Refused),
-            );
-        }
-        let lower = lowercase(query);
+        let lower = wire::lowercase(query);
         match answer::answer(snapshot, &self.zone, &lower, rotate) {
             Outcome::Answer(za) => {
                 let rcode = za.rcode;
                 match self.encode_zone(&req, lower, za, limit) {
                     Some(mut encoded) => {
                         patch_question_case(&mut encoded, &query.name);
-                        send(rcode, encoded)
+                        Answered::Send(rcode, encoded)
                     }
-                    None => send(
+                    None => Answered::Send(
                         ResponseCode::ServFail,
                         self.error(&req, ResponseCode::ServFail),
                     ),
                 }
             }
             Outcome::NotOurs => match &self.forwarder {
-                Some(fwd) if self.allowed(client) => Reply::Forward(Box::new(ForwardJob {
+                Some(fwd) if self.allowed(client) => Answered::Forward(Box::new(ForwardJob {
                     forwarder: fwd.clone(),
                     request: req,
                     limit,
                 })),
-                _ => send(
+                _ => Answered::Send(
                     ResponseCode::Refused,
                     self.error(&req, ResponseCode::Refused),
                 ),
@@ -237,82 +206,58 @@ impl Handler {
         za: ZoneAnswer,
         limit: usize,
     ) -> Option<Vec<u8>> {
-        let mut msg = self.response(req, za.rcode);
+        let mut msg = wire::response(req, za.rcode, self.recursion_available);
         msg.metadata.authoritative = true;
         msg.queries.push(question);
         msg.answers = za.answers;
         msg.authorities = za.authorities;
         msg.additionals = za.additionals;
-        encode_within(&msg, limit)
-    }
-
-    /// The response skeleton for `req`: ID, opcode, RD and CD copied; EDNS
-    /// when the request had it.
-    fn response(&self, req: &Message, rcode: ResponseCode) -> Message {
-        let mut msg = Message::new(req.metadata.id, MessageType::Response, req.metadata.op_code);
-        msg.metadata.recursion_desired = req.metadata.recursion_desired;
-        msg.metadata.checking_disabled = req.metadata.checking_disabled;
-        msg.metadata.recursion_available = self.recursion_available;
-        msg.metadata.response_code = rcode;
-        if req.edns.is_some() {
-            msg.edns = Some(our_edns());
-        }
-        msg
+        wire::encode_within(&msg, limit)
     }
 
     /// An error reply that echoes the question(s).
     fn error(&self, req: &Message, rcode: ResponseCode) -> Vec<u8> {
-        let mut msg = self.response(req, rcode);
+        let mut msg = wire::response(req, rcode, self.recursion_available);
         msg.queries = req.queries.clone();
-        encode_within(&msg, TCP_LIMIT).unwrap_or_else(|| {
-            let mut h = vec![0u8; 12];
-            h[..2].copy_from_slice(&req.metadata.id.to_be_bytes());
-            header_only(&h, rcode)
-        })
+        wire::encode_within(&msg, wire::TCP_LIMIT)
+            .unwrap_or_else(|| wire::header_for_id(req.metadata.id, rcode))
     }
 }
 
-/// The OPT record of our replies.
-pub fn our_edns() -> Edns {
-    let mut edns = Edns::new();
-    edns.set_max_payload(EDNS_PAYLOAD);
-    edns
-}
-
-/// The reply size limit for a request.
-pub fn limit(proto: Proto, edns: Option<&Edns>) -> usize {
-    match (proto, edns) {
-        (Proto::Tcp, _) => TCP_LIMIT,
-        (Proto::Udp, None) => PLAIN_UDP_LIMIT,
-        (Proto::Udp, Some(e)) => usize::from(e.max_payload().clamp(512, EDNS_PAYLOAD)),
+/// Writes a fast-path reply from a cached (or just built) encoding.
+fn fast_reply(
+    entry: &fast::Entry,
+    bytes: &[u8],
+    q: &fast::FastQuery,
+    rotate: usize,
+    out: &mut Vec<u8>,
+) -> Reply {
+    entry.render(bytes, q, rotate, out);
+    Reply::Send {
+        rcode: entry.rcode,
+        qtype: Some(q.qtype()),
     }
 }
 
-/// Encodes `msg`; if that exceeds `limit`, encodes it without records and
-/// with TC set (the client retries over TCP).
-pub fn encode_within(msg: &Message, limit: usize) -> Option<Vec<u8>> {
-    let bytes = msg.to_vec().ok()?;
-    if bytes.len() <= limit {
-        return Some(bytes);
+/// The error a request gets before any name is looked at, in the order the
+/// checks apply: opcode, question count, EDNS version, zone transfer.
+fn refusal(req: &Message) -> Option<ResponseCode> {
+    if req.metadata.op_code != OpCode::Query {
+        return Some(ResponseCode::NotImp);
     }
-    let truncated = msg.truncate().to_vec().ok()?;
-    (truncated.len() <= limit).then_some(truncated)
-}
-
-/// A header-only reply to a message whose body could not be read: same ID,
-/// opcode and RD, QR set, `rcode`.
-pub fn header_only(req: &[u8], rcode: ResponseCode) -> Vec<u8> {
-    let mut h = vec![0u8; 12];
-    h[..2].copy_from_slice(&req[..2]);
-    h[2] = 0x80 | (req[2] & 0x79);
-    h[3] = rcode.low();
-    h
-}
-
-pub fn lowercase(q: &Query) -> Query {
-    let mut lower = q.clone();
-    lower.name = q.name.to_lowercase();
-    lower
+    if req.queries.len() != 1 {
+        return Some(ResponseCode::FormErr);
+    }
+    if req.edns.as_ref().is_some_and(|e| e.version() > 0) {
+        return Some(ResponseCode::BADVERS);
+    }
+    if matches!(
+        req.queries[0].query_type,
+        RecordType::AXFR | RecordType::IXFR
+    ) {
+        return Some(ResponseCode::Refused);
+    }
+    None
 }
 
 /// Overwrites the question name of an encoded reply (at offset 12, written
@@ -336,3 +281,6 @@ fn canonical(ip: IpAddr) -> IpAddr {
         v4 => v4,
     }
 }
+
+#[cfg(test)]
+mod tests;

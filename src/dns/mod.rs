@@ -4,9 +4,9 @@
 //! down.
 //!
 //! ```text
-//!  UDP thread ×N (SO_REUSEPORT) ─┐                       ┌─ zone: answer::answer (pure)
-//!  TCP listener → connection ────┴─► handler ─ fast path ┤
-//!                                     (per task cache)   └─ else: forward (upstreams + cache)
+//!  UDP thread ×N (SO_REUSEPORT) ─┐                        ┌─ zone: answer::answer (pure)
+//!  TCP accept → task per conn ───┴─► handler ─ fast path ─┤
+//!                                    (per loop cache)     └─ else: forward (upstreams + cache)
 //! ```
 //!
 //! - [`answer`] is the pure core: `(snapshot, zone, question) → records`.
@@ -14,71 +14,43 @@
 //!   FORMERR/BADVERS/REFUSED) with hickory-proto: the slow path.
 //! - [`fast`] caches the slow path's encodings per snapshot version and
 //!   patches ID, flags, case and rotation: the fast path, byte-identical.
-//! - [`server`] holds the UDP loops and the TCP connections; [`forward`]
-//!   the upstream client and its cache.
+//! - [`forward`] is the upstream client and its cache.
+//! - [`udp`] and [`tcp`] are the I/O shells; [`bind`] opens their sockets;
+//!   [`server`] holds what they share and supervises them ([`DnsServer`]).
+//! - [`wire`] is the wire level they all use (limits, skeletons, framing,
+//!   exchanges); [`tally`] the metrics; [`error`] the error type. These
+//!   three use nothing else of `dns/`.
+//!
+//! This module is the facade: [`spawn`], [`handler`] and re-exports. No
+//! child imports it.
 
 pub mod answer;
+pub mod bind;
+pub mod error;
 pub mod fast;
 pub mod forward;
 pub mod handler;
 pub mod server;
+pub mod tally;
+pub mod tcp;
+pub mod udp;
+pub mod wire;
 
-use std::net::SocketAddr;
+#[cfg(test)]
+mod testkit;
+
 use std::sync::Arc;
 
-use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
-use std::net::UdpSocket;
-
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DnsConfig;
 use crate::registry::Reader;
 
 pub use answer::{Outcome, Zone, ZoneAnswer, answer};
-pub use handler::{Handler, Proto, Reply};
-
-#[derive(Debug, thiserror::Error)]
-pub enum DnsError {
-    #[error("dns zone {zone:?} is not a valid name: {source}")]
-    Zone {
-        zone: String,
-        source: hickory_proto::ProtoError,
-    },
-    #[error("dns: cannot bind {proto} {addr}: {source}")]
-    Bind {
-        proto: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-}
-
-/// The running responder.
-pub struct DnsServer {
-    /// Where UDP and TCP listen (the real port when the config said 0).
-    pub local_addr: SocketAddr,
-    tasks: Vec<JoinHandle<()>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl DnsServer {
-    /// Waits for every task; they end once the shutdown token is cancelled
-    /// (open TCP connections finish the query they are reading).
-    pub async fn join(self) {
-        for task in self.tasks {
-            let _ = task.await;
-        }
-        // UDP threads notice the shutdown within `server::UDP_POLL`.
-        let threads = self.threads;
-        let _ = tokio::task::spawn_blocking(move || {
-            for t in threads {
-                let _ = t.join();
-            }
-        })
-        .await;
-    }
-}
+pub use error::DnsError;
+pub use handler::{Handler, Reply};
+pub use server::DnsServer;
+pub use wire::Proto;
 
 /// Builds the handler for a config (no sockets): used by [`spawn`], tests,
 /// benches and the fuzz target.
@@ -99,119 +71,38 @@ pub fn handler(cfg: &DnsConfig) -> Result<Handler, DnsError> {
 
 /// Binds UDP (`cfg.udp_sockets` sockets with SO_REUSEPORT) and TCP on
 /// `cfg.listen`, then serves until `shutdown` is cancelled. Bind errors are
-/// returned here, before anything is served.
+/// returned here, before anything is served; [`DnsServer::join`] reports a
+/// loop that dies later.
 pub async fn spawn(
     cfg: &DnsConfig,
     reader: Reader,
     shutdown: CancellationToken,
 ) -> Result<DnsServer, DnsError> {
     let handler = handler(cfg)?;
-    let (udp, tcp, local_addr) = bind_all(cfg.listen, cfg.udp_sockets.max(1))?;
+    let bound = bind::bind_all(cfg.listen, cfg.udp_sockets.max(1))?;
+    let local_addr = bound.addr;
     let shared = Arc::new(server::Shared::new(handler));
-    let mut tasks = Vec::new();
-    let mut threads = Vec::new();
-    for (i, sock) in udp.into_iter().enumerate() {
+    let mut server = DnsServer::new(local_addr, &shared, shutdown.clone());
+    for (i, sock) in bound.udp.into_iter().enumerate() {
         let (shared, reader, shutdown) = (shared.clone(), reader.clone(), shutdown.clone());
         let runtime = tokio::runtime::Handle::current();
-        let thread = std::thread::Builder::new()
-            .name(format!("beacon-dns-udp-{i}"))
-            .spawn(move || server::udp_thread(sock, shared, reader, shutdown, runtime))
+        server
+            .spawn_udp_thread(format!("beacon-dns-udp-{i}"), move || {
+                udp::udp_thread(sock, shared, reader, shutdown, runtime)
+            })
             .map_err(|source| DnsError::Bind {
                 proto: "udp",
                 addr: local_addr,
                 source,
             })?;
-        threads.push(thread);
     }
-    let settings = server::TcpSettings {
+    let settings = tcp::TcpSettings {
         idle_timeout: cfg.tcp_idle_timeout,
         max_connections: cfg.tcp_max_connections.max(1),
     };
-    tasks.push(tokio::spawn(server::tcp_accept_loop(
-        tcp, shared, reader, settings, shutdown,
+    server.set_tcp_task(tokio::spawn(tcp::tcp_accept_loop(
+        bound.tcp, shared, reader, settings, shutdown,
     )));
     tracing::info!(addr = %local_addr, zone = %cfg.zone, "dns serving");
-    Ok(DnsServer {
-        local_addr,
-        tasks,
-        threads,
-    })
+    Ok(server)
 }
-
-/// Binds every socket. With port 0, the first UDP socket picks the port and
-/// the rest follow it; if TCP cannot have that port, try another few times.
-fn bind_all(
-    listen: SocketAddr,
-    udp_sockets: usize,
-) -> Result<(Vec<UdpSocket>, TcpListener, SocketAddr), DnsError> {
-    let attempts = if listen.port() == 0 { 8 } else { 1 };
-    let mut last = None;
-    for _ in 0..attempts {
-        match bind_once(listen, udp_sockets) {
-            Ok(bound) => return Ok(bound),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.expect("at least one attempt"))
-}
-
-fn bind_once(
-    listen: SocketAddr,
-    udp_sockets: usize,
-) -> Result<(Vec<UdpSocket>, TcpListener, SocketAddr), DnsError> {
-    let first = bind_udp(listen)?;
-    let addr = first.local_addr().map_err(|source| DnsError::Bind {
-        proto: "udp",
-        addr: listen,
-        source,
-    })?;
-    let mut udp = vec![first];
-    for _ in 1..udp_sockets {
-        udp.push(bind_udp(addr)?);
-    }
-    let tcp = bind_tcp(addr)?;
-    Ok((udp, tcp, addr))
-}
-
-fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, DnsError> {
-    let err = |source| DnsError::Bind {
-        proto: "udp",
-        addr,
-        source,
-    };
-    let sock = Socket::new(
-        Domain::for_address(addr),
-        Type::DGRAM,
-        Some(SockProtocol::UDP),
-    )
-    .map_err(err)?;
-    sock.set_reuse_port(true).map_err(err)?;
-    // Blocking, woken by the kernel; the timeout lets the thread see shutdown.
-    sock.set_read_timeout(Some(server::UDP_POLL)).map_err(err)?;
-    // The kernel's default receive buffer: at saturation a short queue sheds
-    // load (clients retry) where a deep one only adds latency to every query.
-    sock.bind(&addr.into()).map_err(err)?;
-    Ok(sock.into())
-}
-
-fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, DnsError> {
-    let err = |source| DnsError::Bind {
-        proto: "tcp",
-        addr,
-        source,
-    };
-    let sock = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM,
-        Some(SockProtocol::TCP),
-    )
-    .map_err(err)?;
-    sock.set_reuse_address(true).map_err(err)?;
-    sock.set_nonblocking(true).map_err(err)?;
-    sock.bind(&addr.into()).map_err(err)?;
-    sock.listen(1024).map_err(err)?;
-    TcpListener::from_std(sock.into()).map_err(err)
-}
-
-#[cfg(test)]
-mod tests;

@@ -1,144 +1,31 @@
-//! The I/O shells: one OS thread per SO_REUSEPORT UDP socket running a
-//! plain blocking receive/answer/send loop, and a TCP listener with one task per
-//! connection (RFC 7766: pipelined queries, idle timeout, connection cap).
-//!
-//! hickory-server is not used: its loop spawns a task and boxes a future per
-//! UDP query, which costs about twice the CPU per query of this loop.
+//! The running responder: what its loops share ([`Shared`]), and the
+//! [`DnsServer`] handle that supervises them. Each UDP thread and the TCP
+//! accept task report how they ended; [`DnsServer::join`] turns an end
+//! outside shutdown, or any panic, into an error that names the loop.
 
-use std::io;
+use std::any::Any;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use hickory_proto::op::ResponseCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use super::fast::FastCache;
-use super::handler::{Handler, Proto, QType, Reply};
-use crate::registry::Reader;
+use super::error::DnsError;
+use super::handler::Handler;
+use super::tally::DnsMetrics;
 
-/// Packets a UDP thread handles between two flushes of its metric tallies.
-const UDP_BATCH: u32 = 64;
-/// Entries per task in the fast-path cache before it starts over.
-const FAST_CACHE_ENTRIES: usize = 100_000;
 /// Forwarded queries in flight at once (beyond: SERVFAIL at once).
 const MAX_FORWARDS: usize = 4096;
 
-const QTYPES: [&str; 9] = ["A", "AAAA", "SRV", "PTR", "TXT", "SOA", "NS", "ANY", "MX"];
-const RCODES: [&str; 7] = [
-    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "BADVERS",
-];
-
-fn qtype_label(qtype: QType) -> &'static str {
-    QTYPES.get(qtype_index(qtype)).copied().unwrap_or("other")
-}
-
-fn rcode_label(rcode: ResponseCode) -> &'static str {
-    RCODES.get(rcode_index(rcode)).copied().unwrap_or("other")
-}
-
-/// Counts one request at once (TCP and forwarded queries). Metric handles
-/// are looked up per call, never cached at task start: a task may start
-/// before the process installs its recorder.
-pub fn record(proto: Proto, qtype: QType, rcode: Option<ResponseCode>, started: Instant) {
-    metrics::counter!(crate::telemetry::DNS_REQUESTS, "proto" => proto.as_str(), "qtype" => qtype_label(qtype))
-        .increment(1);
-    if let Some(rcode) = rcode {
-        metrics::counter!(crate::telemetry::DNS_RESPONSES, "rcode" => rcode_label(rcode))
-            .increment(1);
-    }
-    metrics::histogram!(crate::telemetry::DNS_REQUEST_DURATION)
-        .record(started.elapsed().as_secs_f64());
-}
-
-fn qtype_index(qtype: QType) -> usize {
-    use hickory_proto::rr::RecordType as T;
-    match qtype {
-        Some(T::A) => 0,
-        Some(T::AAAA) => 1,
-        Some(T::SRV) => 2,
-        Some(T::PTR) => 3,
-        Some(T::TXT) => 4,
-        Some(T::SOA) => 5,
-        Some(T::NS) => 6,
-        Some(T::ANY) => 7,
-        Some(T::MX) => 8,
-        _ => 9,
-    }
-}
-
-fn rcode_index(rcode: ResponseCode) -> usize {
-    match rcode {
-        ResponseCode::NoError => 0,
-        ResponseCode::FormErr => 1,
-        ResponseCode::ServFail => 2,
-        ResponseCode::NXDomain => 3,
-        ResponseCode::NotImp => 4,
-        ResponseCode::Refused => 5,
-        ResponseCode::BADVERS => 6,
-        _ => 7,
-    }
-}
-
-/// Per-task tallies of one UDP loop, added to the shared metrics in a batch
-/// (every few dozen packets and whenever the socket runs dry): shared
-/// counters are atomics both cores would otherwise contend on per packet,
-/// and a lookup per packet would cost more than the answer.
-struct LocalMetrics {
-    requests: [u64; QTYPES.len() + 1],
-    responses: [u64; RCODES.len() + 1],
-    durations: Vec<f64>,
-}
-
-impl LocalMetrics {
-    fn new() -> Self {
-        Self {
-            requests: [0; QTYPES.len() + 1],
-            responses: [0; RCODES.len() + 1],
-            durations: Vec::with_capacity(UDP_BATCH as usize),
-        }
-    }
-
-    fn record(&mut self, qtype: QType, rcode: Option<ResponseCode>, started: Instant) {
-        self.requests[qtype_index(qtype)] += 1;
-        if let Some(rcode) = rcode {
-            self.responses[rcode_index(rcode)] += 1;
-        }
-        self.durations.push(started.elapsed().as_secs_f64());
-    }
-
-    fn flush(&mut self) {
-        if self.durations.is_empty() {
-            return;
-        }
-        for (i, n) in self.requests.iter_mut().enumerate() {
-            if *n > 0 {
-                let qtype = QTYPES.get(i).copied().unwrap_or("other");
-                metrics::counter!(crate::telemetry::DNS_REQUESTS, "proto" => "udp", "qtype" => qtype)
-                    .increment(std::mem::take(n));
-            }
-        }
-        for (i, n) in self.responses.iter_mut().enumerate() {
-            if *n > 0 {
-                let rcode = RCODES.get(i).copied().unwrap_or("other");
-                metrics::counter!(crate::telemetry::DNS_RESPONSES, "rcode" => rcode)
-                    .increment(std::mem::take(n));
-            }
-        }
-        let histogram = metrics::histogram!(crate::telemetry::DNS_REQUEST_DURATION);
-        for d in self.durations.drain(..) {
-            histogram.record(d);
-        }
-    }
-}
-
-/// What every serving task shares.
+/// What every serving loop shares.
 pub struct Shared {
     pub handler: Handler,
     pub forwards: Arc<Semaphore>,
+    pub metrics: DnsMetrics,
+    #[cfg(test)]
+    pub faults: Faults,
 }
 
 impl Shared {
@@ -146,260 +33,144 @@ impl Shared {
         Self {
             handler,
             forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
+            metrics: DnsMetrics::default(),
+            #[cfg(test)]
+            faults: Faults::default(),
         }
     }
 }
 
-/// How often an idle UDP thread looks at the shutdown token.
-pub const UDP_POLL: Duration = Duration::from_millis(100);
+/// Test-only faults: each makes one loop die the next time it looks.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// One UDP thread panics (checked every packet and every poll).
+    pub udp_panic: std::sync::atomic::AtomicBool,
+    /// One UDP thread returns as if its socket was gone.
+    pub udp_end: std::sync::atomic::AtomicBool,
+    /// The TCP accept loop panics after its next accept.
+    pub tcp_panic: std::sync::atomic::AtomicBool,
+}
 
-/// Receives, answers and sends on one UDP socket until cancelled, on its own
-/// OS thread: a blocking `recv_from` wakes this thread directly, without the
-/// reactor's wake-up and task hand-off in between (cheaper per packet and
-/// faster to answer than a task on the runtime). `sock` is blocking with a
-/// read timeout of [`UDP_POLL`]. Forwarded queries run on `runtime`.
-pub fn udp_thread(
-    sock: std::net::UdpSocket,
-    shared: Arc<Shared>,
-    mut reader: Reader,
+#[cfg(test)]
+impl Faults {
+    /// Takes a fault: true once after it was set.
+    pub fn take(flag: &std::sync::atomic::AtomicBool) -> bool {
+        flag.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// How one loop ended.
+enum Ended {
+    Returned,
+    Panicked(String),
+    /// The task was cancelled (the runtime is shutting down) or its thread vanished.
+    Lost(String),
+}
+
+/// One UDP thread, seen from its supervisor.
+struct UdpThread {
+    name: String,
+    ended: oneshot::Receiver<Ended>,
+}
+
+/// The running responder.
+pub struct DnsServer {
+    /// Where UDP and TCP listen (the real port when the config said 0).
+    pub local_addr: SocketAddr,
     shutdown: CancellationToken,
-    runtime: tokio::runtime::Handle,
-) {
-    let mut local = LocalMetrics::new();
-    let mut cache = FastCache::new(FAST_CACHE_ENTRIES);
-    let mut buf = vec![0u8; 65536];
-    let mut out = Vec::with_capacity(4096);
-    let mut snapshot = reader.latest();
-    let mut rotate = fastrand::usize(..);
-    let mut handled = 0u32;
-    let mut flushed = Instant::now();
-    while !shutdown.is_cancelled() {
-        let (n, peer) = match sock.recv_from(&mut buf) {
-            Ok(got) => got,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                local.flush();
-                flushed = Instant::now();
-                continue;
-            }
-            Err(e) => {
-                // ICMP errors from earlier sends surface here; keep serving.
-                tracing::debug!(error = %e, "dns udp recv");
-                continue;
-            }
-        };
-        let started = Instant::now();
-        if reader.has_changed() {
-            snapshot = reader.latest();
-        }
-        rotate = rotate.wrapping_add(1);
-        let reply = shared.handler.handle(
-            &mut cache,
-            &snapshot,
-            &buf[..n],
-            peer.ip(),
-            Proto::Udp,
-            rotate,
-            &mut out,
-        );
-        match reply {
-            Reply::Send { rcode, qtype } => {
-                send_udp(&sock, &out, peer);
-                local.record(qtype, Some(rcode), started);
-            }
-            Reply::Forward(job) => {
-                let qtype = job.request.queries.first().map(|q| q.query_type);
-                let permit = shared.forwards.clone().try_acquire_owned();
-                match (permit, sock.try_clone()) {
-                    (Ok(permit), Ok(sock)) => {
-                        runtime.spawn(async move {
-                            let (bytes, rcode) = job.run().await;
-                            send_udp(&sock, &bytes, peer);
-                            record(Proto::Udp, qtype, Some(rcode), started);
-                            drop(permit);
-                        });
-                    }
-                    _ => {
-                        let bytes = super::handler::header_only(&buf[..n], ResponseCode::ServFail);
-                        send_udp(&sock, &bytes, peer);
-                        local.record(qtype, Some(ResponseCode::ServFail), started);
-                    }
-                }
-            }
-            Reply::Drop => local.record(None, None, started),
-        }
-        // Tallies reach the shared metrics every UDP_BATCH packets, and at
-        // least every UDP_POLL under a trickle.
-        handled += 1;
-        if handled >= UDP_BATCH || started.duration_since(flushed) >= UDP_POLL {
-            handled = 0;
-            local.flush();
-            flushed = started;
+    udp: Vec<UdpThread>,
+    tcp: Option<JoinHandle<()>>,
+    #[cfg(test)]
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl DnsServer {
+    pub fn new(local_addr: SocketAddr, shared: &Arc<Shared>, shutdown: CancellationToken) -> Self {
+        #[cfg(not(test))]
+        let _ = shared;
+        Self {
+            local_addr,
+            shutdown,
+            udp: Vec::new(),
+            tcp: None,
+            #[cfg(test)]
+            shared: shared.clone(),
         }
     }
-    local.flush();
-}
 
-fn send_udp(sock: &std::net::UdpSocket, bytes: &[u8], peer: SocketAddr) {
-    if let Err(e) = sock.send_to(bytes, peer) {
-        tracing::debug!(error = %e, %peer, "dns udp send");
-    }
-}
-
-/// Settings of the TCP side.
-#[derive(Clone, Copy, Debug)]
-pub struct TcpSettings {
-    pub idle_timeout: Duration,
-    pub max_connections: usize,
-}
-
-/// Accepts TCP connections until cancelled; each runs on its own task.
-pub async fn tcp_accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    reader: Reader,
-    settings: TcpSettings,
-    shutdown: CancellationToken,
-) {
-    let slots = Arc::new(Semaphore::new(settings.max_connections));
-    let tracker = tokio_util::task::TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "dns tcp accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "dns tcp connection cap reached; closing");
-            drop(stream);
-            continue;
-        };
-        let (shared, reader, shutdown) = (shared.clone(), reader.clone(), shutdown.clone());
-        tracker.spawn(async move {
-            tcp_connection(stream, peer, shared, reader, settings, shutdown).await;
-            drop(permit);
-        });
-    }
-    tracker.close();
-    tracker.wait().await;
-}
-
-/// One TCP connection: read length-prefixed queries, answer each as soon as
-/// it is ready (forwarded ones may overtake each other), close when idle.
-async fn tcp_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    mut reader: Reader,
-    settings: TcpSettings,
-    shutdown: CancellationToken,
-) {
-    let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
-    // A client that stops reading cannot hold the connection forever: each
-    // write must finish within the idle timeout.
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            match tokio::time::timeout(settings.idle_timeout, wr.write_all(&frame)).await {
-                Ok(Ok(())) => {}
-                _ => break,
-            }
-        }
-        let _ = wr.shutdown().await;
-    });
-    let mut cache = FastCache::new(1024);
-    let mut out = Vec::with_capacity(4096);
-    let mut rotate = fastrand::usize(..);
-    loop {
-        let frame = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            f = tokio::time::timeout(settings.idle_timeout, read_frame(&mut rd)) => f,
-        };
-        let body = match frame {
-            Ok(Ok(Some(body))) => body,
-            Ok(Ok(None)) => break,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "dns tcp read");
-                break;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "dns tcp connection idle; closing");
-                break;
-            }
-        };
-        let started = Instant::now();
-        let snapshot = reader.latest();
-        rotate = rotate.wrapping_add(1);
-        let reply = shared.handler.handle(
-            &mut cache,
-            &snapshot,
-            &body,
-            peer.ip(),
-            Proto::Tcp,
-            rotate,
-            &mut out,
-        );
-        match reply {
-            Reply::Send { rcode, qtype } => {
-                record(Proto::Tcp, qtype, Some(rcode), started);
-                if tx.send(framed(&out)).await.is_err() {
-                    break;
-                }
-            }
-            Reply::Forward(job) => {
-                let qtype = job.request.queries.first().map(|q| q.query_type);
-                let Ok(permit) = shared.forwards.clone().try_acquire_owned() else {
-                    let bytes = super::handler::header_only(&body, ResponseCode::ServFail);
-                    record(Proto::Tcp, qtype, Some(ResponseCode::ServFail), started);
-                    if tx.send(framed(&bytes)).await.is_err() {
-                        break;
-                    }
-                    continue;
+    /// Runs `body` on a new OS thread named `name`, watched by [`join`](Self::join).
+    pub fn spawn_udp_thread(
+        &mut self,
+        name: String,
+        body: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<()> {
+        let (tx, ended) = oneshot::channel();
+        std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let end = match std::panic::catch_unwind(AssertUnwindSafe(body)) {
+                    Ok(()) => Ended::Returned,
+                    Err(payload) => Ended::Panicked(panic_message(payload)),
                 };
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let (bytes, rcode) = job.run().await;
-                    record(Proto::Tcp, qtype, Some(rcode), started);
-                    let _ = tx.send(framed(&bytes)).await;
-                    drop(permit);
-                });
-            }
-            Reply::Drop => record(Proto::Tcp, None, None, started),
+                let _ = tx.send(end);
+            })?;
+        self.udp.push(UdpThread { name, ended });
+        Ok(())
+    }
+
+    /// The TCP accept task, watched by [`join`](Self::join).
+    pub fn set_tcp_task(&mut self, task: JoinHandle<()>) {
+        self.tcp = Some(task);
+    }
+
+    /// Waits for every loop. `Ok` once all of them ended after the shutdown
+    /// token was cancelled (open TCP connections finish the query they are
+    /// reading; UDP threads notice within `udp::UDP_POLL`). An error, as
+    /// soon as it happens, when a loop panics or ends before shutdown.
+    pub async fn join(self) -> Result<(), DnsError> {
+        let mut loops = JoinSet::new();
+        for t in self.udp {
+            loops.spawn(async move {
+                let end = (t.ended.await).unwrap_or_else(|_| Ended::Lost("vanished".into()));
+                (format!("UDP loop {}", t.name), end)
+            });
         }
+        if let Some(tcp) = self.tcp {
+            loops.spawn(async move {
+                let end = match tcp.await {
+                    Ok(()) => Ended::Returned,
+                    Err(e) if e.is_panic() => Ended::Panicked(panic_message(e.into_panic())),
+                    Err(e) => Ended::Lost(e.to_string()),
+                };
+                ("TCP accept loop".to_string(), end)
+            });
+        }
+        while let Some(done) = loops.join_next().await {
+            let (task, end) = done.map_err(|e| DnsError::Died {
+                task: "dns supervisor".into(),
+                end: e.to_string(),
+            })?;
+            let end = match end {
+                Ended::Panicked(msg) => format!("panicked: {msg}"),
+                Ended::Lost(why) => format!("was lost: {why}"),
+                Ended::Returned if !self.shutdown.is_cancelled() => "ended before shutdown".into(),
+                Ended::Returned => continue,
+            };
+            return Err(DnsError::Died { task, end });
+        }
+        Ok(())
     }
-    drop(tx);
-    let _ = writer.await;
 }
 
-fn framed(bytes: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(bytes.len() + 2);
-    f.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
-    f.extend_from_slice(bytes);
-    f
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(payload) => payload
+            .downcast_ref::<&str>()
+            .map_or_else(|| "a non-string panic".into(), |s| (*s).to_string()),
+    }
 }
 
-/// Reads one length-prefixed message; `None` on a clean close between messages.
-async fn read_frame(rd: &mut tokio::net::tcp::OwnedReadHalf) -> io::Result<Option<Vec<u8>>> {
-    let mut len = [0u8; 2];
-    match rd.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    rd.read_exact(&mut body).await?;
-    Ok(Some(body))
-}
+#[cfg(test)]
+mod tests;

@@ -62,7 +62,7 @@ fn start(dns_extra: &str) -> Beacon {
 }
 
 /// dig output with runs of whitespace folded to one space.
-fn dig_norm(dns: SocketAddr, args: &[&str]) -> String {
+pub(crate) fn dig_norm(dns: SocketAddr, args: &[&str]) -> String {
     dig_full(dns, args)
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
@@ -148,7 +148,7 @@ fn the_binary_answers_the_zone_and_counts_it() {
     );
 }
 
-struct Dnsmasq(Child);
+pub(crate) struct Dnsmasq(Child);
 
 impl Drop for Dnsmasq {
     fn drop(&mut self) {
@@ -159,7 +159,7 @@ impl Drop for Dnsmasq {
 
 /// dnsmasq answering `*.test.example` with 127.0.0.99 on a free port; a few
 /// tries, since another process may take the port between check and bind.
-fn dnsmasq() -> (Dnsmasq, SocketAddr) {
+pub(crate) fn dnsmasq() -> (Dnsmasq, SocketAddr) {
     for _ in 0..5 {
         let addr = free_addr(); // free for UDP and TCP, as dnsmasq needs
         let child = Command::new("dnsmasq")

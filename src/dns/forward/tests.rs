@@ -1,0 +1,111 @@
+//! Forwarding through the running server: the upstream's answer, the
+//! cache, serve-stale when the upstream goes silent, SERVFAIL in time.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+use tokio::net::UdpSocket;
+
+use crate::dns::testkit::{a_records, cfg, demo, parse, query, start, tcp_ask, udp_ask};
+use crate::registry::Reader;
+
+/// A fake upstream: answers A queries with 192.0.2.7 and `ttl`, counts
+/// queries, and goes silent when `silent` is set.
+struct FakeUpstream {
+    addr: SocketAddr,
+    queries: Arc<AtomicUsize>,
+    silent: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn fake_upstream(ttl: u32) -> FakeUpstream {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let queries = Arc::new(AtomicUsize::new(0));
+    let silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (q2, s2) = (queries.clone(), silent.clone());
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+            q2.fetch_add(1, Ordering::SeqCst);
+            if s2.load(Ordering::SeqCst) {
+                continue;
+            }
+            let Ok(req) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+            resp.metadata.recursion_available = true;
+            resp.queries = req.queries.clone();
+            let name = req.queries[0].name.clone();
+            resp.answers.push(Record::from_rdata(
+                name,
+                ttl,
+                RData::A(A("192.0.2.7".parse().unwrap())),
+            ));
+            let _ = sock.send_to(&resp.to_vec().unwrap(), peer).await;
+        }
+    });
+    FakeUpstream {
+        addr,
+        queries,
+        silent,
+        task,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_caches_and_serves_stale_when_upstreams_fail() {
+    let up = fake_upstream(1).await;
+    let mut c = cfg();
+    c.forward = vec![up.addr];
+    let run = start(c, Reader::fixed(demo())).await;
+    let mut q = query("Example.COM.", RecordType::A, Some(1232));
+    q.metadata.id = 77;
+    let bytes = q.to_vec().unwrap();
+    let msg = parse(&udp_ask(run.addr, &bytes).await.expect("forwarded reply"));
+    assert_eq!(msg.metadata.id, 77);
+    assert_eq!(msg.metadata.response_code, ResponseCode::NoError);
+    assert!(msg.metadata.recursion_available);
+    assert!(!msg.metadata.authoritative);
+    assert_eq!(msg.queries[0].name.to_ascii(), "Example.COM.");
+    assert_eq!(
+        a_records(&msg),
+        vec!["192.0.2.7".parse::<IpAddr>().unwrap()]
+    );
+    // Cached: the upstream is not asked again within the TTL (also over TCP).
+    let _ = parse(&tcp_ask(run.addr, &bytes).await);
+    assert_eq!(up.queries.load(Ordering::SeqCst), 1);
+    // Upstream goes silent and the entry expires: served stale, TTL 30.
+    up.silent.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let started = Instant::now();
+    let msg = parse(&udp_ask(run.addr, &bytes).await.expect("stale reply"));
+    assert_eq!(msg.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(
+        a_records(&msg),
+        vec!["192.0.2.7".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(msg.answers[0].ttl, 30);
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    assert!(
+        up.queries.load(Ordering::SeqCst) >= 2,
+        "upstream was tried first"
+    );
+    // A name never seen: SERVFAIL within the forward timeout, not a hang.
+    let started = Instant::now();
+    let other = query("other.example.", RecordType::A, None)
+        .to_vec()
+        .unwrap();
+    let msg = parse(&udp_ask(run.addr, &other).await.expect("servfail reply"));
+    assert_eq!(msg.metadata.response_code, ResponseCode::ServFail);
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    up.task.abort();
+    run.stop().await;
+}
