@@ -60,7 +60,7 @@ fn fixture() -> &'static (Handler, Snapshot) {
         let snap = Snapshot {
             version: 1,
             ready: true,
-            services,
+            services: services.into(),
         };
         (beacon::dns::handler(&cfg).unwrap(), snap)
     })
