@@ -123,16 +123,17 @@ fn check(path: &Path) -> ExitCode {
 
 async fn serve(command: Serve) -> ExitCode {
     let shutdown = CancellationToken::new();
-    tokio::spawn(wait_for_signal(shutdown.clone()));
+    let force = CancellationToken::new();
+    tokio::spawn(wait_for_signals(shutdown.clone(), force.clone()));
     let result = match command {
         Serve::Run { config } => {
             match config.map_or_else(|| Ok(Config::embedded_default()), |p| Config::load(&p)) {
-                Ok(config) => app::run(config, Vec::new(), shutdown).await,
+                Ok(config) => app::run(config, Vec::new(), shutdown, force).await,
                 Err(e) => Err(StartError::Config(e)),
             }
         }
         Serve::Dev { dns, admin, web } => {
-            dev(app::dev::DevOptions { dns, admin, web }, shutdown).await
+            dev(app::dev::DevOptions { dns, admin, web }, shutdown, force).await
         }
         Serve::Backend { name, listen } => backend(&name, listen, shutdown).await,
     };
@@ -146,12 +147,16 @@ async fn serve(command: Serve) -> ExitCode {
     }
 }
 
-async fn dev(opts: app::dev::DevOptions, shutdown: CancellationToken) -> Result<(), StartError> {
+async fn dev(
+    opts: app::dev::DevOptions,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) -> Result<(), StartError> {
     let (config, sources) = app::dev::prepare(&opts, shutdown.clone())
         .await
         .map_err(|e| anyhow::anyhow!("dev: cannot start the demo backends: {e}"))?;
     println!("{}", app::dev::banner(&config, opts.web));
-    app::run(config, sources, shutdown).await
+    app::run(config, sources, shutdown, force).await
 }
 
 async fn backend(
@@ -174,7 +179,9 @@ fn config_error(e: &ConfigErrors) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-async fn wait_for_signal(shutdown: CancellationToken) {
+/// The first SIGTERM/SIGINT starts the graceful shutdown; a second one
+/// during the drain cuts it short (exit 1).
+async fn wait_for_signals(shutdown: CancellationToken, force: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -183,9 +190,11 @@ async fn wait_for_signal(shutdown: CancellationToken) {
         tracing::warn!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
+    for token in [shutdown, force] {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+        token.cancel();
     }
-    shutdown.cancel();
 }

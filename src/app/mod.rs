@@ -168,32 +168,64 @@ impl Running {
     }
 
     /// After `shutdown` was cancelled: waits up to `grace` for every loop.
-    pub async fn stop(mut self, grace: Duration) {
-        let proxy = self.proxy.take();
+    /// `force` (a second SIGTERM/SIGINT) cuts the wait short: what was still
+    /// running is logged and aborted, and the result is `Cut`.
+    pub async fn stop(mut self, grace: Duration, force: &CancellationToken) -> Stopped {
         let drain = self.drain_timeout.min(grace);
+        let proxy = self.proxy.take();
         let loops = &mut self.loops;
-        let all = async move {
+        let all = async {
             // Live connections drain while the other loops finish.
-            let drained = async move {
-                if let Some(p) = proxy {
+            let drained = async {
+                if let Some(p) = &proxy {
                     p.drain(drain).await;
                 }
             };
             tokio::join!(drained, loops.drain());
         };
-        if tokio::time::timeout(grace, all).await.is_err() {
-            tracing::warn!(?grace, "shutdown grace passed; closing what is left");
+        let stopped = tokio::select! {
+            _ = all => Stopped::Clean,
+            _ = tokio::time::sleep(grace) => Stopped::GraceOver,
+            _ = force.cancelled() => Stopped::Cut,
+        };
+        if stopped != Stopped::Clean {
+            let connections = proxy.as_ref().map_or(0, |p| p.active_connections());
+            let running = self.loops.names();
+            match stopped {
+                Stopped::Cut => tracing::warn!(
+                    connections, loops = ?running,
+                    "second signal: exiting now; cut the open proxied connections and the loops still running"
+                ),
+                _ => tracing::warn!(
+                    ?grace, connections, loops = ?running,
+                    "shutdown grace passed; closing what is left"
+                ),
+            }
             self.loops.abort_all();
         }
+        stopped
     }
 }
 
+/// How a shutdown ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every loop finished and the proxy drained within the grace.
+    Clean,
+    /// The grace passed first.
+    GraceOver,
+    /// A second signal cut the drain short.
+    Cut,
+}
+
 /// Runs until `shutdown` is cancelled, then drains within the grace. A
-/// loop that ends before shutdown stops everything: `Err`, exit code 1.
+/// loop that ends before shutdown stops everything: `Err`, exit code 1. So
+/// does `force` (a second signal) during the drain.
 pub async fn run(
     config: Config,
     extra_sources: Vec<Box<dyn Source>>,
     shutdown: CancellationToken,
+    force: CancellationToken,
 ) -> Result<(), StartError> {
     let grace = config.shutdown_grace;
     let mut running = start(config, extra_sources, shutdown.clone()).await?;
@@ -209,10 +241,15 @@ pub async fn run(
         }
         shutdown.cancel();
     }
-    running.stop(grace).await;
-    if died.is_empty() {
-        return Ok(());
+    let stopped = running.stop(grace, &force).await;
+    if !died.is_empty() {
+        let all: Vec<String> = died.iter().map(|e| e.to_string()).collect();
+        return Err(StartError::Runtime(anyhow::anyhow!("{}", all.join("; "))));
     }
-    let all: Vec<String> = died.iter().map(|e| e.to_string()).collect();
-    Err(StartError::Runtime(anyhow::anyhow!("{}", all.join("; "))))
+    if stopped == Stopped::Cut {
+        return Err(StartError::Runtime(anyhow::anyhow!(
+            "a second signal cut the shutdown short"
+        )));
+    }
+    Ok(())
 }

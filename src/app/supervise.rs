@@ -177,6 +177,13 @@ impl Loops {
         }
     }
 
+    /// The names of the loops still running.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.names.values().cloned().collect();
+        names.sort();
+        names
+    }
+
     /// Stops whatever is left at once.
     pub fn abort_all(&mut self) {
         self.set.abort_all();

@@ -150,7 +150,7 @@ impl Proxy {
     /// yet), gives live connections `grace` to finish, then closes them.
     /// Works wherever the reconcile loop runs; it waits for that loop to
     /// end, so the loop must be running (or dropped).
-    pub async fn drain(self, grace: Duration) {
+    pub async fn drain(&self, grace: Duration) {
         self.stop.cancel();
         self.done.cancelled().await;
         let tracker = &self.shared.tracker;

@@ -156,3 +156,44 @@ fn metrics_has_every_contract_name_with_its_help_line() {
         assert_eq!(help, format!("# HELP {n} {expected}"));
     }
 }
+
+/// A second SIGTERM during the drain exits at once with 1, logging what it
+/// cut; without it the drain waits for the open connection (the grace).
+#[test]
+fn a_second_sigterm_during_the_drain_exits_1_at_once() {
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = free_addr();
+    let services = SERVICES.replace("LISTEN", &listen.to_string()).replace(
+        "BACKEND_PORT",
+        &backend.local_addr().unwrap().port().to_string(),
+    );
+    let mut b = Beacon::start(Options {
+        extra: "[[source]]\ntype = \"file\"\npath = \"services.toml\"\n".into(),
+        services: Some(services),
+        ..Options::default()
+    });
+    b.wait_ready();
+    // One open proxied connection keeps the drain waiting (grace 3 s).
+    let _client = eventually(Duration::from_secs(5), "proxy listener", || {
+        std::net::TcpStream::connect(listen).ok()
+    });
+    let (_upstream, _) = backend.accept().unwrap();
+    b.signal(15);
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        b.child.try_wait().unwrap().is_none(),
+        "the first SIGTERM drains: still running while a connection is open"
+    );
+    let second = std::time::Instant::now();
+    b.signal(15);
+    let status = b.wait_exit(Duration::from_secs(2));
+    let took = second.elapsed();
+    let log = b.log_text();
+    assert_eq!(status.code(), Some(1), "log:\n{log}");
+    assert!(took < Duration::from_millis(1000), "exit took {took:?}");
+    let cut = log
+        .lines()
+        .find(|l| l.contains("second signal: exiting now"))
+        .unwrap_or_else(|| panic!("no line saying what was cut; log:\n{log}"));
+    assert!(cut.contains("connections=1"), "{cut}");
+}

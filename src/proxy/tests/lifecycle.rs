@@ -49,7 +49,7 @@ async fn drain_returns_early_when_connections_finish() {
     let (live, _) = greet(addr).await;
     let proxy = h.proxy.take().unwrap();
     let started = Instant::now();
-    let drain = tokio::spawn(proxy.drain(Duration::from_secs(30)));
+    let drain = tokio::spawn(async move { proxy.drain(Duration::from_secs(30)).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(live);
     tokio::time::timeout(Duration::from_secs(5), drain)
