@@ -103,7 +103,10 @@ pub async fn query(
     timeout: Duration,
 ) -> Result<Message, ClientError> {
     use crate::dns::wire::{self, WireError};
-    let name = Name::from_str(name).map_err(|e| ClientError::Dns(format!("`{name}`: {e}")))?;
+    let mut name = Name::from_str(name).map_err(|e| ClientError::Dns(format!("`{name}`: {e}")))?;
+    // Names on the command line are absolute, as dig takes them: the reply
+    // echoes `name.` and must match the question.
+    name.set_fqdn(true);
     let msg = wire::query(Query::query(name, rtype), false);
     let what = format!("DNS query to {server}");
     tokio::time::timeout(timeout, wire::udp_exchange(server, &msg))

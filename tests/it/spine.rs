@@ -309,6 +309,18 @@ fn dev_serves_a_web_service_over_three_demo_backends() {
     let names: std::collections::BTreeSet<String> =
         (0..30).map(|_| fetch_name(web_addr).unwrap()).collect();
     assert_eq!(names.len(), 3, "{names:?}");
+    // `beacon query` (scratch images have no dig) takes names with and
+    // without the root dot, as dig does.
+    for name in [
+        "web.default.svc.cluster.local",
+        "web.default.svc.cluster.local.",
+    ] {
+        let server = b.dns.to_string();
+        let (status, out, err) = run_cmd(&["query", name, "--server", &server]);
+        assert!(status.success(), "beacon query {name}: {err}");
+        assert_eq!(out.lines().count(), 3, "{out}");
+        assert!(out.contains(" A 127.0.0.11"), "{out}");
+    }
     let banner = std::fs::read_to_string(b.path("stdout.log")).unwrap();
     assert!(
         banner.contains("dig @127.0.0.1 -p") && banner.contains("curl http://"),
