@@ -1,7 +1,9 @@
 //! One client connection: admission (readiness, the global and
 //! per-service caps), then pick, connect with retry, PROXY protocol
 //! header, and copy until both sides close (or the idle timeout, the
-//! endpoint's removal, the drain deadline).
+//! endpoint's removal, the drain deadline). A connection that broke on
+//! one side, and every forced close, ends with a reset (never a FIN that
+//! would make a cut stream look complete); each end is counted by kind.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use tracing::Instrument;
 use super::balancer::{ConnInfo, EndpointLoad};
 use super::copy::{self, Activity, Meter};
 use super::error::ProxyError;
-use super::route::Route;
+use super::route::{ConnEnd, Route};
 use super::shared::Shared;
 use crate::model::{ConnectOutcome, ProxyProtocol};
 
@@ -217,7 +219,9 @@ async fn proxy(
             Err(e) => Err(e),
         };
         if let Err(e) = sent {
-            tracing::debug!(error = %e, "PROXY header not sent; connection closed");
+            tracing::debug!(error = %e, "PROXY header not sent; connection reset");
+            copy::reset_on_close(&client);
+            route.metrics().ended(ConnEnd::UpstreamReset).increment(1);
             return;
         }
     }
@@ -237,22 +241,34 @@ async fn proxy(
         },
     );
     let endpoint = route.backends[idx].addr;
-    tokio::select! {
+    let end = tokio::select! {
         r = copy => match r {
-            Ok(t) => tracing::debug!(%endpoint, to_upstream = t.a_to_b.bytes, to_client = t.b_to_a.bytes,
-                path = t.a_to_b.path.as_str(), "connection closed"),
-            Err(e) => tracing::debug!(%endpoint, error = %e, "connection ended with an error"),
+            Ok(t) => {
+                tracing::debug!(%endpoint, to_upstream = t.a_to_b.bytes, to_client = t.b_to_a.bytes,
+                    path = t.a_to_b.path.as_str(), "connection closed");
+                ConnEnd::Fin
+            }
+            Err(b) => {
+                let end = match b.side {
+                    copy::Side::A => ConnEnd::ClientReset,
+                    copy::Side::B => ConnEnd::UpstreamReset,
+                };
+                tracing::debug!(%endpoint, error = %b.error, end = end.as_str(),
+                    "connection broke; the other side is reset");
+                end
+            }
         },
-        _ = idle_expired(&activity, spec.idle_timeout) => {
-            tracing::debug!(%endpoint, "idle timeout; connection closed");
-        }
-        _ = removal.cancelled() => {
-            tracing::debug!(%endpoint, "endpoint removed; connection closed");
-        }
-        _ = shared.kill.cancelled() => {
-            tracing::debug!(%endpoint, "drain deadline; connection closed");
-        }
+        _ = idle_expired(&activity, spec.idle_timeout) => ConnEnd::IdleTimeout,
+        _ = removal.cancelled() => ConnEnd::Removed,
+        _ = shared.kill.cancelled() => ConnEnd::DrainDeadline,
+    };
+    if end.forced() {
+        // A forced close must not look like a complete stream: reset both.
+        tracing::debug!(%endpoint, end = end.as_str(), "connection closed by the proxy; both sides reset");
+        copy::reset_on_close(&client);
+        copy::reset_on_close(&upstream);
     }
+    route.metrics().ended(end).increment(1);
 }
 
 /// Resolves once nothing moved for `idle`.

@@ -57,6 +57,53 @@ impl ServiceEntry {
     }
 }
 
+/// How a proxied connection ended (the `end` label of
+/// `beacon_proxy_connection_ends_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ConnEnd {
+    /// Both sides closed their sending half (FIN both ways).
+    Fin,
+    /// The client's socket failed (reset, or another error): the upstream
+    /// was reset.
+    ClientReset,
+    /// The upstream's socket failed: the client was reset.
+    UpstreamReset,
+    /// Forced closes, each a reset on both sides.
+    IdleTimeout,
+    Removed,
+    DrainDeadline,
+}
+
+impl ConnEnd {
+    const ALL: [ConnEnd; 6] = [
+        ConnEnd::Fin,
+        ConnEnd::ClientReset,
+        ConnEnd::UpstreamReset,
+        ConnEnd::IdleTimeout,
+        ConnEnd::Removed,
+        ConnEnd::DrainDeadline,
+    ];
+
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            ConnEnd::Fin => "fin",
+            ConnEnd::ClientReset => "client_reset",
+            ConnEnd::UpstreamReset => "upstream_reset",
+            ConnEnd::IdleTimeout => "idle_timeout",
+            ConnEnd::Removed => "removed",
+            ConnEnd::DrainDeadline => "drain_deadline",
+        }
+    }
+
+    /// The proxy closed it, not a peer: both sides get a reset.
+    pub(super) fn forced(self) -> bool {
+        matches!(
+            self,
+            ConnEnd::IdleTimeout | ConnEnd::Removed | ConnEnd::DrainDeadline
+        )
+    }
+}
+
 pub(super) struct ServiceMetrics {
     pub(super) ok: Counter,
     pub(super) not_ready: Counter,
@@ -66,15 +113,21 @@ pub(super) struct ServiceMetrics {
     pub(super) active: Gauge,
     pub(super) to_upstream: Counter,
     pub(super) to_client: Counter,
+    /// By [`ConnEnd`], in the order of `ConnEnd::ALL`.
+    ends: [Counter; 6],
 }
 
 impl ServiceMetrics {
     fn new(key: &ServiceKey) -> Self {
-        use crate::telemetry::{PROXY_ACTIVE_CONNECTIONS, PROXY_BYTES, PROXY_CONNECTIONS};
+        use crate::telemetry::{
+            PROXY_ACTIVE_CONNECTIONS, PROXY_BYTES, PROXY_CONNECTION_ENDS, PROXY_CONNECTIONS,
+        };
         let service = key.to_string();
         let result = |r: &'static str| metrics::counter!(PROXY_CONNECTIONS, "service" => service.clone(), "result" => r);
         let bytes = |d: &'static str| metrics::counter!(PROXY_BYTES, "service" => service.clone(), "direction" => d);
+        let end = |e: ConnEnd| metrics::counter!(PROXY_CONNECTION_ENDS, "service" => service.clone(), "end" => e.as_str());
         Self {
+            ends: ConnEnd::ALL.map(end),
             ok: result("ok"),
             not_ready: result("not_ready"),
             no_endpoints: result("no_endpoints"),
@@ -84,6 +137,10 @@ impl ServiceMetrics {
             to_upstream: bytes("to_upstream"),
             to_client: bytes("to_client"),
         }
+    }
+
+    pub(super) fn ended(&self, end: ConnEnd) -> &Counter {
+        &self.ends[end as usize]
     }
 }
 
