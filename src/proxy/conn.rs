@@ -19,7 +19,7 @@ use super::copy::{self, Activity, Meter};
 use super::error::ProxyError;
 use super::route::{ConnEnd, Route};
 use super::shared::Shared;
-use crate::model::{ConnectOutcome, ProxyProtocol};
+use crate::model::{ConnectOutcome, ProxyProtocol, local_failure};
 
 /// Admission: refuse (close at once) before readiness and beyond the
 /// global or per-service cap; otherwise start the connection task.
@@ -125,6 +125,8 @@ async fn connect(
         return None;
     }
     let spec = &route.state.spec.proxy;
+    // Every attempt failed here, not at an endpoint (out of descriptors...).
+    let mut only_local = true;
     for attempt in 0..spec.connect_attempts.max(1) as usize {
         let idx = picks.attempt(attempt)?;
         let backend = &route.backends[idx];
@@ -134,22 +136,45 @@ async fn connect(
             _ = shared.kill.cancelled() => return None,
             r = tokio::time::timeout(spec.connect_timeout, TcpStream::connect(backend.addr)) => r,
         };
-        shared
-            .connect_duration
-            .record(started.elapsed().as_secs_f64());
-        let ok = matches!(result, Ok(Ok(_)));
-        report(shared, route, idx, ok);
         match result {
-            Ok(Ok(stream)) => return Some((stream, idx, load)),
+            Ok(Err(e)) if local_failure(&e) => {
+                // Not the endpoint's fault: no outcome, no duration.
+                shared.local_errors.failed(&e);
+                tracing::debug!(endpoint = %backend.addr, attempt, error = %e,
+                    "connect could not start here (local resources)");
+                continue;
+            }
+            Ok(Ok(stream)) => {
+                shared.local_errors.ended();
+                record(shared, route, idx, started, true);
+                return Some((stream, idx, load));
+            }
             Ok(Err(e)) => {
+                record(shared, route, idx, started, false);
                 tracing::debug!(endpoint = %backend.addr, attempt, error = %e, "connect failed")
             }
-            Err(_) => tracing::debug!(endpoint = %backend.addr, attempt, "connect timed out"),
+            Err(_) => {
+                record(shared, route, idx, started, false);
+                tracing::debug!(endpoint = %backend.addr, attempt, "connect timed out")
+            }
         }
+        only_local = false;
     }
-    route.metrics().connect_failed.increment(1);
+    if only_local {
+        route.metrics().local_error.increment(1);
+    } else {
+        route.metrics().connect_failed.increment(1);
+    }
     tracing::debug!("every connect attempt failed; connection closed");
     None
+}
+
+/// Records a connect attempt that reached (or timed out on) an endpoint.
+fn record(shared: &Shared, route: &Route, idx: usize, started: Instant, success: bool) {
+    shared
+        .connect_duration
+        .record(started.elapsed().as_secs_f64());
+    report(shared, route, idx, success);
 }
 
 /// Passive health signal, never blocking the data path (dropped when the

@@ -109,6 +109,8 @@ pub(super) struct ServiceMetrics {
     pub(super) not_ready: Counter,
     pub(super) no_endpoints: Counter,
     pub(super) connect_failed: Counter,
+    /// Every connect attempt failed for want of local resources.
+    pub(super) local_error: Counter,
     pub(super) over_limit: Counter,
     pub(super) active: Gauge,
     pub(super) to_upstream: Counter,
@@ -132,6 +134,7 @@ impl ServiceMetrics {
             not_ready: result("not_ready"),
             no_endpoints: result("no_endpoints"),
             connect_failed: result("connect_failed"),
+            local_error: result("local_error"),
             over_limit: result("over_limit"),
             active: metrics::gauge!(PROXY_ACTIVE_CONNECTIONS, "service" => service.clone()),
             to_upstream: bytes("to_upstream"),

@@ -800,3 +800,268 @@ fn a_reset_behind_a_slow_client_is_still_a_reset() {
         );
     });
 }
+
+// --- descriptor exhaustion ------------------------------------------------------
+
+/// CPU-free check of the process's descriptor limits: (soft, hard).
+fn nofile_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let f: Vec<&str> = line.split_whitespace().collect();
+    (f[3].parse().unwrap(), f[4].parse().unwrap())
+}
+
+/// beacon started under `sh -c "ulimit ...; exec beacon run"`.
+fn beacon_under_ulimit(ulimit: &str, config: &str, services: &str) -> Beacon {
+    beacon_with(ulimit, "3s", config, services)
+}
+
+/// [`beacon_under_ulimit`] with a shutdown grace.
+fn beacon_with(ulimit: &str, grace: &str, config: &str, services: &str) -> Beacon {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_addr();
+    let dns = free_addr();
+    std::fs::write(
+        dir.path().join("beacon.toml"),
+        format!(
+            "shutdown_grace = \"{grace}\"\n[dns]\nlisten = \"{dns}\"\nudp_sockets = 1\n[admin]\nlisten = \"{admin}\"\n\
+             [[source]]\ntype = \"file\"\npath = \"services.toml\"\n{config}"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("services.toml"), services).unwrap();
+    let log = dir.path().join("beacon.log");
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{ulimit} && exec \"$0\" \"$@\""))
+        .arg(BIN)
+        .args(["run", "--config"])
+        .arg(dir.path().join("beacon.toml"))
+        .env("RUST_LOG", "info,beacon=debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(
+            std::fs::File::create(&log).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    let beacon = Beacon {
+        child,
+        dir,
+        admin,
+        dns,
+        log,
+    };
+    eventually(Duration::from_secs(15), "beacon ready", || {
+        matches!(http_get(admin, "/readyz"), Ok((200, _))).then_some(())
+    });
+    beacon
+}
+
+/// At start the soft descriptor limit goes up to the hard one, and a config
+/// whose connection caps cannot fit in it is reported.
+#[test]
+fn raises_the_soft_descriptor_limit_and_warns_when_the_caps_cannot_fit() {
+    let _lock = timing_lock();
+    let listen = free_addr();
+    let services = format!(
+        "[[service]]\nname = \"web\"\n[service.health]\nkind = \"none\"\n\
+         [[service.port]]\nname = \"tcp\"\nport = 80\nlisten = \"{listen}\"\n\
+         [[service.endpoint]]\nip = \"127.0.0.1\"\nport = 9\n"
+    );
+    let mut beacon = beacon_under_ulimit(
+        "ulimit -S -n 256 && ulimit -H -n 4096",
+        "[proxy]\nmax_connections = 10000\n",
+        &services,
+    );
+    assert_eq!(nofile_limits(beacon.child.id()), (4096, 4096));
+    let log = beacon.log_text();
+    assert!(
+        log.contains("descriptor limit") && log.contains("max_connections"),
+        "no warning about 10,000 connections in 4,096 descriptors:\n{log}"
+    );
+    beacon.signal(15);
+    assert!(beacon.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// beacon under `ulimit -n 64`, its descriptors used up by idle proxied
+/// connections while probes run every 100 ms (fall 2, eject after one
+/// failed connect): a probe or connect that fails for want of a
+/// descriptor says nothing about the backend. No endpoint goes down,
+/// none is ejected, and service resumes at once when descriptors return.
+#[test]
+fn descriptor_exhaustion_is_not_blamed_on_the_backends() {
+    let _lock = timing_lock();
+    let port = free_port();
+    let backends: Vec<BackendProcess> = (1..=3)
+        .map(|i| {
+            BackendProcess::start(
+                &format!("web-{i}"),
+                format!("127.0.0.10{i}:{port}").parse().unwrap(),
+            )
+        })
+        .collect();
+    let listen = free_addr();
+    let mut services = format!(
+        "[[service]]\nname = \"web\"\n\
+         [service.health]\nkind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"200ms\"\n\
+         fall = 2\nrise = 2\neject_after = 1\neject_max_percent = 100\n\
+         [[service.port]]\nname = \"http\"\nport = 80\ntarget_port = {port}\nlisten = \"{listen}\"\n"
+    );
+    for b in &backends {
+        services += &format!("[[service.endpoint]]\nip = \"{}\"\n", b.addr.ip());
+    }
+    let mut beacon = beacon_under_ulimit("ulimit -n 64", "", &services);
+    eventually(Duration::from_secs(5), "every endpoint healthy", || {
+        all_healthy(&beacon).then_some(())
+    });
+    assert!(fetch_name(listen).is_ok());
+    // Idle client connections hold two descriptors each in beacon; the
+    // ones it cannot connect upstream it closes, so new ones keep coming
+    // to keep it at its limit: fifteen probe intervals without
+    // descriptors (a connection every 2 ms for 1.5 s).
+    let mut flood: Vec<std::net::TcpStream> = Vec::new();
+    let flooding = Instant::now();
+    while flooding.elapsed() < Duration::from_millis(1500) && flood.len() < 2000 {
+        if let Ok(s) = std::net::TcpStream::connect_timeout(&listen, Duration::from_secs(1)) {
+            flood.push(s);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for s in &flood {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    drop(flood);
+    // Served again at once: nothing was marked down or ejected.
+    let back = Instant::now();
+    eventually(Duration::from_secs(5), "served again", || {
+        fetch_name(listen).ok()
+    });
+    let resumed = back.elapsed();
+    let log = beacon.log_text();
+    assert!(
+        log.contains("accept failing; backing off"),
+        "descriptors never ran out"
+    );
+    assert!(
+        !log.contains("probe failed"),
+        "a probe that could not run marked an endpoint down:\n{}",
+        grep(&log, "probe failed")
+    );
+    assert!(
+        !log.contains("endpoint ejected"),
+        "a connect that could not start ejected an endpoint:\n{}",
+        grep(&log, "ejected")
+    );
+    assert!(all_healthy(&beacon), "{:#}", beacon.services_json());
+    assert!(
+        resumed < Duration::from_secs(1),
+        "resumed after {resumed:?}"
+    );
+    // Counted, and logged once per burst, not once per probe.
+    let local = beacon
+        .metric(r#"beacon_health_checks_total{result="local_error"}"#)
+        .unwrap_or(0.0);
+    eprintln!("local probe errors: {local}; resumed after {resumed:?}");
+    assert!(local >= 1.0, "local probe errors counted: {local}");
+    let warned = log.matches("probes are skipped, not failed").count();
+    assert!(
+        (1..=2).contains(&warned),
+        "{warned} warnings for {local} local probe errors"
+    );
+    let proxy_warned = log.matches("proxy connects cannot start").count();
+    assert!(
+        (1..=2).contains(&proxy_warned),
+        "{proxy_warned} warnings about local connect errors"
+    );
+    beacon.signal(15);
+    assert!(beacon.wait_exit(Duration::from_secs(10)).success());
+}
+
+fn all_healthy(beacon: &Beacon) -> bool {
+    let v = beacon.services_json();
+    let eps = v["services"][0]["endpoints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    eps.len() == 3 && eps.iter().all(|e| e["healthy"] == true)
+}
+
+fn grep(text: &str, needle: &str) -> String {
+    text.lines()
+        .filter(|l| l.contains(needle))
+        .take(5)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// --- admin clients ----------------------------------------------------------
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// `n` admin connections that each send half a request and hold it.
+fn partial_requests(admin: SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    use std::io::Write;
+    (0..n)
+        .filter_map(|_| {
+            let mut s =
+                std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)).ok()?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").ok()?;
+            Some(s)
+        })
+        .collect()
+}
+
+/// 300 clients that never finish their request headers: they hold no
+/// descriptor past the header timeout (and at most the connection cap
+/// before it), a new client is still served, and SIGTERM does not wait
+/// for such clients.
+#[test]
+fn admin_sheds_clients_that_never_finish_a_request() {
+    let _lock = timing_lock();
+    let services = "";
+    let mut beacon = beacon_with("true", "10s", "", services);
+    let pid = beacon.child.id();
+    assert_eq!(http_get(beacon.admin, "/healthz").unwrap().0, 200);
+    std::thread::sleep(Duration::from_millis(200));
+    let baseline = open_fds(pid);
+    let held = partial_requests(beacon.admin, 300);
+    assert!(held.len() >= 250, "only {} connected", held.len());
+    std::thread::sleep(Duration::from_millis(500));
+    let during = open_fds(pid);
+    // Released within the header timeout (5 s), the clients still connected.
+    let started = Instant::now();
+    eventually(Duration::from_secs(8), "admin descriptors released", || {
+        (open_fds(pid) <= baseline + 5).then_some(())
+    });
+    let released = started.elapsed();
+    assert!(
+        during <= baseline + 128 + 5,
+        "{during} descriptors with 300 partial requests (baseline {baseline}): no cap"
+    );
+    assert_eq!(http_get(beacon.admin, "/healthz").unwrap().0, 200);
+    eprintln!(
+        "admin fds: baseline {baseline}, with 300 partial requests {during}, released after {released:?}"
+    );
+    drop(held);
+    // SIGTERM with 300 fresh partial requests held: exits at once, not
+    // after the 10 s grace.
+    let _held = partial_requests(beacon.admin, 300);
+    std::thread::sleep(Duration::from_millis(300));
+    let term = Instant::now();
+    beacon.signal(15);
+    let status = beacon.wait_exit(Duration::from_secs(15));
+    let took = term.elapsed();
+    eprintln!("SIGTERM exit after {took:?}");
+    assert!(status.success(), "{status}");
+    assert!(
+        took < Duration::from_secs(3),
+        "SIGTERM took {took:?} (grace 10 s)"
+    );
+}
