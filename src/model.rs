@@ -375,12 +375,29 @@ impl Snapshot {
 }
 
 /// The outcome of one proxy connect attempt: the passive health signal the
-/// proxy reports and the health loop turns into ejections.
+/// proxy reports and the health loop turns into ejections. A connect that
+/// failed for a [`local_failure`] is no outcome: it is not reported.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectOutcome {
     pub service: ServiceKey,
     pub ip: IpAddr,
     pub success: bool,
+}
+
+/// A connect or probe error that is about this host, not the endpoint: out
+/// of descriptors (EMFILE, ENFILE), buffers or memory (ENOBUFS, ENOMEM), or
+/// local ports (EADDRNOTAVAIL). The endpoint could not be tried, so the
+/// error says nothing about its health.
+pub fn local_failure(e: &std::io::Error) -> bool {
+    #[cfg(unix)]
+    if let Some(code) = e.raw_os_error() {
+        return matches!(
+            code,
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL
+        );
+    }
+    let _ = e;
+    false
 }
 
 #[cfg(test)]

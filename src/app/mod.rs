@@ -5,8 +5,10 @@
 //! - [`supervise`]: the loops in one `JoinSet`; a loop that ends before
 //!   shutdown is fatal (exit 1, the loop named in the log).
 //! - [`dev`]: the `beacon dev` demo.
+//! - [`fds`]: the descriptor limit raised at start, and its budget.
 
 pub mod dev;
+pub mod fds;
 pub mod supervise;
 
 use std::net::SocketAddr;
@@ -69,6 +71,9 @@ pub async fn start(
     extra_sources: Vec<Box<dyn Source>>,
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
+    // Before anything opens a descriptor: the soft limit up to the hard
+    // one, and a warning if the config's caps cannot fit in it.
+    fds::check_budget(&config, fds::raise_nofile_limit());
     // The recorder before any loop: loops resolve their metric handles
     // when they start.
     let metrics = crate::telemetry::metrics();

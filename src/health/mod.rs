@@ -14,8 +14,12 @@
 //!   the probe targets, keeps one timer heap for all of them, turns results
 //!   into verdicts ([`hysteresis`]) and outcomes into ejections
 //!   ([`ejection`]).
-//! - [`probe`]: one TCP connect or HTTP/1.1 `GET`, bounded by a timeout.
-//! - this file: the thin async shell that runs the core.
+//! - [`probe`]: one TCP connect or HTTP/1.1 `GET`, bounded by a timeout. A
+//!   probe that cannot start for want of local resources (EMFILE, ENOBUFS,
+//!   EADDRNOTAVAIL, ...) is "could not probe": it never counts toward
+//!   `fall`, and the proxy never reports such connects for ejection.
+//! - this file: the thin async shell that runs the core, with at most
+//!   [`Options::max_in_flight`] probes running at once.
 //!
 //! The loop reports only changes; the registry recomputes the verdict.
 
@@ -27,9 +31,10 @@ pub mod supervisor;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -51,15 +56,59 @@ pub enum HealthError {
     RegistryGone,
 }
 
+/// Knobs of the health loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Probes running at once, at most. The others wait for a slot, and
+    /// their timeout starts when they run: waiting is never a failure.
+    pub max_in_flight: usize,
+}
+
+impl Options {
+    /// The cap derived from this process's descriptor limit (read now:
+    /// call after the app raised it), see [`probe_slots`].
+    pub fn for_this_process() -> Self {
+        let (soft, _) = rlimit::Resource::NOFILE.get().unwrap_or((1024, 1024));
+        Self {
+            max_in_flight: probe_slots(soft),
+        }
+    }
+}
+
+/// Probes in flight for a descriptor limit of `nofile` (each holds one
+/// descriptor): an eighth of the limit, at least 4, at most 8192.
+pub fn probe_slots(nofile: u64) -> usize {
+    (nofile / 8).clamp(4, 8192) as usize
+}
+
 /// The health loop: runs until `shutdown` (then `Ok`) or until the
-/// registry stops (`Err`); every probe it started ends with it.
+/// registry stops (`Err`); every probe it started ends with it. Probes in
+/// flight are capped by [`Options::for_this_process`].
 pub async fn run(
     reader: Reader,
     registry: Handle,
     outcomes: mpsc::Receiver<ConnectOutcome>,
     shutdown: CancellationToken,
 ) -> Result<(), HealthError> {
-    run_loop(reader, registry, outcomes, shutdown, None).await
+    run_with(
+        reader,
+        registry,
+        outcomes,
+        shutdown,
+        Options::for_this_process(),
+    )
+    .await
+}
+
+/// [`run`] with [`Options`].
+pub async fn run_with(
+    reader: Reader,
+    registry: Handle,
+    outcomes: mpsc::Receiver<ConnectOutcome>,
+    shutdown: CancellationToken,
+    opts: Options,
+) -> Result<(), HealthError> {
+    run_loop(reader, registry, outcomes, shutdown, None, opts).await
 }
 
 /// [`run`] spawned on the runtime.
@@ -83,8 +132,35 @@ pub fn spawn_with_stats(
     tokio::task::JoinHandle<Result<(), HealthError>>,
     watch::Receiver<Stats>,
 ) {
+    spawn_with_stats_and(
+        reader,
+        registry,
+        outcomes,
+        shutdown,
+        Options::for_this_process(),
+    )
+}
+
+/// [`spawn_with_stats`] with [`Options`].
+pub fn spawn_with_stats_and(
+    reader: Reader,
+    registry: Handle,
+    outcomes: mpsc::Receiver<ConnectOutcome>,
+    shutdown: CancellationToken,
+    opts: Options,
+) -> (
+    tokio::task::JoinHandle<Result<(), HealthError>>,
+    watch::Receiver<Stats>,
+) {
     let (tx, rx) = watch::channel(Stats::default());
-    let task = tokio::spawn(run_loop(reader, registry, outcomes, shutdown, Some(tx)));
+    let task = tokio::spawn(run_loop(
+        reader,
+        registry,
+        outcomes,
+        shutdown,
+        Some(tx),
+        opts,
+    ));
     (task, rx)
 }
 
@@ -97,17 +173,29 @@ struct Done {
 }
 
 /// Probes in flight, by launch id, so a removed endpoint's probe is
-/// aborted at once.
-#[derive(Default)]
+/// aborted at once; at most `slots` of them run at once.
 struct Probes {
     set: JoinSet<Done>,
     running: HashMap<u64, AbortHandle>,
+    slots: Arc<Semaphore>,
 }
 
 impl Probes {
+    fn new(max_in_flight: usize) -> Self {
+        Self {
+            set: JoinSet::new(),
+            running: HashMap::new(),
+            slots: Arc::new(Semaphore::new(max_in_flight.max(1))),
+        }
+    }
+
     fn launch(&mut self, l: Launch) {
         let id = l.id;
+        let slots = self.slots.clone();
         let handle = self.set.spawn(async move {
+            // The semaphore is never closed; the timeout starts once the
+            // probe runs.
+            let _slot = slots.acquire_owned().await;
             let result = probe::run(&l.check, l.addr, l.timeout).await;
             Done {
                 service: l.service,
@@ -147,9 +235,10 @@ async fn run_loop(
     mut outcomes: mpsc::Receiver<ConnectOutcome>,
     shutdown: CancellationToken,
     stats: Option<watch::Sender<Stats>>,
+    opts: Options,
 ) -> Result<(), HealthError> {
     let mut core = Supervisor::default();
-    let mut probes = Probes::default();
+    let mut probes = Probes::new(opts.max_in_flight);
     let mut fx = Effects::default();
     let mut launches = Vec::new();
     let mut outcomes_open = true;

@@ -16,7 +16,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::model::ProbeKind;
+use crate::model::{ProbeKind, local_failure};
 
 /// Why one probe failed. `Display` is the text of the `Down` reason
 /// (`probe failed: connection refused 3/3`).
@@ -32,11 +32,26 @@ pub enum ProbeError {
     BadResponse,
     #[error("connection closed before a response")]
     Closed,
+    /// This host could not start the probe (out of descriptors, ports,
+    /// buffers or memory: [`local_failure`]); the raw OS error. Says
+    /// nothing about the endpoint: never counts toward `fall`.
+    #[error("could not probe: {}", io::Error::from_raw_os_error(*.0))]
+    Local(i32),
+}
+
+impl ProbeError {
+    /// The probe never reached the endpoint for want of local resources.
+    pub fn is_local(&self) -> bool {
+        matches!(self, ProbeError::Local(_))
+    }
 }
 
 impl From<io::Error> for ProbeError {
     fn from(e: io::Error) -> Self {
-        ProbeError::Io(e.kind())
+        match e.raw_os_error() {
+            Some(code) if local_failure(&e) => ProbeError::Local(code),
+            _ => ProbeError::Io(e.kind()),
+        }
     }
 }
 
@@ -245,6 +260,29 @@ mod tests {
     fn io_errors_read_like_reasons() {
         let e = ProbeError::from(io::Error::from(io::ErrorKind::ConnectionRefused));
         assert_eq!(e.to_string(), "connection refused");
+        assert!(!e.is_local());
+        // Local resources, not the endpoint: told apart, and said plainly
+        // (EMFILE used to read "uncategorized error").
+        for code in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EADDRNOTAVAIL,
+        ] {
+            let e = ProbeError::from(io::Error::from_raw_os_error(code));
+            assert_eq!(e, ProbeError::Local(code));
+            assert!(e.is_local());
+        }
+        let emfile = ProbeError::from(io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(
+            emfile
+                .to_string()
+                .starts_with("could not probe: Too many open files"),
+            "{emfile}"
+        );
+        let refused = ProbeError::from(io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert_eq!(refused, ProbeError::Io(io::ErrorKind::ConnectionRefused));
         assert_eq!(ProbeError::Timeout.to_string(), "timed out");
         assert_eq!(ProbeError::Status(500).to_string(), "http status 500");
     }

@@ -35,6 +35,9 @@ use super::probe::{Check, ProbeError};
 /// about one starts per this much time (10,000 new endpoints: over 1 s).
 const FIRST_PROBE_SPACING: Duration = Duration::from_micros(100);
 
+/// At most one warning per this long about probes that could not run.
+const LOCAL_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// A probe the shell should start now.
 #[derive(Debug)]
 pub struct Launch {
@@ -138,7 +141,50 @@ pub struct Supervisor {
     next_id: u64,
     /// Running totals, kept as things change so `stats` costs nothing.
     totals: Stats,
+    local: LocalErrors,
     rng: fastrand::Rng,
+}
+
+/// Probes that could not run for want of local resources (descriptors,
+/// ports, memory): counted, and logged once per burst (and at most once
+/// per [`LOCAL_WARN_EVERY`] when bursts come and go).
+#[derive(Debug, Default)]
+struct LocalErrors {
+    /// Since the first of the current burst; 0: no burst.
+    count: u64,
+    /// The current burst was logged.
+    warned: bool,
+    last_warn: Option<Instant>,
+}
+
+impl LocalErrors {
+    fn on_local(&mut self, service: &ServiceKey, ip: IpAddr, error: &ProbeError, now: Instant) {
+        metrics::counter!(crate::telemetry::HEALTH_CHECKS, "result" => "local_error").increment(1);
+        self.count += 1;
+        if self.count > 1 {
+            return;
+        }
+        let quiet = self
+            .last_warn
+            .is_none_or(|at| now.saturating_duration_since(at) >= LOCAL_WARN_EVERY);
+        if quiet {
+            tracing::warn!(service = %service, %ip, %error,
+                "out of local resources: probes are skipped, not failed (no endpoint goes down for this)");
+            self.warned = true;
+            self.last_warn = Some(now);
+        }
+    }
+
+    /// A probe ran (whatever its result): the burst is over.
+    fn on_probe(&mut self) {
+        if self.count == 0 {
+            return;
+        }
+        if std::mem::take(&mut self.warned) {
+            tracing::info!(skipped = self.count, "probes run again");
+        }
+        self.count = 0;
+    }
 }
 
 impl Default for Supervisor {
@@ -157,6 +203,7 @@ impl Supervisor {
             expiries: BinaryHeap::new(),
             next_id: 0,
             totals: Stats::default(),
+            local: LocalErrors::default(),
             rng,
         }
     }
@@ -306,6 +353,19 @@ impl Supervisor {
             return;
         }
         self.totals.in_flight -= 1;
+        if let Err(e) = &result
+            && e.is_local()
+        {
+            // Not a result: no verdict, no ejection change; try again at
+            // the normal interval.
+            let gap = t.health.interval;
+            let launched = t.launched;
+            self.local.on_local(service, ip, e, now);
+            let gap = self.jitter(gap);
+            self.schedule(service, ip, (launched + gap).max(now + gap / 2));
+            return;
+        }
+        self.local.on_probe();
         // Looked up per probe, not cached: a handle taken before the
         // recorder is installed would count into nothing.
         let outcome = if result.is_ok() { "success" } else { "failure" };

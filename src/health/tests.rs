@@ -390,3 +390,73 @@ async fn probes_come_and_go_with_endpoints() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Probes in flight are capped: with two slots and five endpoints that
+/// never answer, two probes run and the others wait (waiting is no
+/// failure: the timeout starts when a probe runs).
+#[tokio::test]
+async fn probes_in_flight_are_capped() {
+    // Five endpoints on one port, each on its own loopback IP, accepting
+    // and never answering.
+    let first = TcpListener::bind("127.0.0.45:0").await.unwrap();
+    let port = first.local_addr().unwrap().port();
+    let mut listeners = vec![first];
+    for n in 46..50 {
+        let ip = std::net::Ipv4Addr::new(127, 0, 0, n);
+        listeners.push(TcpListener::bind((ip, port)).await.unwrap());
+    }
+    let accepted = Arc::new(AtomicU16::new(0));
+    let mut addrs = Vec::new();
+    for l in listeners {
+        addrs.push(l.local_addr().unwrap());
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(s);
+            }
+        });
+    }
+    let probe = ProbeKind::Http {
+        path: "/".into(),
+        host: None,
+    };
+    let mut spec = service(&addrs, probe);
+    spec.health.timeout = Duration::from_secs(30);
+    let shutdown = CancellationToken::new();
+    let (handle, reader, _task) =
+        registry::spawn(vec![], Duration::from_secs(60), shutdown.clone());
+    let (_outcomes, rx) = mpsc::channel(64);
+    let (_health, mut stats) = spawn_with_stats_and(
+        reader,
+        handle.clone(),
+        rx,
+        shutdown.clone(),
+        Options { max_in_flight: 2 },
+    );
+    assert!(
+        handle
+            .source(&"test".into(), Update::Reset(vec![spec]))
+            .await
+    );
+    // All five launched (in flight for the core), two connected.
+    tokio::time::timeout(Duration::from_secs(2), stats.wait_for(|s| s.in_flight == 5))
+        .await
+        .expect("five probes launched")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "only two probes may run at once"
+    );
+    shutdown.cancel();
+}
+
+#[test]
+fn probe_slots_follow_the_descriptor_limit() {
+    assert_eq!(probe_slots(64), 8);
+    assert_eq!(probe_slots(16), 4);
+    assert_eq!(probe_slots(1 << 20), 8192);
+}

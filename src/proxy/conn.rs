@@ -1,7 +1,9 @@
 //! One client connection: admission (readiness, the global and
 //! per-service caps), then pick, connect with retry, PROXY protocol
 //! header, and copy until both sides close (or the idle timeout, the
-//! endpoint's removal, the drain deadline).
+//! endpoint's removal, the drain deadline). A connection that broke on
+//! one side, and every forced close, ends with a reset (never a FIN that
+//! would make a cut stream look complete); each end is counted by kind.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,9 +17,9 @@ use tracing::Instrument;
 use super::balancer::{ConnInfo, EndpointLoad};
 use super::copy::{self, Activity, Meter};
 use super::error::ProxyError;
-use super::route::Route;
+use super::route::{ConnEnd, Route};
 use super::shared::Shared;
-use crate::model::{ConnectOutcome, ProxyProtocol};
+use crate::model::{ConnectOutcome, ProxyProtocol, local_failure};
 
 /// Admission: refuse (close at once) before readiness and beyond the
 /// global or per-service cap; otherwise start the connection task.
@@ -123,6 +125,8 @@ async fn connect(
         return None;
     }
     let spec = &route.state.spec.proxy;
+    // Every attempt failed here, not at an endpoint (out of descriptors...).
+    let mut only_local = true;
     for attempt in 0..spec.connect_attempts.max(1) as usize {
         let idx = picks.attempt(attempt)?;
         let backend = &route.backends[idx];
@@ -132,22 +136,45 @@ async fn connect(
             _ = shared.kill.cancelled() => return None,
             r = tokio::time::timeout(spec.connect_timeout, TcpStream::connect(backend.addr)) => r,
         };
-        shared
-            .connect_duration
-            .record(started.elapsed().as_secs_f64());
-        let ok = matches!(result, Ok(Ok(_)));
-        report(shared, route, idx, ok);
         match result {
-            Ok(Ok(stream)) => return Some((stream, idx, load)),
+            Ok(Err(e)) if local_failure(&e) => {
+                // Not the endpoint's fault: no outcome, no duration.
+                shared.local_errors.failed(&e);
+                tracing::debug!(endpoint = %backend.addr, attempt, error = %e,
+                    "connect could not start here (local resources)");
+                continue;
+            }
+            Ok(Ok(stream)) => {
+                shared.local_errors.ended();
+                record(shared, route, idx, started, true);
+                return Some((stream, idx, load));
+            }
             Ok(Err(e)) => {
+                record(shared, route, idx, started, false);
                 tracing::debug!(endpoint = %backend.addr, attempt, error = %e, "connect failed")
             }
-            Err(_) => tracing::debug!(endpoint = %backend.addr, attempt, "connect timed out"),
+            Err(_) => {
+                record(shared, route, idx, started, false);
+                tracing::debug!(endpoint = %backend.addr, attempt, "connect timed out")
+            }
         }
+        only_local = false;
     }
-    route.metrics().connect_failed.increment(1);
+    if only_local {
+        route.metrics().local_error.increment(1);
+    } else {
+        route.metrics().connect_failed.increment(1);
+    }
     tracing::debug!("every connect attempt failed; connection closed");
     None
+}
+
+/// Records a connect attempt that reached (or timed out on) an endpoint.
+fn record(shared: &Shared, route: &Route, idx: usize, started: Instant, success: bool) {
+    shared
+        .connect_duration
+        .record(started.elapsed().as_secs_f64());
+    report(shared, route, idx, success);
 }
 
 /// Passive health signal, never blocking the data path (dropped when the
@@ -217,7 +244,9 @@ async fn proxy(
             Err(e) => Err(e),
         };
         if let Err(e) = sent {
-            tracing::debug!(error = %e, "PROXY header not sent; connection closed");
+            tracing::debug!(error = %e, "PROXY header not sent; connection reset");
+            copy::reset_on_close(&client);
+            route.metrics().ended(ConnEnd::UpstreamReset).increment(1);
             return;
         }
     }
@@ -237,22 +266,34 @@ async fn proxy(
         },
     );
     let endpoint = route.backends[idx].addr;
-    tokio::select! {
+    let end = tokio::select! {
         r = copy => match r {
-            Ok(t) => tracing::debug!(%endpoint, to_upstream = t.a_to_b.bytes, to_client = t.b_to_a.bytes,
-                path = t.a_to_b.path.as_str(), "connection closed"),
-            Err(e) => tracing::debug!(%endpoint, error = %e, "connection ended with an error"),
+            Ok(t) => {
+                tracing::debug!(%endpoint, to_upstream = t.a_to_b.bytes, to_client = t.b_to_a.bytes,
+                    path = t.a_to_b.path.as_str(), "connection closed");
+                ConnEnd::Fin
+            }
+            Err(b) => {
+                let end = match b.side {
+                    copy::Side::A => ConnEnd::ClientReset,
+                    copy::Side::B => ConnEnd::UpstreamReset,
+                };
+                tracing::debug!(%endpoint, error = %b.error, end = end.as_str(),
+                    "connection broke; the other side is reset");
+                end
+            }
         },
-        _ = idle_expired(&activity, spec.idle_timeout) => {
-            tracing::debug!(%endpoint, "idle timeout; connection closed");
-        }
-        _ = removal.cancelled() => {
-            tracing::debug!(%endpoint, "endpoint removed; connection closed");
-        }
-        _ = shared.kill.cancelled() => {
-            tracing::debug!(%endpoint, "drain deadline; connection closed");
-        }
+        _ = idle_expired(&activity, spec.idle_timeout) => ConnEnd::IdleTimeout,
+        _ = removal.cancelled() => ConnEnd::Removed,
+        _ = shared.kill.cancelled() => ConnEnd::DrainDeadline,
+    };
+    if end.forced() {
+        // A forced close must not look like a complete stream: reset both.
+        tracing::debug!(%endpoint, end = end.as_str(), "connection closed by the proxy; both sides reset");
+        copy::reset_on_close(&client);
+        copy::reset_on_close(&upstream);
     }
+    route.metrics().ended(end).increment(1);
 }
 
 /// Resolves once nothing moved for `idle`.

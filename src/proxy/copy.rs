@@ -22,11 +22,19 @@
 //! read is written out first, then the FIN is forwarded (`shutdown(Write)`)
 //! and the other direction keeps flowing until it ends too. Backpressure is
 //! bounded by one pipe (or one buffer) per direction.
+//!
+//! A reset is forwarded as a reset, never as a FIN: when one socket fails
+//! (the peer reset it, or any other error), whatever that socket still
+//! delivers is passed on, the other socket's send queue gets a short
+//! while to reach its peer ([`FLUSH_WAIT`]), and then it is closed with
+//! `SO_LINGER 0`, which sends a RST. A cut stream never ends like a
+//! complete one. [`reset_on_close`] does the same for forced closes.
 #![allow(unsafe_code)]
 
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -34,6 +42,10 @@ use tokio::time::Instant;
 
 /// Userspace copy buffer per direction (only when falling back).
 pub const FALLBACK_BUFFER: usize = 64 * 1024;
+
+/// After one socket broke, how long the other one's queued bytes may take
+/// to reach its peer before the reset (which drops what is still queued).
+pub const FLUSH_WAIT: Duration = Duration::from_secs(1);
 
 /// How bytes are moved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -135,21 +147,147 @@ pub struct Totals {
     pub b_to_a: Moved,
 }
 
+/// One of the two sockets of [`bidirectional`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    A,
+    B,
+}
+
+/// A copy that ended because a socket failed (reset by its peer, or any
+/// other error). The other socket has been set to close with a reset.
+#[derive(Debug, thiserror::Error)]
+#[error("{side:?} side failed: {error}")]
+pub struct Broken {
+    /// The socket that failed first.
+    pub side: Side,
+    #[source]
+    pub error: io::Error,
+}
+
+/// Where one direction failed: reading its source or writing its
+/// destination.
+#[derive(Debug)]
+enum Failed {
+    Src(io::Error),
+    Dst(io::Error),
+}
+
+impl Failed {
+    fn into_io(self) -> io::Error {
+        match self {
+            Failed::Src(e) | Failed::Dst(e) => e,
+        }
+    }
+}
+
 /// Copies both ways until both sides have closed their sending half,
-/// forwarding each FIN once the bytes before it are written. Returns at
-/// the first error (the caller drops both sockets).
+/// forwarding each FIN once the bytes before it are written.
+///
+/// When a socket fails, the bytes it still delivers are passed on (a peer
+/// that sent data and then a RST: the data, then the reset), then the other
+/// socket is flushed (up to [`FLUSH_WAIT`]) and set to reset on close:
+/// the caller drops both sockets and the other peer sees a RST, not a FIN.
 pub async fn bidirectional(
     a: &TcpStream,
     b: &TcpStream,
     mode: Mode,
     a_to_b: Meter<'_>,
     b_to_a: Meter<'_>,
-) -> io::Result<Totals> {
-    let (x, y) = tokio::try_join!(one_way(a, b, mode, &a_to_b), one_way(b, a, mode, &b_to_a))?;
-    Ok(Totals {
-        a_to_b: x,
-        b_to_a: y,
-    })
+) -> Result<Totals, Broken> {
+    // Set once a socket is known to have failed: its EOF then means the
+    // reset another call already reported, not a FIN.
+    let dead = [AtomicBool::new(false), AtomicBool::new(false)];
+    let mut up = pin!(direction(a, b, mode, &a_to_b, &dead[0], &dead[1]));
+    let mut down = pin!(direction(b, a, mode, &b_to_a, &dead[1], &dead[0]));
+    let mut up_end: Option<Result<Moved, Failed>> = None;
+    let mut down_end: Option<Result<Moved, Failed>> = None;
+    let mut first: Option<(Side, io::Error)> = None;
+    loop {
+        let (side_src, side_dst, end) = tokio::select! {
+            r = &mut up, if up_end.is_none() => (Side::A, Side::B, up_end.insert(r)),
+            r = &mut down, if down_end.is_none() => (Side::B, Side::A, down_end.insert(r)),
+        };
+        if first.is_none() {
+            match end {
+                Ok(_) => {}
+                Err(Failed::Src(e)) => first = Some((side_src, clone_error(e))),
+                Err(Failed::Dst(e)) => first = Some((side_dst, clone_error(e))),
+            }
+        }
+        let (Some(up_r), Some(down_r)) = (&up_end, &down_end) else {
+            if first.is_none() {
+                continue;
+            }
+            // A direction still running goes on only to pass on what a
+            // failed socket still delivers to a live one.
+            let (src, dst) = if up_end.is_none() { (0, 1) } else { (1, 0) };
+            if dead[src].load(Ordering::Relaxed) && !dead[dst].load(Ordering::Relaxed) {
+                continue;
+            }
+            break;
+        };
+        if let (Ok(x), Ok(y)) = (up_r, down_r) {
+            return Ok(Totals {
+                a_to_b: *x,
+                b_to_a: *y,
+            });
+        }
+        break;
+    }
+    let (side, error) = first.unwrap_or_else(|| (Side::A, io::ErrorKind::ConnectionReset.into()));
+    for (i, s) in [a, b].into_iter().enumerate() {
+        if !dead[i].load(Ordering::Relaxed) {
+            flush(s, FLUSH_WAIT).await;
+        }
+        reset_on_close(s);
+    }
+    Err(Broken { side, error })
+}
+
+fn clone_error(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+/// Makes the socket close with a RST instead of a FIN (`SO_LINGER 0`):
+/// bytes still queued are dropped. For forced closes (drain deadline,
+/// idle timeout, removal) and for passing a reset on.
+pub fn reset_on_close(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+/// Waits (up to `limit`) until every byte written to `s` has been
+/// acknowledged by its peer, so that a reset after it drops nothing the
+/// peer could still have read. Gives up early if the socket fails.
+async fn flush(s: &TcpStream, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    while matches!(unacked(s), Some(n) if n > 0) && Instant::now() < deadline {
+        if let Ok(Some(_)) = s.take_error() {
+            return;
+        }
+        tokio::time::sleep(pause.min(deadline - Instant::now())).await;
+        pause = (pause * 2).min(Duration::from_millis(16));
+    }
+}
+
+/// Bytes written to `s` and not yet acknowledged (None: unknown).
+#[cfg(target_os = "linux")]
+fn unacked(s: &TcpStream) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ for TCP) writes one int through the
+    // pointer, which points at `n`; the fd is open while `s` lives.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    (rc == 0).then_some(n.max(0) as usize)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unacked(_: &TcpStream) -> Option<usize> {
+    None
 }
 
 /// Copies `src` to `dst` until `src` ends, then forwards the FIN.
@@ -159,7 +297,52 @@ pub async fn one_way(
     mode: Mode,
     meter: &Meter<'_>,
 ) -> io::Result<Moved> {
-    let moved = match mode {
+    let (src_dead, dst_dead) = (AtomicBool::new(false), AtomicBool::new(false));
+    direction(src, dst, mode, meter, &src_dead, &dst_dead)
+        .await
+        .map_err(Failed::into_io)
+}
+
+/// One direction: copies until `src` ends, then forwards the FIN. Marks
+/// the socket that failed; an EOF from a socket already marked failed is
+/// its reset, seen before by the other direction.
+async fn direction(
+    src: &TcpStream,
+    dst: &TcpStream,
+    mode: Mode,
+    meter: &Meter<'_>,
+    src_dead: &AtomicBool,
+    dst_dead: &AtomicBool,
+) -> Result<Moved, Failed> {
+    let result = async {
+        let moved = copy(src, dst, mode, meter).await?;
+        if src_dead.load(Ordering::Relaxed) {
+            return Err(Failed::Src(io::ErrorKind::ConnectionReset.into()));
+        }
+        metrics::counter!(crate::telemetry::PROXY_SPLICE, "mode" => moved.path.as_str())
+            .increment(1);
+        match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
+            Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(Failed::Dst(e)),
+            _ => Ok(moved),
+        }
+    }
+    .await;
+    match &result {
+        Err(Failed::Src(_)) => src_dead.store(true, Ordering::Relaxed),
+        Err(Failed::Dst(_)) => dst_dead.store(true, Ordering::Relaxed),
+        Ok(_) => {}
+    }
+    result
+}
+
+/// Copies `src` to `dst` until `src` ends.
+async fn copy(
+    src: &TcpStream,
+    dst: &TcpStream,
+    mode: Mode,
+    meter: &Meter<'_>,
+) -> Result<Moved, Failed> {
+    Ok(match mode {
         #[cfg(target_os = "linux")]
         Mode::Auto => match splice::one_way(src, dst, meter).await? {
             (bytes, true) => Moved {
@@ -182,21 +365,15 @@ pub async fn one_way(
         #[cfg(not(target_os = "linux"))]
         Mode::Auto => userspace(src, dst, meter).await?,
         Mode::Userspace => userspace(src, dst, meter).await?,
-    };
-    metrics::counter!(crate::telemetry::PROXY_SPLICE, "mode" => moved.path.as_str()).increment(1);
-    match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
-        Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
-        _ => {}
-    }
-    Ok(moved)
+    })
 }
 
 /// The portable path: read into a buffer, write it all, repeat.
-async fn userspace(src: &TcpStream, dst: &TcpStream, meter: &Meter<'_>) -> io::Result<Moved> {
+async fn userspace(src: &TcpStream, dst: &TcpStream, meter: &Meter<'_>) -> Result<Moved, Failed> {
     let mut buf: Vec<u8> = Vec::new();
     let mut total = 0u64;
     loop {
-        src.readable().await?;
+        src.readable().await.map_err(Failed::Src)?;
         if buf.is_empty() {
             buf = vec![0; FALLBACK_BUFFER];
         }
@@ -204,9 +381,9 @@ async fn userspace(src: &TcpStream, dst: &TcpStream, meter: &Meter<'_>) -> io::R
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(Failed::Src(e)),
         };
-        write_all(dst, &buf[..n]).await?;
+        write_all(dst, &buf[..n]).await.map_err(Failed::Dst)?;
         total += n as u64;
         meter.record(n, Path::Fallback);
     }
@@ -238,7 +415,7 @@ mod splice {
     use tokio::io::Interest;
     use tokio::net::TcpStream;
 
-    use crate::proxy::copy::{Meter, Path};
+    use crate::proxy::copy::{Failed, Meter, Path};
 
     /// Requested pipe capacity (F_SETPIPE_SZ); the kernel may give less.
     pub const PIPE_SIZE: usize = 256 * 1024;
@@ -331,16 +508,16 @@ mod splice {
     /// `(bytes, false)` splice stopped being usable (not supported, or no
     /// pipe could be made) with no byte in flight; the caller copies the
     /// rest in userspace.
-    pub async fn one_way(
+    pub(super) async fn one_way(
         src: &TcpStream,
         dst: &TcpStream,
         meter: &Meter<'_>,
-    ) -> io::Result<(u64, bool)> {
+    ) -> Result<(u64, bool), Failed> {
         let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
         let mut pipe: Option<Pipe> = None;
         let mut total = 0u64;
         loop {
-            src.readable().await?;
+            src.readable().await.map_err(Failed::Src)?;
             let p = match pipe.take() {
                 Some(p) => p,
                 None => match Pipe::take() {
@@ -367,11 +544,11 @@ mod splice {
                 }
                 Err(e) => {
                     p.give_back();
-                    return Err(e);
+                    return Err(Failed::Src(e));
                 }
             };
             // On error the pipe still holds bytes: drop (close) it.
-            drain(&p, n, dst, dst_fd).await?;
+            drain(&p, n, dst, dst_fd).await.map_err(Failed::Dst)?;
             total += n as u64;
             meter.record(n, Path::Splice);
             pipe = Some(p);
@@ -421,7 +598,7 @@ mod tests {
     }
 
     /// [`bidirectional`] with no-op byte counters.
-    async fn unmetered(a: &TcpStream, b: &TcpStream, mode: Mode) -> io::Result<Totals> {
+    async fn unmetered(a: &TcpStream, b: &TcpStream, mode: Mode) -> Result<Totals, Broken> {
         let counter = metrics::Counter::noop();
         let activity = Activity::default();
         let meter = || Meter {
@@ -572,6 +749,157 @@ mod tests {
     async fn half_close_both_ways_fallback() {
         half_close(Mode::Userspace, true).await;
         half_close(Mode::Userspace, false).await;
+    }
+
+    /// Closes with a RST (what a crashing peer does).
+    fn abort(s: TcpStream) {
+        reset_on_close(&s);
+        drop(s);
+    }
+
+    /// How a read loop ended: the bytes, then EOF (`Ok`) or the error.
+    async fn read_until_end(s: &mut TcpStream) -> (Vec<u8>, io::Result<()>) {
+        let mut got = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .expect("ended within 10 s");
+        (got, r.map(|_| ()))
+    }
+
+    fn is_reset(r: &io::Result<()>) -> bool {
+        matches!(r, Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe))
+    }
+
+    /// client ⇄ [a | copy | b] ⇄ server, the copy in a task that drops
+    /// both proxy sockets when it ends (as the proxy does).
+    async fn proxied(
+        mode: Mode,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<Result<Totals, Broken>>,
+    ) {
+        let (client, a) = pair().await;
+        let (b, server) = pair().await;
+        let copy = tokio::spawn(async move { unmetered(&a, &b, mode).await });
+        (client, server, copy)
+    }
+
+    /// The server sends bytes and resets: the client reads every byte,
+    /// then a reset (not EOF), in both copy modes; and the reverse.
+    async fn resets_pass_through(mode: Mode) {
+        let t = Duration::from_secs(10);
+        // Server side resets after 50,000 bytes (read by the client first,
+        // so none is in flight at the reset).
+        let (mut client, mut server, copy) = proxied(mode).await;
+        let data = pattern(3, 50_000);
+        server.write_all(&data).await.unwrap();
+        let mut got = vec![0u8; data.len()];
+        tokio::time::timeout(t, client.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, data);
+        abort(server);
+        let (rest, end) = read_until_end(&mut client).await;
+        assert!(rest.is_empty());
+        assert!(
+            is_reset(&end),
+            "{mode:?}: server reset seen by the client as {end:?}"
+        );
+        let broken = copy
+            .await
+            .unwrap()
+            .expect_err("a reset ends the copy with an error");
+        assert_eq!(broken.side, Side::B);
+
+        // Client side resets after "hello": the server sees it, then a reset.
+        let (mut client, mut server, copy) = proxied(mode).await;
+        client.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        tokio::time::timeout(t, server.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        abort(client);
+        let (rest, end) = read_until_end(&mut server).await;
+        assert_eq!((&got[..], rest.len()), (&b"hello"[..], 0));
+        assert!(
+            is_reset(&end),
+            "{mode:?}: client reset seen by the server as {end:?}"
+        );
+        assert_eq!(copy.await.unwrap().unwrap_err().side, Side::A);
+
+        // Bytes in flight at the reset: the server writes and resets at
+        // once; the client still gets every byte the copy read, then a
+        // reset. Here: everything (50,000 bytes fit in the buffers).
+        let (mut client, mut server, copy) = proxied(mode).await;
+        server.write_all(&data).await.unwrap();
+        abort(server);
+        let (got, end) = read_until_end(&mut client).await;
+        assert!(
+            is_reset(&end),
+            "{mode:?}: {end:?} after {} bytes",
+            got.len()
+        );
+        assert!(got == data[..got.len()], "{mode:?}: bytes changed");
+        assert_eq!(
+            got.len(),
+            data.len(),
+            "{mode:?}: bytes lost before the reset"
+        );
+        assert_eq!(copy.await.unwrap().unwrap_err().side, Side::B);
+    }
+
+    #[tokio::test]
+    async fn resets_pass_through_splice() {
+        resets_pass_through(Mode::Auto).await;
+    }
+
+    #[tokio::test]
+    async fn resets_pass_through_fallback() {
+        resets_pass_through(Mode::Userspace).await;
+    }
+
+    /// The server answers part of a reply and resets while the client is
+    /// still uploading: whichever direction meets the reset first, the
+    /// client gets the partial reply, then a reset (on its read, or on its
+    /// write: the kernel reports a reset once, to the call that meets it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reset_during_an_upload_still_delivers_the_partial_reply() {
+        for mode in [Mode::Auto, Mode::Userspace] {
+            let (client, mut server, copy) = proxied(mode).await;
+            let (mut cr, mut cw) = client.into_split();
+            let upload = tokio::spawn(async move {
+                let chunk = pattern(4, 64 * 1024);
+                // Bounded: 64 MiB at most, and it stops at the reset.
+                for _ in 0..1024 {
+                    cw.write_all(&chunk).await?;
+                }
+                Ok(())
+            });
+            let mut head = vec![0u8; 256 * 1024];
+            tokio::time::timeout(Duration::from_secs(10), server.read_exact(&mut head))
+                .await
+                .unwrap()
+                .unwrap();
+            server.write_all(b"partial reply").await.unwrap();
+            abort(server);
+            let mut got = Vec::new();
+            let r = tokio::time::timeout(Duration::from_secs(10), cr.read_to_end(&mut got))
+                .await
+                .unwrap();
+            assert_eq!(got, b"partial reply", "{mode:?}");
+            let sent = tokio::time::timeout(Duration::from_secs(10), upload)
+                .await
+                .expect("the upload stopped")
+                .unwrap();
+            assert!(
+                is_reset(&r.map(|_| ())) || is_reset(&sent),
+                "{mode:?}: must end in a reset (read and write both ended cleanly)"
+            );
+            assert_eq!(copy.await.unwrap().unwrap_err().side, Side::B);
+        }
     }
 
     #[tokio::test(start_paused = true)]

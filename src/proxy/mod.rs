@@ -17,7 +17,9 @@
 //!   connection to `conn`: admission, then pick, connect (timeout, retry
 //!   on the next pick), optional PROXY protocol header, then
 //!   [`copy::bidirectional`] until both sides close, the idle timeout, the
-//!   endpoint's removal (`close_on_removal`), or the drain deadline.
+//!   endpoint's removal (`close_on_removal`), or the drain deadline. A
+//!   reset on one side is passed on as a reset, and forced closes reset
+//!   both sides: a cut stream never ends with a FIN.
 //!
 //! Imports point one way: `reconcile → listener → conn → route → balancer`,
 //! with `shared`, `error` and `copy` as leaves. This file is the facade:

@@ -57,33 +57,93 @@ impl ServiceEntry {
     }
 }
 
+/// How a proxied connection ended (the `end` label of
+/// `beacon_proxy_connection_ends_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ConnEnd {
+    /// Both sides closed their sending half (FIN both ways).
+    Fin,
+    /// The client's socket failed (reset, or another error): the upstream
+    /// was reset.
+    ClientReset,
+    /// The upstream's socket failed: the client was reset.
+    UpstreamReset,
+    /// Forced closes, each a reset on both sides.
+    IdleTimeout,
+    Removed,
+    DrainDeadline,
+}
+
+impl ConnEnd {
+    const ALL: [ConnEnd; 6] = [
+        ConnEnd::Fin,
+        ConnEnd::ClientReset,
+        ConnEnd::UpstreamReset,
+        ConnEnd::IdleTimeout,
+        ConnEnd::Removed,
+        ConnEnd::DrainDeadline,
+    ];
+
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            ConnEnd::Fin => "fin",
+            ConnEnd::ClientReset => "client_reset",
+            ConnEnd::UpstreamReset => "upstream_reset",
+            ConnEnd::IdleTimeout => "idle_timeout",
+            ConnEnd::Removed => "removed",
+            ConnEnd::DrainDeadline => "drain_deadline",
+        }
+    }
+
+    /// The proxy closed it, not a peer: both sides get a reset.
+    pub(super) fn forced(self) -> bool {
+        matches!(
+            self,
+            ConnEnd::IdleTimeout | ConnEnd::Removed | ConnEnd::DrainDeadline
+        )
+    }
+}
+
 pub(super) struct ServiceMetrics {
     pub(super) ok: Counter,
     pub(super) not_ready: Counter,
     pub(super) no_endpoints: Counter,
     pub(super) connect_failed: Counter,
+    /// Every connect attempt failed for want of local resources.
+    pub(super) local_error: Counter,
     pub(super) over_limit: Counter,
     pub(super) active: Gauge,
     pub(super) to_upstream: Counter,
     pub(super) to_client: Counter,
+    /// By [`ConnEnd`], in the order of `ConnEnd::ALL`.
+    ends: [Counter; 6],
 }
 
 impl ServiceMetrics {
     fn new(key: &ServiceKey) -> Self {
-        use crate::telemetry::{PROXY_ACTIVE_CONNECTIONS, PROXY_BYTES, PROXY_CONNECTIONS};
+        use crate::telemetry::{
+            PROXY_ACTIVE_CONNECTIONS, PROXY_BYTES, PROXY_CONNECTION_ENDS, PROXY_CONNECTIONS,
+        };
         let service = key.to_string();
         let result = |r: &'static str| metrics::counter!(PROXY_CONNECTIONS, "service" => service.clone(), "result" => r);
         let bytes = |d: &'static str| metrics::counter!(PROXY_BYTES, "service" => service.clone(), "direction" => d);
+        let end = |e: ConnEnd| metrics::counter!(PROXY_CONNECTION_ENDS, "service" => service.clone(), "end" => e.as_str());
         Self {
+            ends: ConnEnd::ALL.map(end),
             ok: result("ok"),
             not_ready: result("not_ready"),
             no_endpoints: result("no_endpoints"),
             connect_failed: result("connect_failed"),
+            local_error: result("local_error"),
             over_limit: result("over_limit"),
             active: metrics::gauge!(PROXY_ACTIVE_CONNECTIONS, "service" => service.clone()),
             to_upstream: bytes("to_upstream"),
             to_client: bytes("to_client"),
         }
+    }
+
+    pub(super) fn ended(&self, end: ConnEnd) -> &Counter {
+        &self.ends[end as usize]
     }
 }
 

@@ -1,9 +1,12 @@
 //! What the reconcile loop, the accept loops, the connection tasks and the
 //! [`Proxy`](super::Proxy) handle share: flags, global counts and the
-//! drain signals. A leaf: it uses nothing of the proxy but `copy::Mode`.
+//! drain signals, and the burst state of local connect errors. A leaf: it
+//! uses nothing of the proxy but `copy::Mode`.
 
+use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use metrics::Histogram;
@@ -32,6 +35,60 @@ pub(super) struct Shared {
     pub(super) tracker: TaskTracker,
     pub(super) copy_mode: copy::Mode,
     pub(super) connect_duration: Histogram,
+    pub(super) local_errors: LocalErrors,
+}
+
+/// At most one warning per this long about connects that could not start.
+const LOCAL_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Connects that could not start for want of local resources (descriptors,
+/// ports, memory): not the endpoints' fault, so never reported to health;
+/// logged once per burst (and at most once per [`LOCAL_WARN_EVERY`]).
+pub(super) struct LocalErrors {
+    epoch: Instant,
+    /// A burst is going on.
+    active: AtomicBool,
+    /// The current burst was logged.
+    warned: AtomicBool,
+    /// When the last warning was logged, in ms since `epoch` (+1; 0: never).
+    last_warn: AtomicU64,
+}
+
+impl Default for LocalErrors {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            active: AtomicBool::new(false),
+            warned: AtomicBool::new(false),
+            last_warn: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LocalErrors {
+    pub(super) fn failed(&self, error: &io::Error) {
+        if self.active.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let last = self.last_warn.load(Ordering::Relaxed);
+        if last == 0 || now - last >= LOCAL_WARN_EVERY.as_millis() as u64 {
+            self.last_warn.store(now, Ordering::Relaxed);
+            self.warned.store(true, Ordering::Relaxed);
+            tracing::warn!(%error,
+                "out of local resources: proxy connects cannot start (not held against the endpoints)");
+        }
+    }
+
+    /// A connect started: the burst, if any, is over.
+    pub(super) fn ended(&self) {
+        if self.active.load(Ordering::Relaxed)
+            && self.active.swap(false, Ordering::AcqRel)
+            && self.warned.swap(false, Ordering::Relaxed)
+        {
+            tracing::info!("proxy connects start again");
+        }
+    }
 }
 
 impl Shared {
@@ -52,6 +109,7 @@ impl Shared {
             tracker: TaskTracker::new(),
             copy_mode,
             connect_duration: metrics::histogram!(crate::telemetry::PROXY_CONNECT_DURATION),
+            local_errors: LocalErrors::default(),
         }
     }
 }

@@ -4,6 +4,7 @@
 mod dns;
 mod dns_wire;
 mod docker;
+mod faults;
 mod harness;
 mod health_e2e;
 mod proxy;

@@ -127,10 +127,15 @@ fn sigterm_closes_listeners_and_drains_live_connections() {
     });
     // The live connection still works during the drain...
     assert_eq!(echo(&mut live, "during drain"), "during drain");
-    // ...and is closed once the drain timeout has passed.
+    // ...and is closed once the drain timeout has passed, with a reset: a
+    // connection cut by the deadline must not look complete.
     let mut rest = Vec::new();
-    let _ = live.read_to_end(&mut rest);
+    let end = live.read_to_end(&mut rest);
     let closed = term.elapsed();
+    assert!(
+        matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the drain deadline must reset the connection: {end:?}"
+    );
     assert!(
         closed >= Duration::from_millis(1800) && closed < Duration::from_secs(5),
         "closed after {closed:?}"

@@ -158,6 +158,58 @@ fn results_drive_hysteresis_and_the_fast_interval() {
     );
 }
 
+/// A probe that could not start for want of local resources (EMFILE and
+/// friends) is no result: it neither counts toward `fall` nor breaks a
+/// streak, never changes the verdict, and the next probe comes at the
+/// normal interval.
+#[test]
+fn local_errors_are_not_results() {
+    const EMFILE: ProbeError = ProbeError::Local(libc::EMFILE);
+    let mut world = World::new();
+    let snap = world.set(vec![spec("web", &[1])]);
+    let mut sup = Supervisor::with_rng(fastrand::Rng::with_seed(9));
+    let mut now = Instant::now();
+    let mut fx = Effects::default();
+    sup.reconcile(&snap, now, &mut fx);
+    let probe = |sup: &mut Supervisor, now: &mut Instant, result| {
+        let deadline = sup.next_deadline().expect("a probe is scheduled");
+        let gap = deadline.saturating_duration_since(*now);
+        *now = deadline;
+        let l = launched(sup, *now);
+        assert_eq!(l.len(), 1);
+        let mut fx = Effects::default();
+        sup.on_result(&key("web"), ip(1), l[0].id, result, *now, &mut fx);
+        assert_eq!(sup.stats(), sup.recount());
+        (gap, fx.reports)
+    };
+    let (_, r) = probe(&mut sup, &mut now, Ok(()));
+    assert_eq!(r[0].change, HealthChange::Probe(ProbeState::Up));
+    // Twenty local errors in a row: fall is 3, nothing changes, and the
+    // probes keep the normal interval (not the fast one).
+    for _ in 0..20 {
+        let (gap, r) = probe(&mut sup, &mut now, Err(EMFILE));
+        assert!(r.is_empty(), "a local error changed the verdict: {r:?}");
+        assert!(gap >= Duration::from_millis(400), "{gap:?}");
+    }
+    // They do not break a failure streak either: two real failures, a
+    // local error, a third failure: down after exactly three failures.
+    assert!(probe(&mut sup, &mut now, Err(REFUSED)).1.is_empty());
+    assert!(probe(&mut sup, &mut now, Err(REFUSED)).1.is_empty());
+    assert!(probe(&mut sup, &mut now, Err(EMFILE)).1.is_empty());
+    let (_, r) = probe(&mut sup, &mut now, Err(REFUSED));
+    assert_eq!(
+        r[0].change,
+        HealthChange::Probe(ProbeState::Down(
+            "probe failed: connection refused 3/3".into()
+        ))
+    );
+    // Nor a success streak: down stays down until `rise` real successes.
+    assert!(probe(&mut sup, &mut now, Ok(())).1.is_empty());
+    assert!(probe(&mut sup, &mut now, Err(EMFILE)).1.is_empty());
+    let (_, r) = probe(&mut sup, &mut now, Ok(()));
+    assert_eq!(r[0].change, HealthChange::Probe(ProbeState::Up));
+}
+
 #[test]
 fn removed_endpoints_and_services_lose_their_probes() {
     let mut world = World::new();

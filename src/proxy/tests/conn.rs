@@ -214,7 +214,8 @@ async fn close_on_removal_closes_open_connections() {
     };
     spec.endpoints.remove(0);
     h.set(vec![spec]).await;
-    assert!(closed_within(&mut first, Duration::from_secs(2)).await);
+    // Closed, and with a reset: a forced close never looks complete.
+    assert!(reset_within(&mut first, Duration::from_secs(2)).await);
     // The endpoint that stayed keeps its connection.
     second.write_all(b"ping\n").await.unwrap();
     assert_eq!(read_line(&mut second).await.as_deref(), Some("ping"));
@@ -283,9 +284,10 @@ async fn idle_timeout_closes_quiet_connections_only() {
         busy.write_all(msg.as_bytes()).await.unwrap();
         assert_eq!(read_line(&mut busy).await.unwrap(), msg.trim_end());
     }
-    assert!(closed_within(&mut quiet, Duration::from_secs(2)).await);
+    // Closed with a reset: an idle timeout is a forced close.
+    assert!(reset_within(&mut quiet, Duration::from_secs(2)).await);
     assert!(started.elapsed() >= Duration::from_millis(350));
-    assert!(closed_within(&mut busy, Duration::from_secs(2)).await);
+    assert!(reset_within(&mut busy, Duration::from_secs(2)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -275,13 +275,14 @@ fn tally<'a>(names: impl IntoIterator<Item = &'a str>) -> HashMap<String, usize>
     m
 }
 
-/// True when the peer closed (EOF or reset) within the timeout.
-async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+/// True when the peer reset the connection within the timeout (a forced
+/// close: not EOF, which would look like a complete stream).
+async fn reset_within(s: &mut TcpStream, within: Duration) -> bool {
     let mut buf = [0u8; 64];
-    matches!(
-        tokio::time::timeout(within, s.read(&mut buf)).await,
-        Ok(Ok(0)) | Ok(Err(_))
-    )
+    match tokio::time::timeout(within, s.read(&mut buf)).await {
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        _ => false,
+    }
 }
 
 async fn three_backends() -> (Banner, Banner, Banner) {
