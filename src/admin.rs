@@ -395,6 +395,8 @@ struct ServicesView<'a> {
     version: u64,
     ready: bool,
     services: Vec<ServiceView<'a>>,
+    /// Claims refused: which service asked, for what, and who holds it.
+    conflicts: &'a [crate::model::Conflict],
 }
 
 #[derive(Serialize)]
@@ -409,6 +411,8 @@ struct ServiceView<'a> {
     fail_open: bool,
     /// No endpoint is healthy and fail_open serves them all.
     panic: bool,
+    /// The proxy listen addresses this service holds.
+    listeners: Vec<std::net::SocketAddr>,
     endpoints: &'a [EndpointState],
 }
 
@@ -424,6 +428,7 @@ impl<'a> ServiceView<'a> {
             health: &s.spec.health,
             fail_open: s.spec.fail_open,
             panic: s.panic,
+            listeners: s.listeners.iter().map(|(a, _)| *a).collect(),
             endpoints: &s.endpoints,
         }
     }
@@ -438,6 +443,7 @@ fn services_json(snap: &Snapshot) -> serde_json::Value {
             .values()
             .map(|s| ServiceView::new(s))
             .collect(),
+        conflicts: &snap.conflicts,
     };
     serde_json::to_value(view).unwrap_or_default()
 }
@@ -629,5 +635,24 @@ mod tests {
         assert_eq!(ep["ip"], "10.0.0.1");
         assert_eq!(ep["healthy"], true);
         assert_eq!(ep["reason"], "awaiting first probe");
+        assert_eq!(v["conflicts"], serde_json::json!([]));
+        snap.conflicts = vec![crate::model::Conflict {
+            kind: "listen",
+            service: ServiceKey::new("a", "evil"),
+            claim: "127.0.0.1:8080".into(),
+            winner: "web.default".into(),
+        }]
+        .into();
+        let v = services_json(&snap);
+        let c = &v["conflicts"][0];
+        assert_eq!(
+            (&c["kind"], &c["claim"], &c["winner"]),
+            (
+                &"listen".into(),
+                &"127.0.0.1:8080".into(),
+                &"web.default".into()
+            )
+        );
+        assert_eq!(c["service"]["name"], "evil");
     }
 }

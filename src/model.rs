@@ -319,16 +319,22 @@ pub struct ServiceState {
     pub endpoints: Vec<EndpointState>,
     /// True when no endpoint is healthy and `fail_open` serves them all.
     pub panic: bool,
+    /// The proxy listen addresses this service holds, with the port index:
+    /// `vip:port` of each TCP port and each explicit `listen`, less what
+    /// the registry gave to another service (see [`Conflict`]).
+    pub listeners: Vec<(SocketAddr, usize)>,
 }
 
 impl ServiceState {
     pub fn new(spec: Arc<ServiceSpec>, source: SourceId, endpoints: Vec<EndpointState>) -> Self {
         let panic = spec.fail_open && !endpoints.is_empty() && !endpoints.iter().any(|e| e.healthy);
+        let listeners = wanted_listeners(&spec);
         Self {
             spec,
             source,
             endpoints,
             panic,
+            listeners,
         }
     }
 
@@ -348,6 +354,38 @@ impl ServiceState {
     }
 }
 
+/// The listen addresses a spec asks for, with the port index: `vip:port`
+/// for each TCP port of a service with a vip, and each explicit `listen`.
+pub fn wanted_listeners(spec: &ServiceSpec) -> Vec<(SocketAddr, usize)> {
+    let mut out = Vec::new();
+    for (i, port) in spec.ports.iter().enumerate() {
+        if port.protocol != Protocol::Tcp {
+            continue;
+        }
+        let vip = spec.vip.map(|ip| SocketAddr::new(ip, port.port));
+        for addr in vip.into_iter().chain(port.listen) {
+            if !out.iter().any(|(a, _)| *a == addr) {
+                out.push((addr, i));
+            }
+        }
+    }
+    out
+}
+
+/// A claim one service lost to another: a listen address, a vip, or an
+/// endpoint hostname (within one service, lost to another endpoint).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Conflict {
+    /// `listen`, `vip` or `hostname`.
+    pub kind: &'static str,
+    /// The service that asked and did not get it.
+    pub service: ServiceKey,
+    /// What it asked for: an address, or `hostname (ip)`.
+    pub claim: Arc<str>,
+    /// Who holds it: a service, or the endpoint ip that keeps the hostname.
+    pub winner: Arc<str>,
+}
+
 /// Services by key. A persistent map: cloning it (once per published
 /// snapshot) is O(1) and a change copies O(log n) nodes, so publishing a
 /// one-endpoint change at 10k services does not copy 10k entries.
@@ -362,6 +400,8 @@ pub struct Snapshot {
     /// Every source has synced once (or the startup timeout passed).
     pub ready: bool,
     pub services: ServiceMap,
+    /// Claims given to one service and refused to another, in order.
+    pub conflicts: Arc<[Conflict]>,
 }
 
 impl Snapshot {

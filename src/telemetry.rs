@@ -117,6 +117,7 @@ catalogue! {
     SOURCE_UPDATES = ("beacon_source_updates_total", Counter, "Updates sent by each source");
     SOURCE_ERRORS = ("beacon_source_errors_total", Counter, "Errors of each source");
     REGISTRY_VERSION = ("beacon_registry_version", Gauge, "Version of the published snapshot");
+    CLAIM_CONFLICTS = ("beacon_claim_conflicts", Gauge, "Claims (listen addresses, vips, endpoint hostnames) refused to a service because another holds them, by kind");
     CONFIG_RELOADS = ("beacon_config_reloads_total", Counter, "Services file reloads by result");
 }
 
@@ -132,6 +133,9 @@ fn describe() {
     ::metrics::counter!(CONFIG_RELOADS, "result" => "ok").increment(0);
     ::metrics::counter!(CONFIG_RELOADS, "result" => "error").increment(0);
     ::metrics::gauge!(REGISTRY_VERSION).set(0.0);
+    for kind in ["listen", "vip", "hostname"] {
+        ::metrics::gauge!(CLAIM_CONFLICTS, "kind" => kind).set(0.0);
+    }
 }
 
 #[cfg(test)]

@@ -49,10 +49,15 @@ pub struct Running {
 pub fn build_sources(config: &Config) -> Result<Vec<Box<dyn Source>>, StartError> {
     let defaults = config.service_defaults();
     let mut out: Vec<Box<dyn Source>> = Vec::new();
+    // Claims across file sources, as `check` makes them.
+    let mut claims = crate::config::ServicesIndex::default();
+    let mut conflicts = Vec::new();
     for s in &config.sources {
         match s {
             SourceConfig::File { path } => {
-                out.push(Box::new(FileSource::load(path, defaults.clone())?))
+                let source = FileSource::load(path, defaults.clone())?;
+                conflicts.extend(claims.absorb(source.index()));
+                out.push(Box::new(source))
             }
             SourceConfig::Docker { socket, network } => out.push(Box::new(DockerSource::new(
                 socket.clone(),
@@ -60,6 +65,9 @@ pub fn build_sources(config: &Config) -> Result<Vec<Box<dyn Source>>, StartError
                 defaults.clone(),
             ))),
         }
+    }
+    if !conflicts.is_empty() {
+        return Err(StartError::Config(ConfigErrors(conflicts)));
     }
     Ok(out)
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::model::ServiceKey;
 
-use super::report::Origin;
+use super::report::{ConfigError, Origin};
 
 /// Cross-file checks: duplicate services and listen addresses claimed twice.
 #[derive(Debug, Default)]
@@ -64,6 +64,36 @@ impl ServicesIndex {
             }
         });
         taken
+    }
+
+    /// Adds the claims of another source's files, as `check` would have
+    /// read them after this one's: each claim already made here is an
+    /// error at the later claim, naming the first (so `run` refuses what
+    /// `check` refuses).
+    pub fn absorb(&mut self, other: &ServicesIndex) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        let at = |o: &Origin, message: String| ConfigError {
+            path: o.path.clone(),
+            line: o.line,
+            col: o.col,
+            message,
+        };
+        for (key, o) in &other.services {
+            if let Err(first) = self.claim_service(key, o.clone()) {
+                errors.push(at(o, format!(
+                    "duplicate service `{key}` (first defined at {first}); rename one or set another namespace"
+                )));
+            }
+        }
+        for (addr, (key, o)) in &other.listeners {
+            if let Err((owner, first)) = self.claim_listener(*addr, key, o.clone()) {
+                errors.push(at(o, format!(
+                    "listen address {addr} is already claimed by service `{owner}` (at {first}); give each service its own address"
+                )));
+            }
+        }
+        errors.sort_by(|a, b| (&a.path, a.line, a.col).cmp(&(&b.path, b.line, b.col)));
+        errors
     }
 
     /// Puts back what [`take_file`](Self::take_file) removed.

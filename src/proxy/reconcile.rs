@@ -29,7 +29,7 @@ use super::error::ProxyError;
 use super::listener;
 use super::route::{EndpointEntry, Route, ServiceEntry};
 use super::shared::Shared;
-use crate::model::{EndpointState, Protocol, ServiceKey, ServiceState, Snapshot};
+use crate::model::{EndpointState, ServiceKey, ServiceState, Snapshot};
 use crate::registry::Reader;
 
 /// How long a failed bind waits before it is tried again.
@@ -69,8 +69,9 @@ pub(super) struct Reconciler {
 }
 
 /// Where to listen: every TCP port of a service with a vip (vip:port) and
-/// every explicit `listen`. The first service (in key order) to claim an
-/// address keeps it.
+/// every explicit `listen`, as the registry gave them out (each to one
+/// service). Should two services still name one address, the first in key
+/// order keeps it.
 fn wanted_listeners(snap: &Snapshot) -> BTreeMap<SocketAddr, (ServiceKey, usize)> {
     let mut wanted = BTreeMap::new();
     for (key, svc) in &snap.services {
@@ -88,17 +89,10 @@ fn wanted_listeners(snap: &Snapshot) -> BTreeMap<SocketAddr, (ServiceKey, usize)
     wanted
 }
 
-/// The listen addresses one service asks for, with the port index.
+/// The listen addresses one service holds, with the port index (the
+/// registry decided which service holds a contested address).
 fn claims(svc: &ServiceState) -> Vec<(SocketAddr, usize)> {
-    let mut out = Vec::new();
-    for (i, port) in svc.spec.ports.iter().enumerate() {
-        if port.protocol != Protocol::Tcp {
-            continue;
-        }
-        let vip = svc.spec.vip.map(|ip| SocketAddr::new(ip, port.port));
-        out.extend(vip.into_iter().chain(port.listen).map(|a| (a, i)));
-    }
-    out
+    svc.listeners.clone()
 }
 
 /// Services added, removed or replaced between two snapshots. The map

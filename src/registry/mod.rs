@@ -12,8 +12,14 @@
 //! soon as the winner stops naming the service. The rule is level-triggered:
 //! the outcome depends only on what each source says now, never on order
 //! of arrival.
+//!
+//! ## Which service holds a vip, a listen address, a hostname
+//! Claims are decided across every source here (see `claims`): the service
+//! of the higher-priority source gets it, then the first to ask keeps it
+//! while it asks. The loser is served without it, logged once, and listed
+//! in [`Snapshot::conflicts`] (`/v1/services`, `beacon_claim_conflicts`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -25,6 +31,8 @@ use tokio_util::sync::CancellationToken;
 use crate::model::{
     EndpointState, Health, ProbeState, ServiceKey, ServiceSpec, ServiceState, Snapshot, SourceId,
 };
+
+mod claims;
 
 /// What a source says. `Reset` is the whole truth of that source: whatever
 /// it does not list is gone. A source sends one after every (re)connect or
@@ -68,6 +76,8 @@ pub struct State {
     synced: HashSet<SourceId>,
     desired: HashMap<SourceId, BTreeMap<ServiceKey, Arc<ServiceSpec>>>,
     health: HashMap<ServiceKey, HashMap<IpAddr, Health>>,
+    /// Who holds each vip, listen address and hostname.
+    ledger: claims::Ledger,
     snapshot: Snapshot,
 }
 
@@ -76,11 +86,13 @@ pub struct State {
 pub struct Changed {
     pub services: Vec<ServiceKey>,
     pub ready: bool,
+    /// The list of conflicts moved.
+    pub conflicts: bool,
 }
 
 impl Changed {
     pub fn any(&self) -> bool {
-        self.ready || !self.services.is_empty()
+        self.ready || self.conflicts || !self.services.is_empty()
     }
 }
 
@@ -110,9 +122,100 @@ impl State {
     }
 
     fn owner(&self, key: &ServiceKey) -> Option<(&SourceId, &Arc<ServiceSpec>)> {
-        self.sources
+        owner(&self.sources, &self.desired, key).map(|(_, s, spec)| (s, spec))
+    }
+
+    /// Decides the vip and listen claims of `touched` (after their specs
+    /// changed) and of every claim they share; returns the other services
+    /// whose holdings moved (to rebuild too).
+    fn settle_claims(&mut self, touched: &[ServiceKey]) -> Vec<ServiceKey> {
+        let (sources, desired) = (&self.sources, &self.desired);
+        let rank = |k: &ServiceKey| owner(sources, desired, k).map_or(usize::MAX, |(i, _, _)| i);
+        let ledger = &mut self.ledger;
+        let mut moved: BTreeSet<ServiceKey> = BTreeSet::new();
+        let note = |moved: &mut BTreeSet<ServiceKey>,
+                    (before, after): (Option<ServiceKey>, Option<ServiceKey>)| {
+            if before != after {
+                moved.extend(before.into_iter().chain(after));
+            }
+        };
+        for key in touched {
+            let vip = owner(sources, desired, key).and_then(|(_, _, spec)| spec.vip);
+            for ip in ledger.vips.set(key, vip.into_iter().collect()) {
+                note(&mut moved, ledger.vips.decide(ip, rank));
+            }
+        }
+        // A service that won or lost a vip asks for other `vip:port`s.
+        let listening: BTreeSet<ServiceKey> = touched
             .iter()
-            .find_map(|s| self.desired.get(s)?.get(key).map(|spec| (s, spec)))
+            .cloned()
+            .chain(moved.iter().cloned())
+            .collect();
+        for key in &listening {
+            let wants = owner(sources, desired, key).map_or_else(Vec::new, |(_, _, spec)| {
+                let mut spec = (**spec).clone();
+                spec.vip = spec.vip.filter(|ip| ledger.vips.holds(key, ip));
+                crate::model::wanted_listeners(&spec)
+                    .into_iter()
+                    .map(|(a, _)| a)
+                    .collect()
+            });
+            for addr in ledger.listens.set(key, wants) {
+                note(&mut moved, ledger.listens.decide(addr, rank));
+            }
+        }
+        moved.retain(|k| !touched.contains(k));
+        moved.into_iter().collect()
+    }
+
+    /// The spec as served: without a vip it does not hold, and each
+    /// hostname given to one endpoint. Also the listeners it holds.
+    fn effective(
+        &mut self,
+        key: &ServiceKey,
+        spec: &Arc<ServiceSpec>,
+    ) -> (Arc<ServiceSpec>, Vec<(std::net::SocketAddr, usize)>) {
+        let previous = self.snapshot.services.get(key);
+        let vip_lost = spec.vip.is_some_and(|ip| !self.ledger.vips.holds(key, &ip));
+        let mut endpoints = spec.endpoints.clone();
+        let lost = claims::settle_hostnames(key, &mut endpoints, previous.map(|s| &**s));
+        let spec = if vip_lost || !lost.is_empty() {
+            let mut own = (**spec).clone();
+            own.vip = own.vip.filter(|_| !vip_lost);
+            own.endpoints = endpoints;
+            Arc::new(own)
+        } else {
+            spec.clone()
+        };
+        if lost.is_empty() {
+            self.ledger.hostnames.remove(key);
+        } else {
+            self.ledger.hostnames.insert(key.clone(), lost);
+        }
+        let mut listeners = crate::model::wanted_listeners(&spec);
+        listeners.retain(|(a, _)| self.ledger.listens.holds(key, a));
+        (spec, listeners)
+    }
+
+    /// Brings `snapshot.conflicts` in line with the ledger, logging each
+    /// conflict once when it starts and once when it ends. True if moved.
+    fn refresh_conflicts(&mut self) -> bool {
+        let now = self.ledger.conflicts();
+        if *now == *self.snapshot.conflicts {
+            return false;
+        }
+        for c in now.iter().filter(|c| !self.snapshot.conflicts.contains(c)) {
+            tracing::warn!(
+                kind = c.kind, service = %c.service, claim = %c.claim, winner = %c.winner,
+                "claim refused: another service (or endpoint) holds it; \
+                 the higher-priority source, then the first to claim, keeps it"
+            );
+        }
+        for c in self.snapshot.conflicts.iter().filter(|c| !now.contains(c)) {
+            tracing::info!(kind = c.kind, service = %c.service, claim = %c.claim, "claim conflict ended");
+        }
+        self.snapshot.conflicts = now.into();
+        true
     }
 
     /// Recomputes one service from the desired sets and health; true if the
@@ -123,6 +226,7 @@ impl State {
             return self.snapshot.services.remove(key).is_some();
         };
         let (source, spec) = (source.clone(), spec.clone());
+        let (spec, listeners) = self.effective(key, &spec);
         let health = self.health.entry(key.clone()).or_default();
         health.retain(|ip, _| spec.endpoints.iter().any(|e| e.ip == *ip));
         let endpoints = spec
@@ -133,7 +237,8 @@ impl State {
                 EndpointState::new(e.clone(), h, &spec.health)
             })
             .collect();
-        let state = ServiceState::new(spec, source, endpoints);
+        let mut state = ServiceState::new(spec, source, endpoints);
+        state.listeners = listeners;
         if self
             .snapshot
             .services
@@ -184,7 +289,8 @@ impl State {
             }
         }
         let mut changed = Changed::default();
-        for key in touched {
+        let moved = self.settle_claims(&touched);
+        for key in touched.into_iter().chain(moved) {
             if let Some((owner, _)) = self.owner(&key)
                 && *owner != source
                 && self.desired[&source].contains_key(&key)
@@ -198,6 +304,7 @@ impl State {
                 changed.services.push(key);
             }
         }
+        changed.conflicts = self.refresh_conflicts();
         if self.synced.insert(source) {
             changed.ready = self.check_ready();
         }
@@ -243,6 +350,19 @@ impl State {
         }
         true
     }
+}
+
+/// The source that owns `key` (the first in priority order naming it),
+/// with its place in that order.
+fn owner<'a>(
+    sources: &'a [SourceId],
+    desired: &'a HashMap<SourceId, BTreeMap<ServiceKey, Arc<ServiceSpec>>>,
+    key: &ServiceKey,
+) -> Option<(usize, &'a SourceId, &'a Arc<ServiceSpec>)> {
+    sources
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| desired.get(s)?.get(key).map(|spec| (i, s, spec)))
 }
 
 /// Applies one event to the state. Pure: no I/O, no clock.
@@ -297,6 +417,7 @@ pub fn apply_batch(state: &mut State, events: impl IntoIterator<Item = Event>) -
             other => {
                 let more = apply(state, other);
                 changed.ready |= more.ready;
+                changed.conflicts |= more.conflicts;
                 changed.services.extend(more.services);
             }
         }
@@ -463,6 +584,9 @@ async fn run(
             metrics::gauge!(crate::telemetry::REGISTRY_VERSION).set(snap.version as f64);
             let previous = snap_tx.send_replace(snap.clone());
             publish_endpoint_gauges(&previous, &snap, &changed.services);
+            if changed.conflicts {
+                publish_conflict_gauges(&snap);
+            }
             if changed.ready {
                 tracing::info!(
                     services = snap.services.len(),
@@ -475,6 +599,14 @@ async fn run(
     };
     timer.abort();
     result
+}
+
+/// Sets `beacon_claim_conflicts{kind}`: the claims refused right now.
+fn publish_conflict_gauges(snap: &Snapshot) {
+    for kind in ["listen", "vip", "hostname"] {
+        let n = snap.conflicts.iter().filter(|c| c.kind == kind).count();
+        metrics::gauge!(crate::telemetry::CLAIM_CONFLICTS, "kind" => kind).set(n as f64);
+    }
 }
 
 /// Updates `beacon_endpoints{service,state}` and the panic-mode metrics

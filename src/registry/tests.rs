@@ -381,6 +381,7 @@ mod batch_equivalence {
                 synced: one_by_one.synced.clone(),
                 desired: one_by_one.desired.clone(),
                 health: one_by_one.health.clone(),
+                ledger: one_by_one.ledger.clone(),
                 snapshot: one_by_one.snapshot.clone(),
             };
             let mut reported = HashSet::new();
@@ -407,5 +408,179 @@ mod batch_equivalence {
                 }
             }
         }
+    }
+}
+
+mod claims {
+    use super::*;
+    use crate::model::{Port, Protocol};
+    use std::net::SocketAddr;
+
+    fn listening(ns: &str, name: &str, listen: &str) -> ServiceSpec {
+        let mut s = ServiceSpec::new(ServiceKey::new(ns, name));
+        s.ports.push(Port {
+            name: "".into(),
+            port: 80,
+            target_port: 9000,
+            protocol: Protocol::Tcp,
+            listen: Some(listen.parse().unwrap()),
+        });
+        s.endpoints.push(Endpoint::new("10.0.0.1".parse().unwrap()));
+        s
+    }
+
+    fn listeners(st: &State, ns: &str, name: &str) -> Vec<SocketAddr> {
+        let svc = st.snapshot().service(&ServiceKey::new(ns, name)).unwrap();
+        svc.listeners.iter().map(|(a, _)| *a).collect()
+    }
+
+    fn conflicts(st: &State) -> Vec<(String, String, String, String)> {
+        st.snapshot()
+            .conflicts
+            .iter()
+            .map(|c| {
+                let w = (c.kind.to_string(), c.service.to_string());
+                (w.0, w.1, c.claim.to_string(), c.winner.to_string())
+            })
+            .collect()
+    }
+
+    const WEB: &str = "127.0.0.1:8080";
+
+    /// The defect: `a/evil` sorts before `default/web`, so key order gave
+    /// it web's listener. Whatever order the sources sync in, the first
+    /// listed source keeps the address.
+    #[test]
+    fn the_higher_priority_source_keeps_a_listener_in_either_order() {
+        for evil_first in [false, true] {
+            let mut st = State::new(vec![src("one"), src("two")]);
+            let web = || vec![listening("default", "web", WEB)];
+            let evil = || vec![listening("a", "evil", WEB)];
+            if evil_first {
+                reset(&mut st, "two", evil());
+                reset(&mut st, "one", web());
+            } else {
+                reset(&mut st, "one", web());
+                reset(&mut st, "two", evil());
+            }
+            assert_eq!(listeners(&st, "default", "web"), vec![WEB.parse().unwrap()]);
+            assert!(
+                listeners(&st, "a", "evil").is_empty(),
+                "evil_first={evil_first}"
+            );
+            let want = (
+                "listen".into(),
+                "evil.a".into(),
+                WEB.into(),
+                "web.default".into(),
+            );
+            assert_eq!(conflicts(&st), vec![want]);
+        }
+    }
+
+    #[test]
+    fn a_live_listener_is_not_handed_to_a_newcomer_of_the_same_source() {
+        let mut st = State::new(vec![src("one")]);
+        reset(&mut st, "one", vec![listening("default", "web", WEB)]);
+        // Same source, later: `a/evil` sorts first but came second.
+        let both = vec![
+            listening("default", "web", WEB),
+            listening("a", "evil", WEB),
+        ];
+        let c = reset(&mut st, "one", both.clone());
+        assert!(c.conflicts);
+        assert_eq!(listeners(&st, "default", "web").len(), 1);
+        assert!(listeners(&st, "a", "evil").is_empty());
+        // web changes its endpoints: it still asks, so it still holds.
+        let mut web = listening("default", "web", WEB);
+        web.endpoints
+            .push(Endpoint::new("10.0.0.2".parse().unwrap()));
+        reset(&mut st, "one", vec![web, listening("a", "evil", WEB)]);
+        assert_eq!(listeners(&st, "default", "web").len(), 1);
+        // web stops asking: the address passes on, the conflict ends.
+        let c = reset(&mut st, "one", vec![listening("a", "evil", WEB)]);
+        assert!(c.services.contains(&ServiceKey::new("a", "evil")));
+        assert_eq!(listeners(&st, "a", "evil").len(), 1);
+        assert!(conflicts(&st).is_empty());
+    }
+
+    #[test]
+    fn a_vip_goes_to_one_service_and_its_listeners_with_it() {
+        let mut st = State::new(vec![src("one"), src("two")]);
+        let with_vip = |ns: &str, name: &str| {
+            let mut s = listening(ns, name, "127.0.0.1:9999");
+            s.ports[0].listen = None;
+            s.vip = Some("10.96.0.10".parse().unwrap());
+            s
+        };
+        reset(&mut st, "two", vec![with_vip("a", "evil")]);
+        reset(&mut st, "one", vec![with_vip("default", "web")]);
+        let web = st.snapshot().service(&key("web")).unwrap().clone();
+        assert_eq!(web.spec.vip, Some("10.96.0.10".parse().unwrap()));
+        assert_eq!(
+            listeners(&st, "default", "web"),
+            vec!["10.96.0.10:80".parse().unwrap()]
+        );
+        let evil = st
+            .snapshot()
+            .service(&ServiceKey::new("a", "evil"))
+            .unwrap();
+        assert_eq!(evil.spec.vip, None, "the loser is served without the vip");
+        assert!(evil.listeners.is_empty());
+        let kinds: Vec<String> = conflicts(&st).into_iter().map(|c| c.0).collect();
+        assert_eq!(kinds, vec!["vip".to_string()]);
+        // The winner leaves: the other gets the vip and its listener.
+        reset(&mut st, "one", vec![]);
+        let evil = st
+            .snapshot()
+            .service(&ServiceKey::new("a", "evil"))
+            .unwrap();
+        assert_eq!(evil.spec.vip, Some("10.96.0.10".parse().unwrap()));
+        assert_eq!(evil.listeners.len(), 1);
+        assert!(conflicts(&st).is_empty());
+    }
+
+    #[test]
+    fn a_hostname_stays_with_the_endpoint_that_had_it() {
+        let mut st = State::new(vec![src("one")]);
+        let ep = |ip: &str, h: &str| Endpoint {
+            hostname: Some(h.into()),
+            ..Endpoint::new(ip.parse().unwrap())
+        };
+        let mut s = spec("web", &[]);
+        s.endpoints = vec![ep("10.0.0.2", "web-0")];
+        reset(&mut st, "one", vec![s.clone()]);
+        // A newcomer listed first asks for the same hostname.
+        s.endpoints = vec![ep("10.0.0.1", "web-0"), ep("10.0.0.2", "web-0")];
+        reset(&mut st, "one", vec![s]);
+        let web = st.snapshot().service(&key("web")).unwrap();
+        let names: Vec<Option<&str>> = web
+            .endpoints
+            .iter()
+            .map(|e| e.endpoint.hostname.as_deref())
+            .collect();
+        assert_eq!(names, vec![None, Some("web-0")]);
+        let want = (
+            "hostname".into(),
+            "web.default".into(),
+            "web-0 (10.0.0.1)".into(),
+            "10.0.0.2".into(),
+        );
+        assert_eq!(conflicts(&st), vec![want]);
+    }
+
+    #[test]
+    fn a_conflict_is_published_once_not_per_update() {
+        let mut st = State::new(vec![src("one"), src("two")]);
+        reset(&mut st, "one", vec![listening("default", "web", WEB)]);
+        assert!(reset(&mut st, "two", vec![listening("a", "evil", WEB)]).conflicts);
+        // Another change elsewhere: the conflict list does not move.
+        let c = reset(
+            &mut st,
+            "one",
+            vec![listening("default", "web", WEB), spec("db", &["10.0.0.9"])],
+        );
+        assert!(!c.conflicts);
+        assert_eq!(conflicts(&st).len(), 1);
     }
 }

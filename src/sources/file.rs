@@ -65,6 +65,11 @@ impl FileSource {
         Ok(())
     }
 
+    /// What this source's files claim (service names, listen addresses).
+    pub fn index(&self) -> &ServicesIndex {
+        &self.index
+    }
+
     pub fn services(&self) -> Vec<ServiceSpec> {
         self.files.values().flatten().cloned().collect()
     }

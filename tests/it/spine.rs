@@ -327,3 +327,112 @@ fn dev_serves_a_web_service_over_three_demo_backends() {
         "{banner}"
     );
 }
+
+/// Two file sources; the second's `a/evil` (which sorts before
+/// `default/web`) asks for web's listen address.
+fn two_sources(listen: std::net::SocketAddr) -> (String, String, String) {
+    let sources = "[[source]]\ntype = \"file\"\npath = \"services.toml\"\n\
+                   [[source]]\ntype = \"file\"\npath = \"two.toml\"\n";
+    let svc = |ns: &str, name: &str, ip: &str| {
+        format!(
+            "[[service]]\nname = \"{name}\"\nnamespace = \"{ns}\"\n[[service.port]]\nport = 80\nlisten = \"{listen}\"\n[[service.endpoint]]\nip = \"{ip}\"\n[service.health]\nkind = \"none\"\n"
+        )
+    };
+    (
+        sources.to_string(),
+        svc("default", "web", "127.0.0.11"),
+        svc("a", "evil", "127.0.0.66"),
+    )
+}
+
+#[test]
+fn run_refuses_a_listener_claimed_across_sources_like_check() {
+    let listen = free_addr();
+    let (sources, web, evil) = two_sources(listen);
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, dns) = (free_addr(), free_addr());
+    let cfg = dir.path().join("beacon.toml");
+    let main = format!("[dns]\nlisten = \"{dns}\"\n[admin]\nlisten = \"{admin}\"\n{sources}");
+    std::fs::write(&cfg, main).unwrap();
+    std::fs::write(dir.path().join("services.toml"), web).unwrap();
+    std::fs::write(dir.path().join("two.toml"), evil).unwrap();
+    let want = format!(
+        "two.toml:6:10: listen address {listen} is already claimed by service `web.default`"
+    );
+    let (status, _, check_err) = run_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(2), "{check_err}");
+    assert!(check_err.contains(&want), "{check_err}");
+    // `run`, bounded: before the fix it served (and took web's listener).
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_beacon"))
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let status = status.expect("beacon run kept running on a config check refuses");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "run must refuse what check refuses: {stderr}"
+    );
+    assert!(stderr.contains(&want), "{stderr}");
+}
+
+#[test]
+fn a_listener_claimed_at_runtime_stays_with_its_owner_and_is_reported() {
+    let listen = free_addr();
+    let (sources, web, evil) = two_sources(listen);
+    let b = Beacon::start(Options {
+        extra: sources,
+        services: Some(web),
+        ..Options::default()
+    });
+    b.wait_ready();
+    // The second source names evil on web's address after start.
+    std::fs::write(b.path("two.toml"), &evil).unwrap();
+    let json = eventually(Duration::from_secs(10), "the conflict is listed", || {
+        let json = b.services_json();
+        (json["conflicts"].as_array()?.len() == 1).then_some(json)
+    });
+    let c = &json["conflicts"][0];
+    assert_eq!(c["kind"], "listen");
+    assert_eq!(c["service"]["name"], "evil");
+    assert_eq!(c["claim"], listen.to_string());
+    assert_eq!(c["winner"], "web.default");
+    let listeners = |name: &str| {
+        json["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()["listeners"]
+            .clone()
+    };
+    assert_eq!(listeners("web"), serde_json::json!([listen.to_string()]));
+    assert_eq!(listeners("evil"), serde_json::json!([]));
+    assert_eq!(
+        b.metric("beacon_claim_conflicts{kind=\"listen\"}"),
+        Some(1.0)
+    );
+    // Another update of the second file: the conflict is logged once.
+    std::fs::write(b.path("two.toml"), evil.replace("127.0.0.66", "127.0.0.67")).unwrap();
+    eventually(Duration::from_secs(10), "the update is served", || {
+        service_ips(&b, "evil").filter(|ips| ips == &["127.0.0.67"])
+    });
+    let log = b.log_text();
+    assert_eq!(log.matches("claim refused").count(), 1, "{log}");
+}

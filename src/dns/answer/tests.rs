@@ -93,6 +93,7 @@ pub(crate) fn snapshot(services: Vec<ServiceState>) -> Snapshot {
         version: 7,
         ready: true,
         services,
+        ..Snapshot::default()
     }
 }
 
