@@ -59,11 +59,14 @@ pub fn build_sources(config: &Config) -> Result<Vec<Box<dyn Source>>, StartError
                 conflicts.extend(claims.absorb(source.index()));
                 out.push(Box::new(source))
             }
-            SourceConfig::Docker { socket, network } => out.push(Box::new(DockerSource::new(
-                socket.clone(),
-                network.clone(),
-                defaults.clone(),
-            ))),
+            SourceConfig::Docker {
+                socket,
+                network,
+                trust,
+            } => out.push(Box::new(
+                DockerSource::new(socket.clone(), network.clone(), defaults.clone())
+                    .with_trust(trust.clone()),
+            )),
         }
     }
     if !conflicts.is_empty() {

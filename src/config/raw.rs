@@ -118,6 +118,9 @@ pub struct RawSource {
     pub path: Option<Spanned<String>>,
     pub socket: Option<Spanned<String>>,
     pub network: Option<String>,
+    pub namespaces: Option<Vec<Spanned<String>>>,
+    pub allow_listen: Option<Vec<Spanned<String>>>,
+    pub allow_vip: Option<Vec<Spanned<String>>>,
 }
 
 // ===== services files =====

@@ -3,8 +3,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use toml::Spanned;
+
 use super::raw::RawSource;
 use super::report::Reporter;
+use super::values::{cidr, label};
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum SourceConfig {
@@ -14,7 +20,30 @@ pub enum SourceConfig {
     Docker {
         socket: PathBuf,
         network: Option<String>,
+        trust: DockerTrust,
     },
+}
+
+/// What container labels may do. Labels are untrusted input: any container,
+/// or any image (its `LABEL` lines), sets them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DockerTrust {
+    /// Namespaces a container may join services in (default `["default"]`).
+    pub namespaces: Vec<Arc<str>>,
+    /// Addresses a `beacon.listen` label may name (default none: ignored).
+    pub allow_listen: Vec<IpNet>,
+    /// Addresses a `beacon.vip` label may name (default none: ignored).
+    pub allow_vip: Vec<IpNet>,
+}
+
+impl Default for DockerTrust {
+    fn default() -> Self {
+        Self {
+            namespaces: vec!["default".into()],
+            allow_listen: Vec::new(),
+            allow_vip: Vec::new(),
+        }
+    }
 }
 
 impl SourceConfig {
@@ -58,6 +87,12 @@ fn source(r: &mut Reporter<'_>, s: &RawSource, base: &Path) -> Option<SourceConf
                     "`socket` belongs to a docker source, not a file source",
                 );
             }
+            if s.namespaces.is_some() || s.allow_listen.is_some() || s.allow_vip.is_some() {
+                r.error(
+                    s.kind.span(),
+                    "`namespaces`, `allow_listen` and `allow_vip` belong to a docker source, not a file source",
+                );
+            }
             match &s.path {
                 Some(p) => Some(SourceConfig::File {
                     path: base.join(p.get_ref()),
@@ -85,6 +120,7 @@ fn source(r: &mut Reporter<'_>, s: &RawSource, base: &Path) -> Option<SourceConf
             Some(SourceConfig::Docker {
                 socket,
                 network: s.network.clone(),
+                trust: trust(r, s),
             })
         }
         other => {
@@ -95,4 +131,24 @@ fn source(r: &mut Reporter<'_>, s: &RawSource, base: &Path) -> Option<SourceConf
             None
         }
     }
+}
+
+/// `namespaces`, `allow_listen` and `allow_vip` of a docker source.
+fn trust(r: &mut Reporter<'_>, s: &RawSource) -> DockerTrust {
+    let mut t = DockerTrust::default();
+    if let Some(list) = &s.namespaces {
+        t.namespaces = list
+            .iter()
+            .filter_map(|v| label(r, v, "namespace"))
+            .collect();
+    }
+    let nets = |r: &mut Reporter<'_>, list: &Option<Vec<Spanned<String>>>| {
+        list.iter()
+            .flatten()
+            .filter_map(|v| cidr(r, v))
+            .collect::<Vec<_>>()
+    };
+    t.allow_listen = nets(r, &s.allow_listen);
+    t.allow_vip = nets(r, &s.allow_vip);
+    t
 }

@@ -118,9 +118,33 @@ network = "demo"
         c.sources[1],
         SourceConfig::Docker {
             socket: "/var/run/docker.sock".into(),
-            network: Some("demo".into())
+            network: Some("demo".into()),
+            trust: crate::config::DockerTrust::default(),
         }
     );
+}
+
+#[test]
+fn docker_source_trust_keys_are_read_and_checked() {
+    let text = "[[source]]\ntype = \"docker\"\nnamespaces = [\"shop\", \"default\"]\n\
+                allow_listen = [\"127.0.0.0/8\"]\nallow_vip = [\"10.96.0.0/12\"]\n";
+    let c = Config::parse(text, Path::new("b.toml"), Path::new("")).unwrap();
+    let SourceConfig::Docker { trust, .. } = &c.sources[0] else {
+        panic!("docker source expected");
+    };
+    assert_eq!(
+        trust.namespaces,
+        vec!["shop".into(), "default".into()] as Vec<std::sync::Arc<str>>
+    );
+    assert_eq!(trust.allow_listen, vec!["127.0.0.0/8".parse().unwrap()]);
+    assert_eq!(trust.allow_vip, vec!["10.96.0.0/12".parse().unwrap()]);
+    let errs = Config::parse(
+        "[[source]]\ntype = \"docker\"\nallow_vip = [\"nope\"]\n",
+        Path::new("b.toml"),
+        Path::new(""),
+    )
+    .unwrap_err();
+    assert!(errs.to_string().starts_with("b.toml:3:14:"), "{errs}");
 }
 
 #[test]

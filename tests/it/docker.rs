@@ -443,6 +443,107 @@ impl SocketProxy {
     }
 }
 
+/// One hostile container: it asks for the file source's listen address
+/// (inside `allow_listen`, so only the claim rules stop it) and a vip the
+/// source does not allow; another names a namespace the source does not
+/// list. Neither gets anything; the refusal is listed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_source_refuses_a_hostile_container() {
+    use beacon::config::DockerTrust;
+    use beacon::model::{Endpoint, Port, Protocol, ServiceSpec};
+    if !engine_available() {
+        return;
+    }
+    let guard = Cleanup::default();
+    let image = guard.image();
+    let net = guard.network();
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let listen: std::net::SocketAddr = "127.0.0.1:18080".parse().unwrap();
+    let trust = DockerTrust {
+        allow_listen: vec!["127.0.0.0/8".parse().unwrap()],
+        ..DockerTrust::default()
+    };
+    let source = DockerSource::new(
+        PathBuf::from("/var/run/docker.sock"),
+        Some(net.clone()),
+        ServiceDefaults::default(),
+    )
+    .with_trust(trust);
+    let file: beacon::model::SourceId = "file:services.toml".into();
+    let (handle, mut reader, _task) = registry::spawn(
+        vec![file.clone(), source.id()],
+        Duration::from_secs(30),
+        shutdown.clone(),
+    );
+    let mut web = ServiceSpec::new(ServiceKey::new("default", "web"));
+    web.ports.push(Port {
+        name: "http".into(),
+        port: 80,
+        target_port: 8080,
+        protocol: Protocol::Tcp,
+        listen: Some(listen),
+    });
+    web.endpoints
+        .push(Endpoint::new("127.0.0.11".parse().unwrap()));
+    assert!(
+        handle
+            .source(&file, registry::Update::Reset(vec![web]))
+            .await
+    );
+    tokio::spawn(Box::new(source).run(handle, shutdown.clone()));
+    // The outsider first: once evil is seen, its event was handled too.
+    let outsider = unique("dns");
+    backend(
+        &guard,
+        &image,
+        &net,
+        &outsider,
+        "outsider",
+        &["beacon.namespace=kube-system"],
+    );
+    let evil = unique("evil");
+    let evil_labels = [
+        format!("beacon.listen=http={listen}"),
+        "beacon.vip=10.96.0.10".to_string(),
+    ];
+    let labels: Vec<&str> = evil_labels.iter().map(String::as_str).collect();
+    backend(&guard, &image, &net, &evil, "evil", &labels);
+    let key = ServiceKey::new("default", &evil);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let snap = loop {
+        let s = reader.latest();
+        if s.service(&key).is_some() && !s.conflicts.is_empty() {
+            break s;
+        }
+        if tokio::time::timeout_at(deadline, reader.changed())
+            .await
+            .is_err()
+        {
+            panic!(
+                "the hostile container never showed up: {:?}",
+                reader.current().conflicts
+            );
+        }
+    };
+    let web = snap.service(&ServiceKey::new("default", "web")).unwrap();
+    assert_eq!(web.listeners, vec![(listen, 0)], "web keeps its listener");
+    let svc = snap.service(&key).unwrap();
+    assert!(svc.listeners.is_empty(), "{:?}", svc.listeners);
+    assert_eq!(
+        svc.spec.vip, None,
+        "beacon.vip outside allow_vip is ignored"
+    );
+    assert_eq!(snap.conflicts.len(), 1, "{:?}", snap.conflicts);
+    assert_eq!(snap.conflicts[0].kind, "listen");
+    assert_eq!(&*snap.conflicts[0].winner, "web.default");
+    assert!(
+        snap.service(&ServiceKey::new("kube-system", &outsider))
+            .is_none(),
+        "a namespace the source does not list is refused"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_source_keeps_state_without_engine_and_resyncs() {
     if !engine_available() {
@@ -577,7 +678,8 @@ async fn beacon_container_serves_dns_and_proxy_from_docker() {
              [dns]\nlisten = \"0.0.0.0:53\"\nttl = 1\n\
              [admin]\nlisten = \"0.0.0.0:9153\"\n\
              [health]\ninterval = \"500ms\"\nrise = 1\nfall = 2\n\
-             [[source]]\ntype = \"docker\"\nnetwork = \"{net}\"\n"
+             [[source]]\ntype = \"docker\"\nnetwork = \"{net}\"\n\
+             allow_listen = [\"0.0.0.0/32\"]\n"
         ),
     )
     .unwrap();

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use crate::config::{ServiceDefaults, is_dns_label};
+use crate::config::{DockerTrust, ServiceDefaults, is_dns_label};
 use crate::model::{Balance, Endpoint, Port, ProbeKind, Protocol, ServiceKey, ServiceSpec};
 
 /// The opt-in label.
@@ -83,13 +83,22 @@ pub struct Member {
     pub balance: Option<Balance>,
     pub vip: Option<IpAddr>,
     pub endpoint: Endpoint,
+    /// Labels the source's trust settings did not allow, and why (warned
+    /// once per container).
+    pub ignored: Vec<String>,
 }
 
 /// What a container contributes: `Ok(None)` when it is not labeled, not
 /// running (paused, stopped) or not attached to the configured `network`
-/// (which scopes a source to one network); `Err` when a label is malformed
-/// or it has no usable IP.
-pub fn member(c: &Container, network: Option<&str>) -> Result<Option<Member>, LabelError> {
+/// (which scopes a source to one network); `Err` when a label is malformed,
+/// names a namespace `trust` does not allow, or it has no usable IP. A
+/// `beacon.listen` or `beacon.vip` outside `trust`'s CIDRs is ignored (and
+/// listed in [`Member::ignored`]).
+pub fn member(
+    c: &Container,
+    network: Option<&str>,
+    trust: &DockerTrust,
+) -> Result<Option<Member>, LabelError> {
     let Some(service) = c.labels.get(LABEL_SERVICE) else {
         return Ok(None);
     };
@@ -107,16 +116,32 @@ pub fn member(c: &Container, network: Option<&str>) -> Result<Option<Member>, La
         Some(ns) => dns_label(LABEL_NAMESPACE, ns)?,
         None => "default".into(),
     };
+    if !trust.namespaces.contains(&namespace) {
+        return Err(bad(
+            LABEL_NAMESPACE,
+            &namespace,
+            "namespace not allowed for containers; list it in the docker source's `namespaces`",
+        ));
+    }
     let key = ServiceKey {
         namespace,
         name: name.clone(),
     };
+    let mut ignored = Vec::new();
     let mut ports = match c.labels.get(LABEL_PORT) {
         Some(v) => parse_ports(v)?,
         None => Vec::new(),
     };
     if let Some(v) = c.labels.get(LABEL_LISTEN) {
         apply_listen(&mut ports, v)?;
+        for p in &mut ports {
+            if let Some(a) = p.listen.filter(|a| !allowed(&trust.allow_listen, a.ip())) {
+                p.listen = None;
+                ignored.push(format!(
+                    "{LABEL_LISTEN} {a} ignored: not in the docker source's `allow_listen`"
+                ));
+            }
+        }
     }
     let weight = match c.labels.get(LABEL_WEIGHT) {
         Some(v) => match v.trim().parse::<u32>() {
@@ -145,7 +170,13 @@ pub fn member(c: &Container, network: Option<&str>) -> Result<Option<Member>, La
     };
     let vip = match c.labels.get(LABEL_VIP) {
         Some(v) => match v.trim().parse::<IpAddr>() {
-            Ok(ip) => Some(ip),
+            Ok(ip) if allowed(&trust.allow_vip, ip) => Some(ip),
+            Ok(ip) => {
+                ignored.push(format!(
+                    "{LABEL_VIP} {ip} ignored: not in the docker source's `allow_vip`"
+                ));
+                None
+            }
             Err(_) => return Err(bad(LABEL_VIP, v, "not an IP address")),
         },
         None => None,
@@ -165,7 +196,13 @@ pub fn member(c: &Container, network: Option<&str>) -> Result<Option<Member>, La
             ready,
             port: None,
         },
+        ignored,
     }))
+}
+
+/// Whether `ip` is in one of `nets` (an empty list allows nothing).
+fn allowed(nets: &[ipnet::IpNet], ip: IpAddr) -> bool {
+    nets.iter().any(|n| n.contains(&ip))
 }
 
 fn dns_label(label: &'static str, value: &str) -> Result<Arc<str>, LabelError> {

@@ -41,6 +41,7 @@ mod labels;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::Docker;
@@ -49,7 +50,7 @@ use bollard::query_parameters::{EventsOptions, ListContainersOptions};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ServiceDefaults;
+use crate::config::{DockerTrust, ServiceDefaults};
 use crate::model::{ServiceKey, ServiceSpec, SourceId};
 use crate::registry::{self, Update};
 
@@ -97,6 +98,10 @@ pub struct DockerSource {
     terminating: HashSet<String>,
     /// What the registry was last told.
     sent: BTreeMap<ServiceKey, ServiceSpec>,
+    /// What labels may do (namespaces, listen and vip addresses).
+    trust: DockerTrust,
+    /// Containers already warned about an ignored label.
+    warned: Mutex<HashSet<String>>,
 }
 
 impl DockerSource {
@@ -112,7 +117,16 @@ impl DockerSource {
             unlabeled: HashSet::new(),
             terminating: HashSet::new(),
             sent: BTreeMap::new(),
+            trust: DockerTrust::default(),
+            warned: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// What labels may do; the default allows the `default` namespace and
+    /// no listen or vip address.
+    pub fn with_trust(mut self, trust: DockerTrust) -> Self {
+        self.trust = trust;
+        self
     }
 
     fn engine_error(&self, source: bollard::errors::Error) -> DockerError {
@@ -153,8 +167,15 @@ impl DockerSource {
 
     /// Reduces a container to its membership, logging a malformed one.
     fn membership(&self, c: &Container) -> Option<Member> {
-        match member(c, self.network.as_deref()) {
+        match member(c, self.network.as_deref(), &self.trust) {
             Ok(Some(mut m)) => {
+                if !m.ignored.is_empty()
+                    && self.warned.lock().is_ok_and(|mut w| w.insert(c.id.clone()))
+                {
+                    for why in &m.ignored {
+                        tracing::warn!(container = %c.name, "{why}; labels are untrusted");
+                    }
+                }
                 if self.terminating.contains(&c.id) {
                     m.endpoint.ready = false;
                 }
@@ -207,6 +228,9 @@ impl DockerSource {
         registry: &registry::Handle,
         members: BTreeMap<String, Member>,
     ) -> Result<(), DockerError> {
+        if let Ok(mut w) = self.warned.lock() {
+            w.retain(|id| members.contains_key(id));
+        }
         self.members = members;
         self.sent = all_services(self.members.values(), &self.defaults);
         tracing::info!(
@@ -254,6 +278,9 @@ impl DockerSource {
         let members = self.list(docker).await?;
         let mut keys: BTreeSet<ServiceKey> = self.sent.keys().cloned().collect();
         keys.extend(members.values().map(|m| m.key.clone()));
+        if let Ok(mut w) = self.warned.lock() {
+            w.retain(|id| members.contains_key(id));
+        }
         self.members = members;
         self.publish(registry, keys).await
     }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::config::DockerTrust;
 use crate::model::{Balance, ProbeKind};
 use bollard::models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum};
 
@@ -24,13 +25,24 @@ fn web(name: &str, ip: &str) -> Container {
     )
 }
 
+/// Trust for the label-parsing tests: the namespaces they use, any address.
+fn open() -> DockerTrust {
+    DockerTrust {
+        namespaces: vec!["default".into(), "shop".into()],
+        allow_listen: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+        allow_vip: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+    }
+}
+
 fn err_text(c: &Container) -> String {
-    member(c, None).unwrap_err().to_string()
+    member(c, None, &open()).unwrap_err().to_string()
 }
 
 #[test]
 fn minimal_labels_make_a_ready_endpoint_in_default_namespace() {
-    let m = member(&web("web-1", "172.28.0.11"), None).unwrap().unwrap();
+    let m = member(&web("web-1", "172.28.0.11"), None, &open())
+        .unwrap()
+        .unwrap();
     assert_eq!(m.key, ServiceKey::new("default", "web"));
     assert_eq!(m.container, "web-1");
     assert_eq!(m.endpoint.ip.to_string(), "172.28.0.11");
@@ -61,7 +73,7 @@ fn every_label_is_read() {
             ("beacon.vip", "172.28.0.53"),
         ],
     );
-    let m = member(&c, None).unwrap().unwrap();
+    let m = member(&c, None, &open()).unwrap().unwrap();
     assert_eq!(m.vip, Some("172.28.0.53".parse().unwrap()));
     assert_eq!(m.key, ServiceKey::new("shop", "api"));
     assert_eq!(m.endpoint.weight, 7);
@@ -89,14 +101,14 @@ fn every_label_is_read() {
             ("beacon.listen", "0.0.0.0:80"),
         ],
     );
-    let m = member(&c, None).unwrap().unwrap();
+    let m = member(&c, None, &open()).unwrap().unwrap();
     assert_eq!(m.ports[0].listen, Some("0.0.0.0:80".parse().unwrap()));
 }
 
 #[test]
 fn no_port_label_means_dns_only() {
     let c = container("w", "10.0.0.1", &[("beacon.service", "w")]);
-    let m = member(&c, None).unwrap().unwrap();
+    let m = member(&c, None, &open()).unwrap().unwrap();
     assert!(m.ports.is_empty());
     let spec = service_spec(&m.key, [&m], &ServiceDefaults::default()).unwrap();
     assert_eq!(spec.health.probe, ProbeKind::None);
@@ -182,16 +194,20 @@ fn malformed_labels_are_errors_that_name_the_label() {
 #[test]
 fn unlabeled_paused_and_stopped_contribute_nothing() {
     assert_eq!(
-        member(&container("x", "10.0.0.1", &[("other", "1")]), None),
+        member(
+            &container("x", "10.0.0.1", &[("other", "1")]),
+            None,
+            &open()
+        ),
         Ok(None)
     );
     for state in [RunState::Paused, RunState::Stopped] {
         let mut c = web("w", "10.0.0.1");
         c.state = state;
-        assert_eq!(member(&c, None), Ok(None), "{state:?}");
+        assert_eq!(member(&c, None, &open()), Ok(None), "{state:?}");
         // Even with a malformed label: a stopped container is just gone.
         c.labels.insert("beacon.port".into(), "nope".into());
-        assert_eq!(member(&c, None), Ok(None), "{state:?}");
+        assert_eq!(member(&c, None, &open()), Ok(None), "{state:?}");
     }
 }
 
@@ -205,7 +221,7 @@ fn healthcheck_starting_or_unhealthy_is_not_ready() {
     ] {
         let mut c = web("w", "10.0.0.1");
         c.health = health;
-        let m = member(&c, None).unwrap().unwrap();
+        let m = member(&c, None, &open()).unwrap().unwrap();
         assert_eq!(m.endpoint.ready, ready, "{health:?}");
     }
 }
@@ -215,14 +231,15 @@ fn ip_comes_from_the_configured_or_only_network() {
     let mut c = web("w", "10.0.0.1");
     c.networks
         .insert("other".into(), Some("192.168.5.5".parse().unwrap()));
-    let ip =
-        |c: &Container, n: Option<&str>| member(c, n).map(|m| m.unwrap().endpoint.ip.to_string());
+    let ip = |c: &Container, n: Option<&str>| {
+        member(c, n, &open()).map(|m| m.unwrap().endpoint.ip.to_string())
+    };
     assert_eq!(ip(&c, Some("demo")).unwrap(), "10.0.0.1");
     assert_eq!(ip(&c, Some("other")).unwrap(), "192.168.5.5");
     let e = ip(&c, None).unwrap_err().to_string();
     assert!(e.contains("several networks (demo, other)"), "{e}");
     // A configured network scopes the source: others' containers are skipped.
-    assert_eq!(member(&c, Some("missing")), Ok(None));
+    assert_eq!(member(&c, Some("missing"), &open()), Ok(None));
     c.networks.remove("other");
     assert_eq!(ip(&c, None).unwrap(), "10.0.0.1");
     c.networks.insert("demo".into(), None);
@@ -250,7 +267,7 @@ fn containers_with_one_service_label_form_one_service() {
     ];
     let members: Vec<Member> = cs
         .iter()
-        .map(|c| member(c, None).unwrap().unwrap())
+        .map(|c| member(c, None, &open()).unwrap().unwrap())
         .collect();
     let all = all_services(members.iter(), &defaults);
     assert_eq!(all.len(), 2);
@@ -388,7 +405,7 @@ fn from_inspect_reads_state_health_labels_and_networks() {
     assert_eq!(c.labels["beacon.service"], "web");
     assert_eq!(c.networks["demo"], Some("172.28.0.11".parse().unwrap()));
     assert_eq!(c.networks["empty"], None);
-    let m = member(&c, Some("demo")).unwrap().unwrap();
+    let m = member(&c, Some("demo"), &open()).unwrap().unwrap();
     assert!(!m.endpoint.ready);
 
     let paused = r#"{"Id": "p", "Name": "/p", "State": {"Status": "paused", "Running": true, "Paused": true}}"#;
@@ -786,4 +803,58 @@ mod with_fake_engine {
         assert_eq!(ips, ["10.0.0.1", "10.0.0.2"]);
         shutdown.cancel();
     }
+}
+
+/// A hostile container: it names another namespace's service, asks for a
+/// vip and a host-wide listener. The default trust refuses the namespace
+/// and ignores the addresses.
+#[test]
+fn labels_are_untrusted_by_default() {
+    let strict = DockerTrust::default();
+    let hostile = container(
+        "evil",
+        "172.28.0.66",
+        &[
+            ("beacon.service", "db"),
+            ("beacon.namespace", "data"),
+            ("beacon.port", "5432"),
+        ],
+    );
+    let e = member(&hostile, None, &strict).unwrap_err().to_string();
+    assert!(
+        e.contains("beacon.namespace=`data`") && e.contains("`namespaces`"),
+        "{e}"
+    );
+    let squatter = container(
+        "evil",
+        "172.28.0.66",
+        &[
+            ("beacon.service", "web"),
+            ("beacon.port", "80"),
+            ("beacon.listen", "0.0.0.0:80"),
+            ("beacon.vip", "10.96.0.10"),
+        ],
+    );
+    let m = member(&squatter, None, &strict).unwrap().unwrap();
+    assert_eq!(m.ports[0].listen, None);
+    assert_eq!(m.vip, None);
+    assert_eq!(m.ignored.len(), 2, "{:?}", m.ignored);
+    assert!(m.ignored[0].contains("allow_listen"), "{:?}", m.ignored);
+    assert!(m.ignored[1].contains("allow_vip"), "{:?}", m.ignored);
+    // Allowed CIDRs let exactly those addresses through.
+    let some = DockerTrust {
+        allow_listen: vec!["127.0.0.0/8".parse().unwrap()],
+        allow_vip: vec!["10.96.0.0/12".parse().unwrap()],
+        ..DockerTrust::default()
+    };
+    let m = member(&squatter, None, &some).unwrap().unwrap();
+    assert_eq!(m.ports[0].listen, None, "0.0.0.0 is not in 127.0.0.0/8");
+    assert_eq!(m.vip, Some("10.96.0.10".parse().unwrap()));
+    let mut local = squatter.clone();
+    local
+        .labels
+        .insert("beacon.listen".into(), "127.0.0.1:8080".into());
+    let m = member(&local, None, &some).unwrap().unwrap();
+    assert_eq!(m.ports[0].listen, Some("127.0.0.1:8080".parse().unwrap()));
+    assert!(m.ignored.is_empty());
 }
