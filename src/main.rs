@@ -109,6 +109,9 @@ fn block_on(multi_thread: bool, main: impl Future<Output = ExitCode>) -> ExitCod
 fn check(path: &Path) -> ExitCode {
     match config::check(path) {
         Ok((config, services)) => {
+            for w in &config.warnings {
+                eprintln!("warning: {w}");
+            }
             println!(
                 "{}: ok ({} source(s), {} service(s) in services files)",
                 path.display(),

@@ -69,6 +69,7 @@ pub fn build_sources(config: &Config) -> Result<Vec<Box<dyn Source>>, StartError
             )),
         }
     }
+    conflicts.extend(claims.reserved(&config.reserved_addrs()));
     if !conflicts.is_empty() {
         return Err(StartError::Config(ConfigErrors(conflicts)));
     }
@@ -85,6 +86,9 @@ pub async fn start(
     // Before anything opens a descriptor: the soft limit up to the hard
     // one, and a warning if the config's caps cannot fit in it.
     fds::check_budget(&config, fds::raise_nofile_limit());
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     // The recorder before any loop: loops resolve their metric handles
     // when they start.
     let metrics = crate::telemetry::metrics();

@@ -7,7 +7,7 @@ use ipnet::IpNet;
 
 use super::raw::RawDns;
 use super::report::Reporter;
-use super::values::{cidr, int_in, normalize_zone, socket_addr};
+use super::values::{cidr, int_in, normalize_zone, positive, socket_addr};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct DnsConfig {
@@ -67,6 +67,7 @@ pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawDns) -> DnsConfig {
     }
     if let Some(list) = &raw.forward_allow {
         d.forward_allow = list.iter().filter_map(|v| cidr(r, v)).collect();
+        open_resolver(r, list, &d);
     }
     if let Some(v) = &raw.cache_size {
         d.cache_size = int_in(r, v, 0, 10_000_000, "cache_size").unwrap_or(0) as usize;
@@ -74,11 +75,38 @@ pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawDns) -> DnsConfig {
     if let Some(v) = &raw.udp_sockets {
         d.udp_sockets = int_in(r, v, 1, 64, "udp_sockets").unwrap_or(1) as usize;
     }
-    d.forward_timeout = raw.forward_timeout.unwrap_or(d.forward_timeout);
-    d.tcp_idle_timeout = raw.tcp_idle_timeout.unwrap_or(d.tcp_idle_timeout);
+    if let Some(v) = &raw.forward_timeout {
+        d.forward_timeout = positive(r, v, "forward_timeout").unwrap_or(d.forward_timeout);
+    }
+    if let Some(v) = &raw.tcp_idle_timeout {
+        d.tcp_idle_timeout = positive(r, v, "tcp_idle_timeout").unwrap_or(d.tcp_idle_timeout);
+    }
     if let Some(v) = &raw.tcp_max_connections {
         d.tcp_max_connections =
             int_in(r, v, 1, 1_000_000, "tcp_max_connections").unwrap_or(1) as usize;
     }
     d
+}
+
+/// Forwarding for every client on an address others can reach makes an
+/// open resolver (an amplifier for anyone on the internet): warned loudly
+/// at the entry that allows everyone.
+fn open_resolver(r: &mut Reporter<'_>, list: &[toml::Spanned<String>], d: &DnsConfig) {
+    if d.listen.ip().is_loopback() || d.forward.is_empty() {
+        return;
+    }
+    let everyone = list
+        .iter()
+        .zip(&d.forward_allow)
+        .find(|(_, net)| net.prefix_len() == 0);
+    if let Some((v, net)) = everyone {
+        r.warn(
+            v.span(),
+            format!(
+                "OPEN RESOLVER: forward_allow {net} lets anyone forward through beacon on {}; \
+                 list only your clients' networks (e.g. `10.0.0.0/8`) or listen on loopback",
+                d.listen
+            ),
+        );
+    }
 }

@@ -6,18 +6,28 @@ use std::time::Duration;
 
 use crate::model::{HealthSpec, ProbeKind};
 
-use super::raw::RawHealth;
+use super::raw::{HumanDuration, RawHealth};
 use super::report::Reporter;
-use super::values::int_in;
+use super::values::{int_in, positive};
 
 /// `base` with what `raw` sets: the main config's `[health]` over
 /// [`HealthSpec::default`], a service's `[service.health]` over `[health]`.
 pub(super) fn inherit(r: &mut Reporter<'_>, raw: &RawHealth, base: &HealthSpec) -> HealthSpec {
     let mut h = base.clone();
     h.probe = probe(r, raw, &base.probe);
-    h.interval = raw.interval.unwrap_or(h.interval);
-    h.timeout = raw.timeout.unwrap_or(h.timeout);
-    h.fast_interval = raw.fast_interval.unwrap_or(h.fast_interval);
+    let mut set = |v: &Option<toml::Spanned<HumanDuration>>, what: &str, d: &mut Duration| {
+        if let Some(v) = v {
+            *d = positive(r, v, what).unwrap_or(*d);
+        }
+    };
+    set(&raw.interval, "health interval", &mut h.interval);
+    set(&raw.timeout, "health timeout", &mut h.timeout);
+    set(
+        &raw.fast_interval,
+        "health fast_interval",
+        &mut h.fast_interval,
+    );
+    timeout_within_interval(r, raw, &h);
     if let Some(v) = &raw.rise {
         h.rise = int_in(r, v, 1, 100, "rise").unwrap_or(1) as u32;
     }
@@ -43,15 +53,29 @@ pub(super) fn inherit(r: &mut Reporter<'_>, raw: &RawHealth, base: &HealthSpec) 
     if let Some(v) = &raw.eject_max_percent {
         h.eject_max_percent = int_in(r, v, 0, 100, "eject_max_percent").unwrap_or(0) as u8;
     }
-    let zero = Duration::ZERO;
-    if h.interval == zero || h.timeout == zero || h.fast_interval == zero {
-        let span = raw.kind.as_ref().map_or(0..0, |k| k.span());
-        r.error(
-            span,
-            "health interval, timeout and fast_interval must be above 0",
-        );
-    }
     h
+}
+
+/// A probe that may run longer than its interval overlaps the next one:
+/// the timeout must not exceed the interval. Reported where this table
+/// sets one of them.
+fn timeout_within_interval(r: &mut Reporter<'_>, raw: &RawHealth, h: &HealthSpec) {
+    if h.timeout <= h.interval {
+        return;
+    }
+    let at = [&raw.timeout, &raw.interval].into_iter().flatten().next();
+    let Some(at) = at else {
+        return;
+    };
+    r.error(
+        at.span(),
+        format!(
+            "health timeout ({}) is above the interval ({}); probes would overlap. \
+             Make timeout at most the interval",
+            humantime::format_duration(h.timeout),
+            humantime::format_duration(h.interval),
+        ),
+    );
 }
 
 /// The probe `raw` asks for; without a `kind`, the inherited one (a `path`

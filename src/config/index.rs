@@ -96,6 +96,32 @@ impl ServicesIndex {
         errors
     }
 
+    /// A proxy listener on beacon's own DNS or admin address (the same
+    /// port on the same IP, or on the unspecified address either side)
+    /// would fail to bind or steal that traffic: an error at each claim.
+    pub fn reserved(&self, reserved: &[(&str, SocketAddr)]) -> Vec<ConfigError> {
+        let overlaps = |a: &SocketAddr, b: &SocketAddr| {
+            a.port() == b.port()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        };
+        let mut errors: Vec<ConfigError> = self
+            .listeners
+            .iter()
+            .flat_map(|(addr, (key, o))| {
+                reserved.iter().filter(|(_, r)| overlaps(addr, r)).map(move |(what, r)| ConfigError {
+                    path: o.path.clone(),
+                    line: o.line,
+                    col: o.col,
+                    message: format!(
+                        "service `{key}` listens on {addr}, which is beacon's {what} address ({r}); give the proxy listener another address or port"
+                    ),
+                })
+            })
+            .collect();
+        errors.sort_by(|a, b| (&a.path, a.line, a.col).cmp(&(&b.path, b.line, b.col)));
+        errors
+    }
+
     /// Puts back what [`take_file`](Self::take_file) removed.
     pub fn merge(&mut self, other: ServicesIndex) {
         self.services.extend(other.services);

@@ -12,7 +12,7 @@ use super::dns::{self, DnsConfig};
 use super::health;
 use super::proxy::{self, ProxyConfig};
 use super::raw::{RawAdmin, RawConfig};
-use super::report::{ConfigErrors, Reporter, read_file};
+use super::report::{ConfigError, ConfigErrors, Reporter, read_file};
 use super::service::ServiceDefaults;
 use super::sources::{self, SourceConfig};
 use super::values::socket_addr;
@@ -35,6 +35,9 @@ pub struct Config {
     pub startup_timeout: Duration,
     /// How long SIGTERM waits for loops and connections to finish.
     pub shutdown_grace: Duration,
+    /// Valid but dangerous settings (an open resolver), positioned:
+    /// `check` prints them, `run` logs them.
+    pub warnings: Vec<ConfigError>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -43,6 +46,16 @@ pub struct AdminConfig {
 }
 
 impl Config {
+    /// beacon's own addresses a proxy listener must not take.
+    pub fn reserved_addrs(&self) -> Vec<(&'static str, SocketAddr)> {
+        let mut out = Vec::new();
+        if self.dns.enabled {
+            out.push(("DNS", self.dns.listen));
+        }
+        out.extend(self.admin.listen.map(|a| ("admin", a)));
+        out
+    }
+
     pub fn service_defaults(&self) -> ServiceDefaults {
         ServiceDefaults {
             health: self.health.clone(),
@@ -88,6 +101,7 @@ impl Config {
             sources: Vec::new(),
             startup_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            warnings: Vec::new(),
         }
     }
 }
@@ -102,6 +116,7 @@ fn validate(r: &mut Reporter<'_>, raw: RawConfig, base: &Path) -> Config {
     c.startup_timeout = raw.startup_timeout.unwrap_or(c.startup_timeout);
     c.shutdown_grace = raw.shutdown_grace.unwrap_or(c.shutdown_grace);
     c.sources = sources::validate(r, &raw.sources, base);
+    c.warnings = r.take_warnings();
     c
 }
 

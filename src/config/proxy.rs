@@ -7,7 +7,7 @@ use crate::model::{ProxyProtocol, ProxySpec};
 
 use super::raw::{RawProxy, RawProxyKeys};
 use super::report::Reporter;
-use super::values::int_in;
+use super::values::{int_in, positive};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProxyConfig {
@@ -46,11 +46,15 @@ pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawProxy) -> ProxyConfig {
 /// service's keys over `[proxy]`.
 pub(super) fn inherit(r: &mut Reporter<'_>, raw: &RawProxyKeys, base: &ProxySpec) -> ProxySpec {
     let mut p = base.clone();
-    p.connect_timeout = raw.connect_timeout.map_or(p.connect_timeout, |v| *v);
+    if let Some(v) = &raw.connect_timeout {
+        p.connect_timeout = positive(r, v, "connect_timeout").unwrap_or(p.connect_timeout);
+    }
     if let Some(v) = &raw.connect_attempts {
         p.connect_attempts = int_in(r, v, 1, 100, "connect_attempts").unwrap_or(1) as u32;
     }
-    p.idle_timeout = raw.idle_timeout.map_or(p.idle_timeout, |v| *v);
+    if let Some(v) = &raw.idle_timeout {
+        p.idle_timeout = positive(r, v, "idle_timeout").unwrap_or(p.idle_timeout);
+    }
     if let Some(v) = &raw.proxy_protocol {
         p.proxy_protocol = match v.get_ref().as_str() {
             "v1" => Some(ProxyProtocol::V1),

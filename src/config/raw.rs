@@ -45,10 +45,8 @@ pub struct RawDns {
     pub forward_allow: Option<Vec<Spanned<String>>>,
     pub cache_size: Option<Spanned<i64>>,
     pub udp_sockets: Option<Spanned<i64>>,
-    #[serde(default, with = "humantime_serde")]
-    pub forward_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub tcp_idle_timeout: Option<Duration>,
+    pub forward_timeout: Option<Spanned<HumanDuration>>,
+    pub tcp_idle_timeout: Option<Spanned<HumanDuration>>,
     pub tcp_max_connections: Option<Spanned<i64>>,
 }
 
@@ -67,12 +65,9 @@ pub struct RawHealth {
     pub kind: Option<Spanned<String>>,
     pub path: Option<Spanned<String>>,
     pub host: Option<String>,
-    #[serde(default, with = "humantime_serde")]
-    pub interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub fast_interval: Option<Duration>,
+    pub interval: Option<Spanned<HumanDuration>>,
+    pub timeout: Option<Spanned<HumanDuration>>,
+    pub fast_interval: Option<Spanned<HumanDuration>>,
     pub rise: Option<Spanned<i64>>,
     pub fall: Option<Spanned<i64>>,
     pub initial_state: Option<Spanned<String>>,
@@ -88,9 +83,9 @@ shared_keys! {
     /// The proxy keys a service may override: `[proxy]` sets the defaults,
     /// a `[[service]]` its own values (they stand directly in its table).
     pub struct RawProxyKeys {
-        connect_timeout: HumanDuration,
+        connect_timeout: Spanned<HumanDuration>,
         connect_attempts: Spanned<i64>,
-        idle_timeout: HumanDuration,
+        idle_timeout: Spanned<HumanDuration>,
         proxy_protocol: Spanned<String>,
         close_on_removal: bool,
     }

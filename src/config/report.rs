@@ -110,6 +110,7 @@ pub(super) struct Reporter<'a> {
     text: &'a str,
     lines: LineIndex,
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
 }
 
 impl<'a> Reporter<'a> {
@@ -119,6 +120,7 @@ impl<'a> Reporter<'a> {
             text,
             lines: LineIndex::new(text),
             errors: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -145,6 +147,22 @@ impl<'a> Reporter<'a> {
             col,
             message: message.into(),
         });
+    }
+
+    /// Something valid but dangerous: said loudly, not refused.
+    pub fn warn(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let Origin { path, line, col } = self.origin(span.start);
+        self.warnings.push(ConfigError {
+            path,
+            line,
+            col,
+            message: message.into(),
+        });
+    }
+
+    /// The warnings so far, taken out.
+    pub fn take_warnings(&mut self) -> Vec<ConfigError> {
+        std::mem::take(&mut self.warnings)
     }
 
     pub fn finish<T>(self, value: T) -> Result<T, ConfigErrors> {

@@ -17,7 +17,7 @@ use super::index::ServicesIndex;
 use super::proxy;
 use super::raw::{RawEndpoint, RawPort, RawService};
 use super::report::Reporter;
-use super::values::{int_in, ip_addr, label, port, socket_addr};
+use super::values::{int_in, ip_addr, label, port, socket_addr, vip};
 
 /// Defaults every services file inherits from the main config.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -38,7 +38,7 @@ pub(super) fn validate(
     let own = &raw.own;
     let key = claim_key(r, &own.name, own.namespace.as_ref(), index)?;
     let mut spec = ServiceSpec::new(key);
-    spec.vip = own.vip.as_ref().and_then(|v| ip_addr(r, v, "vip"));
+    spec.vip = own.vip.as_ref().and_then(|v| vip(r, v));
     if let Some(b) = &own.balance {
         spec.balance = balance(r, b).unwrap_or(spec.balance);
     }

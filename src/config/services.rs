@@ -104,6 +104,7 @@ pub fn check(path: &Path) -> Result<(Config, usize), ConfigErrors> {
             Err(e) => errors.extend(e.0),
         }
     }
+    errors.extend(index.reserved(&config.reserved_addrs()));
     if errors.is_empty() {
         Ok((config, services))
     } else {

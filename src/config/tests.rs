@@ -534,3 +534,141 @@ fn bad_proxy_values_point_at_the_value_in_both_places() {
     let e = one_error("[[service]]\nname = \"a\"\nconnect_timeout = \"soon\"\n");
     assert_eq!((e.line, e.col), (3, 19), "{e}");
 }
+
+// === values that parse but would break serving (issue 11 defect 13) ===
+
+fn main_errors(text: &str) -> Vec<String> {
+    let errs = Config::parse(text, Path::new("b.toml"), Path::new("")).expect_err("an error");
+    errs.0.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn vips_that_are_not_one_address_are_refused_at_the_value() {
+    for (vip, why) in [
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("255.255.255.255", "broadcast"),
+    ] {
+        let e = one_error(&format!("[[service]]\nname = \"w\"\nvip = \"{vip}\"\n"));
+        assert_eq!((e.line, e.col), (3, 7), "{vip}: {e}");
+        assert!(e.message.contains(why), "{vip}: {e}");
+    }
+    assert!(parse_svc("[[service]]\nname = \"w\"\nvip = \"10.96.0.10\"\n").is_ok());
+}
+
+#[test]
+fn zero_durations_are_refused_where_they_are_written() {
+    let errs = main_errors(
+        "[dns]\nforward_timeout = \"0s\"\ntcp_idle_timeout = \"0ms\"\n\
+         [health]\ninterval = \"0s\"\n[proxy]\nconnect_timeout = \"0s\"\nidle_timeout = \"0s\"\n",
+    );
+    let at: Vec<&str> = errs.iter().map(|e| e.split(": ").next().unwrap()).collect();
+    assert_eq!(
+        at,
+        [
+            "b.toml:2:19",
+            "b.toml:3:20",
+            "b.toml:5:12",
+            "b.toml:7:19",
+            "b.toml:8:16"
+        ],
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter().all(|e| e.contains("must be above 0")),
+        "{errs:?}"
+    );
+    let e = one_error("[[service]]\nname = \"w\"\nconnect_timeout = \"0s\"\n");
+    assert_eq!((e.line, e.col), (3, 19), "{e}");
+    let e = one_error("[[service]]\nname = \"w\"\n[service.health]\ntimeout = \"0s\"\n");
+    assert_eq!((e.line, e.col), (4, 11), "{e}");
+}
+
+#[test]
+fn a_health_timeout_above_its_interval_is_refused() {
+    let errs = main_errors("[health]\ninterval = \"1s\"\ntimeout = \"2s\"\n");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("b.toml:3:11: health timeout (2s) is above the interval (1s)"),
+        "{errs:?}"
+    );
+    // A service's shorter interval under the inherited 500 ms timeout.
+    let e = one_error("[[service]]\nname = \"w\"\n[service.health]\ninterval = \"200ms\"\n");
+    assert_eq!((e.line, e.col), (4, 12), "{e}");
+    assert!(e.message.contains("above the interval"), "{e}");
+    // Equal is fine; so are the defaults (timeout 500 ms, fast_interval 250 ms).
+    assert!(
+        Config::parse(
+            "[health]\ninterval = \"1s\"\ntimeout = \"1s\"\n",
+            Path::new("b.toml"),
+            Path::new("")
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn a_proxy_listener_on_the_dns_or_admin_address_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("beacon.toml");
+    std::fs::write(
+        &cfg,
+        "[dns]\nlisten = \"127.0.0.1:1053\"\n[admin]\nlisten = \"127.0.0.1:9153\"\n\
+         [[source]]\ntype = \"file\"\npath = \"s.toml\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("s.toml"),
+        "[[service]]\nname = \"a\"\n[[service.port]]\nport = 80\nlisten = \"127.0.0.1:1053\"\n\
+         [[service]]\nname = \"b\"\n[[service.port]]\nport = 80\nlisten = \"0.0.0.0:9153\"\n\
+         [[service]]\nname = \"c\"\n[[service.port]]\nport = 80\nlisten = \"127.0.0.1:1054\"\n",
+    )
+    .unwrap();
+    let errs: Vec<String> = check(&cfg)
+        .unwrap_err()
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(errs[0].contains("s.toml:5:10: service `a.default` listens on 127.0.0.1:1053, which is beacon's DNS address"), "{errs:?}");
+    assert!(errs[1].contains("s.toml:10:10: service `b.default` listens on 0.0.0.0:9153, which is beacon's admin address"), "{errs:?}");
+}
+
+#[test]
+fn an_open_resolver_is_warned_about_loudly_with_its_position() {
+    let open = "[dns]\nlisten = \"0.0.0.0:53\"\nforward = [\"127.0.0.53:53\"]\n\
+                forward_allow = [\"10.0.0.0/8\", \"0.0.0.0/0\"]\n";
+    let c = Config::parse(open, Path::new("b.toml"), Path::new("")).unwrap();
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    let w = c.warnings[0].to_string();
+    assert!(
+        w.starts_with("b.toml:4:32: OPEN RESOLVER: forward_allow 0.0.0.0/0"),
+        "{w}"
+    );
+    let v6 = open.replace("0.0.0.0/0", "::/0");
+    assert_eq!(
+        Config::parse(&v6, Path::new("b.toml"), Path::new(""))
+            .unwrap()
+            .warnings
+            .len(),
+        1
+    );
+    // On loopback, or with a bounded list, nothing to warn about.
+    let local = open.replace("0.0.0.0:53", "127.0.0.1:53");
+    assert!(
+        Config::parse(&local, Path::new("b.toml"), Path::new(""))
+            .unwrap()
+            .warnings
+            .is_empty()
+    );
+    let bounded = open.replace(", \"0.0.0.0/0\"", "");
+    assert!(
+        Config::parse(&bounded, Path::new("b.toml"), Path::new(""))
+            .unwrap()
+            .warnings
+            .is_empty()
+    );
+}

@@ -86,6 +86,46 @@ pub(super) fn ip_addr(r: &mut Reporter<'_>, v: &Spanned<String>, what: &str) -> 
     }
 }
 
+/// A vip: an address one service answers and listens on, so not the
+/// unspecified address (every address), multicast or broadcast.
+pub(super) fn vip(r: &mut Reporter<'_>, v: &Spanned<String>) -> Option<IpAddr> {
+    let ip = ip_addr(r, v, "vip")?;
+    let why = match ip {
+        _ if ip.is_unspecified() => Some("the unspecified address (it means every address)"),
+        _ if ip.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        _ => None,
+    };
+    if let Some(why) = why {
+        r.error(
+            v.span(),
+            format!(
+                "vip `{ip}` is {why}; give the service an address of its own, e.g. `10.96.0.10`"
+            ),
+        );
+        return None;
+    }
+    Some(ip)
+}
+
+/// A duration that must be above zero (a zero timeout or interval would
+/// fail every connect or spin a timer).
+pub(super) fn positive(
+    r: &mut Reporter<'_>,
+    v: &Spanned<super::raw::HumanDuration>,
+    what: &str,
+) -> Option<std::time::Duration> {
+    let d = **v.get_ref();
+    if d.is_zero() {
+        r.error(
+            v.span(),
+            format!("{what} must be above 0; write a duration such as `500ms` or `2s`"),
+        );
+        return None;
+    }
+    Some(d)
+}
+
 /// `ADDRESS/PREFIX`, or a bare address (a /32 or /128).
 pub(super) fn cidr(r: &mut Reporter<'_>, v: &Spanned<String>) -> Option<IpNet> {
     let s = v.get_ref();

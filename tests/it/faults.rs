@@ -906,7 +906,7 @@ fn descriptor_exhaustion_is_not_blamed_on_the_backends() {
     let listen = free_addr();
     let mut services = format!(
         "[[service]]\nname = \"web\"\n\
-         [service.health]\nkind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"200ms\"\n\
+         [service.health]\nkind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
          fall = 2\nrise = 2\neject_after = 1\neject_max_percent = 100\n\
          [[service.port]]\nname = \"http\"\nport = 80\ntarget_port = {port}\nlisten = \"{listen}\"\n"
     );
