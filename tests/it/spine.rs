@@ -436,3 +436,21 @@ fn a_listener_claimed_at_runtime_stays_with_its_owner_and_is_reported() {
     let log = b.log_text();
     assert_eq!(log.matches("claim refused").count(), 1, "{log}");
 }
+
+#[test]
+fn check_warns_loudly_about_an_open_resolver_and_still_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("beacon.toml");
+    std::fs::write(
+        &cfg,
+        "[dns]\nlisten = \"0.0.0.0:1053\"\nforward = [\"127.0.0.53:53\"]\nforward_allow = [\"0.0.0.0/0\"]\n",
+    )
+    .unwrap();
+    let (status, stdout, stderr) = run_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stdout.contains("ok"), "{stdout}");
+    assert!(
+        stderr.contains("warning: ") && stderr.contains("beacon.toml:4:18: OPEN RESOLVER"),
+        "{stderr}"
+    );
+}
