@@ -13,12 +13,12 @@
 //!
 //! The losers are served without the claim and listed as [`Conflict`]s.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use crate::model::{Conflict, Endpoint, ServiceKey, ServiceState};
+use crate::model::{Conflict, Endpoint, ServiceKey, ServiceSpec, ServiceState, SourceId};
 
 /// Who asks for each claim of one kind (vips or listen addresses).
 #[derive(Clone, Debug)]
@@ -193,4 +193,17 @@ pub(super) fn settle_hostnames(
         }
     }
     lost
+}
+
+/// The source that owns `key` (the first in priority order naming it),
+/// with its place in that order.
+pub(super) fn owner<'a>(
+    sources: &'a [SourceId],
+    desired: &'a HashMap<SourceId, BTreeMap<ServiceKey, Arc<ServiceSpec>>>,
+    key: &ServiceKey,
+) -> Option<(usize, &'a SourceId, &'a Arc<ServiceSpec>)> {
+    sources
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| desired.get(s)?.get(key).map(|spec| (i, s, spec)))
 }

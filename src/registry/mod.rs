@@ -19,7 +19,7 @@
 //! while it asks. The loser is served without it, logged once, and listed
 //! in [`Snapshot::conflicts`] (`/v1/services`, `beacon_claim_conflicts`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -33,6 +33,7 @@ use crate::model::{
 };
 
 mod claims;
+mod settle;
 
 /// What a source says. `Reset` is the whole truth of that source: whatever
 /// it does not list is gone. A source sends one after every (re)connect or
@@ -122,100 +123,7 @@ impl State {
     }
 
     fn owner(&self, key: &ServiceKey) -> Option<(&SourceId, &Arc<ServiceSpec>)> {
-        owner(&self.sources, &self.desired, key).map(|(_, s, spec)| (s, spec))
-    }
-
-    /// Decides the vip and listen claims of `touched` (after their specs
-    /// changed) and of every claim they share; returns the other services
-    /// whose holdings moved (to rebuild too).
-    fn settle_claims(&mut self, touched: &[ServiceKey]) -> Vec<ServiceKey> {
-        let (sources, desired) = (&self.sources, &self.desired);
-        let rank = |k: &ServiceKey| owner(sources, desired, k).map_or(usize::MAX, |(i, _, _)| i);
-        let ledger = &mut self.ledger;
-        let mut moved: BTreeSet<ServiceKey> = BTreeSet::new();
-        let note = |moved: &mut BTreeSet<ServiceKey>,
-                    (before, after): (Option<ServiceKey>, Option<ServiceKey>)| {
-            if before != after {
-                moved.extend(before.into_iter().chain(after));
-            }
-        };
-        for key in touched {
-            let vip = owner(sources, desired, key).and_then(|(_, _, spec)| spec.vip);
-            for ip in ledger.vips.set(key, vip.into_iter().collect()) {
-                note(&mut moved, ledger.vips.decide(ip, rank));
-            }
-        }
-        // A service that won or lost a vip asks for other `vip:port`s.
-        let listening: BTreeSet<ServiceKey> = touched
-            .iter()
-            .cloned()
-            .chain(moved.iter().cloned())
-            .collect();
-        for key in &listening {
-            let wants = owner(sources, desired, key).map_or_else(Vec::new, |(_, _, spec)| {
-                let mut spec = (**spec).clone();
-                spec.vip = spec.vip.filter(|ip| ledger.vips.holds(key, ip));
-                crate::model::wanted_listeners(&spec)
-                    .into_iter()
-                    .map(|(a, _)| a)
-                    .collect()
-            });
-            for addr in ledger.listens.set(key, wants) {
-                note(&mut moved, ledger.listens.decide(addr, rank));
-            }
-        }
-        moved.retain(|k| !touched.contains(k));
-        moved.into_iter().collect()
-    }
-
-    /// The spec as served: without a vip it does not hold, and each
-    /// hostname given to one endpoint. Also the listeners it holds.
-    fn effective(
-        &mut self,
-        key: &ServiceKey,
-        spec: &Arc<ServiceSpec>,
-    ) -> (Arc<ServiceSpec>, Vec<(std::net::SocketAddr, usize)>) {
-        let previous = self.snapshot.services.get(key);
-        let vip_lost = spec.vip.is_some_and(|ip| !self.ledger.vips.holds(key, &ip));
-        let mut endpoints = spec.endpoints.clone();
-        let lost = claims::settle_hostnames(key, &mut endpoints, previous.map(|s| &**s));
-        let spec = if vip_lost || !lost.is_empty() {
-            let mut own = (**spec).clone();
-            own.vip = own.vip.filter(|_| !vip_lost);
-            own.endpoints = endpoints;
-            Arc::new(own)
-        } else {
-            spec.clone()
-        };
-        if lost.is_empty() {
-            self.ledger.hostnames.remove(key);
-        } else {
-            self.ledger.hostnames.insert(key.clone(), lost);
-        }
-        let mut listeners = crate::model::wanted_listeners(&spec);
-        listeners.retain(|(a, _)| self.ledger.listens.holds(key, a));
-        (spec, listeners)
-    }
-
-    /// Brings `snapshot.conflicts` in line with the ledger, logging each
-    /// conflict once when it starts and once when it ends. True if moved.
-    fn refresh_conflicts(&mut self) -> bool {
-        let now = self.ledger.conflicts();
-        if *now == *self.snapshot.conflicts {
-            return false;
-        }
-        for c in now.iter().filter(|c| !self.snapshot.conflicts.contains(c)) {
-            tracing::warn!(
-                kind = c.kind, service = %c.service, claim = %c.claim, winner = %c.winner,
-                "claim refused: another service (or endpoint) holds it; \
-                 the higher-priority source, then the first to claim, keeps it"
-            );
-        }
-        for c in self.snapshot.conflicts.iter().filter(|c| !now.contains(c)) {
-            tracing::info!(kind = c.kind, service = %c.service, claim = %c.claim, "claim conflict ended");
-        }
-        self.snapshot.conflicts = now.into();
-        true
+        claims::owner(&self.sources, &self.desired, key).map(|(_, s, spec)| (s, spec))
     }
 
     /// Recomputes one service from the desired sets and health; true if the
@@ -350,19 +258,6 @@ impl State {
         }
         true
     }
-}
-
-/// The source that owns `key` (the first in priority order naming it),
-/// with its place in that order.
-fn owner<'a>(
-    sources: &'a [SourceId],
-    desired: &'a HashMap<SourceId, BTreeMap<ServiceKey, Arc<ServiceSpec>>>,
-    key: &ServiceKey,
-) -> Option<(usize, &'a SourceId, &'a Arc<ServiceSpec>)> {
-    sources
-        .iter()
-        .enumerate()
-        .find_map(|(i, s)| desired.get(s)?.get(key).map(|spec| (i, s, spec)))
 }
 
 /// Applies one event to the state. Pure: no I/O, no clock.
