@@ -357,12 +357,17 @@ impl ServiceState {
 /// The listen addresses a spec asks for, with the port index: `vip:port`
 /// for each TCP port of a service with a vip, and each explicit `listen`.
 pub fn wanted_listeners(spec: &ServiceSpec) -> Vec<(SocketAddr, usize)> {
+    listeners_with_vip(spec, spec.vip)
+}
+
+/// [`wanted_listeners`] as if the spec's vip were `vip`.
+pub fn listeners_with_vip(spec: &ServiceSpec, vip: Option<IpAddr>) -> Vec<(SocketAddr, usize)> {
     let mut out = Vec::new();
     for (i, port) in spec.ports.iter().enumerate() {
         if port.protocol != Protocol::Tcp {
             continue;
         }
-        let vip = spec.vip.map(|ip| SocketAddr::new(ip, port.port));
+        let vip = vip.map(|ip| SocketAddr::new(ip, port.port));
         for addr in vip.into_iter().chain(port.listen) {
             if !out.iter().any(|(a, _)| *a == addr) {
                 out.push((addr, i));

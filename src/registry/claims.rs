@@ -145,6 +145,15 @@ impl Ledger {
     }
 }
 
+/// Whether two of `endpoints` ask for one hostname.
+pub(super) fn duplicate_hostnames(endpoints: &[Endpoint]) -> bool {
+    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    endpoints
+        .iter()
+        .filter_map(|e| e.hostname.as_deref())
+        .any(|h| !seen.insert(h))
+}
+
 /// Gives each hostname of `endpoints` to one endpoint: the one that held
 /// it in `previous` while it still asks for it, else the first listed.
 /// The others lose it (returned as conflicts of `key`).
@@ -153,17 +162,10 @@ pub(super) fn settle_hostnames(
     endpoints: &mut [Endpoint],
     previous: Option<&ServiceState>,
 ) -> Vec<Conflict> {
-    let mut holder: HashMap<Arc<str>, IpAddr> = HashMap::new();
-    let mut duplicated = false;
-    for e in endpoints.iter() {
-        if let Some(h) = &e.hostname {
-            duplicated |= holder.insert(h.clone(), e.ip).is_some();
-        }
-    }
-    if !duplicated {
+    if !duplicate_hostnames(endpoints) {
         return Vec::new();
     }
-    holder.clear();
+    let mut holder: HashMap<Arc<str>, IpAddr> = HashMap::new();
     let asks = |ip: IpAddr, h: &Arc<str>| {
         endpoints
             .iter()

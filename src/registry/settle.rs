@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::model::{ServiceKey, ServiceSpec};
 
 use super::State;
-use super::claims::{owner, settle_hostnames};
+use super::claims::{duplicate_hostnames, owner, settle_hostnames};
 
 impl State {
     /// Decides the vip and listen claims of `touched` (after their specs
@@ -38,9 +38,8 @@ impl State {
             .collect();
         for key in &listening {
             let wants = owner(sources, desired, key).map_or_else(Vec::new, |(_, _, spec)| {
-                let mut spec = (**spec).clone();
-                spec.vip = spec.vip.filter(|ip| ledger.vips.holds(key, ip));
-                crate::model::wanted_listeners(&spec)
+                let vip = spec.vip.filter(|ip| ledger.vips.holds(key, ip));
+                crate::model::listeners_with_vip(spec, vip)
                     .into_iter()
                     .map(|(a, _)| a)
                     .collect()
@@ -62,12 +61,18 @@ impl State {
     ) -> (Arc<ServiceSpec>, Vec<(std::net::SocketAddr, usize)>) {
         let previous = self.snapshot.services.get(key);
         let vip_lost = spec.vip.is_some_and(|ip| !self.ledger.vips.holds(key, &ip));
-        let mut endpoints = spec.endpoints.clone();
-        let lost = settle_hostnames(key, &mut endpoints, previous.map(|s| &**s));
+        let mut endpoints = Vec::new();
+        let mut lost = Vec::new();
+        if duplicate_hostnames(&spec.endpoints) {
+            endpoints = spec.endpoints.clone();
+            lost = settle_hostnames(key, &mut endpoints, previous.map(|s| &**s));
+        }
         let spec = if vip_lost || !lost.is_empty() {
             let mut own = (**spec).clone();
             own.vip = own.vip.filter(|_| !vip_lost);
-            own.endpoints = endpoints;
+            if !lost.is_empty() {
+                own.endpoints = endpoints;
+            }
             Arc::new(own)
         } else {
             spec.clone()

@@ -526,6 +526,8 @@ mod claims {
             .service(&ServiceKey::new("a", "evil"))
             .unwrap();
         assert_eq!(evil.spec.vip, None, "the loser is served without the vip");
+        assert_eq!(evil.spec.endpoints.len(), 1, "and with its endpoints");
+        assert_eq!(evil.endpoints.len(), 1);
         assert!(evil.listeners.is_empty());
         let kinds: Vec<String> = conflicts(&st).into_iter().map(|c| c.0).collect();
         assert_eq!(kinds, vec!["vip".to_string()]);
