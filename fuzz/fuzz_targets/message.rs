@@ -61,6 +61,7 @@ fn fixture() -> &'static (Handler, Snapshot) {
             version: 1,
             ready: true,
             services: services.into(),
+            index: Default::default(),
         };
         (beacon::dns::handler(&cfg).unwrap(), snap)
     })
