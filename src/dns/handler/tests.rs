@@ -271,6 +271,157 @@ fn protocol_errors() {
     );
 }
 
+/// The header of every rcode path, byte by byte: QR set, ID and opcode
+/// echoed, AA on authoritative zone answers only, TC only when truncated,
+/// RD and CD echoed for QUERY and clear for any other opcode (defect 15:
+/// NOTIMP echoed RD and CD), RA as configured, Z clear, the rcode.
+#[test]
+fn the_header_of_every_rcode_path() {
+    struct Row {
+        what: &'static str,
+        bytes: Vec<u8>,
+        snap: Snapshot,
+        rcode: u8,
+        aa: bool,
+        tc: bool,
+        echo_rd_cd: bool,
+    }
+    let q = |name: &str, t: RecordType, edns: Option<u16>| {
+        let mut m = query(name, t, edns);
+        m.metadata.checking_disabled = true; // RD is set by query()
+        m
+    };
+    let bytes = |m: &Message| m.to_vec().unwrap();
+    let mut not_ready = demo();
+    not_ready.ready = false;
+    let mut rows = vec![
+        Row {
+            what: "NOERROR",
+            bytes: bytes(&q("web.default.svc.cluster.local.", RecordType::A, None)),
+            snap: demo(),
+            rcode: 0,
+            aa: true,
+            tc: false,
+            echo_rd_cd: true,
+        },
+        Row {
+            what: "NXDOMAIN",
+            bytes: bytes(&q("nope.default.svc.cluster.local.", RecordType::A, None)),
+            snap: demo(),
+            rcode: 3,
+            aa: true,
+            tc: false,
+            echo_rd_cd: true,
+        },
+        Row {
+            what: "NODATA",
+            bytes: bytes(&q("web.default.svc.cluster.local.", RecordType::TXT, None)),
+            snap: demo(),
+            rcode: 0,
+            aa: true,
+            tc: false,
+            echo_rd_cd: true,
+        },
+        Row {
+            what: "REFUSED",
+            bytes: bytes(&q("example.com.", RecordType::A, None)),
+            snap: demo(),
+            rcode: 5,
+            aa: false,
+            tc: false,
+            echo_rd_cd: true,
+        },
+        Row {
+            what: "SERVFAIL",
+            bytes: bytes(&q("web.default.svc.cluster.local.", RecordType::A, None)),
+            snap: not_ready,
+            rcode: 2,
+            aa: true,
+            tc: false,
+            echo_rd_cd: true,
+        },
+        Row {
+            what: "TC",
+            bytes: bytes(&q("big.default.svc.cluster.local.", RecordType::A, None)),
+            snap: big_snapshot(),
+            rcode: 0,
+            aa: true,
+            tc: true,
+            echo_rd_cd: true,
+        },
+    ];
+    let mut two = q("web.default.svc.cluster.local.", RecordType::A, None);
+    two.queries
+        .push(Query::query(Name::from_ascii("x.").unwrap(), RecordType::A));
+    rows.push(Row {
+        what: "FORMERR",
+        bytes: bytes(&two),
+        snap: demo(),
+        rcode: 1,
+        aa: false,
+        tc: false,
+        echo_rd_cd: true,
+    });
+    let mut garbage = vec![0xAB, 0xCD, 0x01, 0x10, 0, 1, 0, 0, 0, 0, 0, 0];
+    garbage.extend_from_slice(&[0xC0, 0xFF, 0, 1]);
+    rows.push(Row {
+        what: "FORMERR (header only)",
+        bytes: garbage,
+        snap: demo(),
+        rcode: 1,
+        aa: false,
+        tc: false,
+        echo_rd_cd: true,
+    });
+    let mut badvers = q("web.default.svc.cluster.local.", RecordType::A, Some(1232));
+    badvers.edns.as_mut().unwrap().set_version(1);
+    // BADVERS is 16: 0 in the header, the upper bits in the OPT record.
+    rows.push(Row {
+        what: "BADVERS",
+        bytes: bytes(&badvers),
+        snap: demo(),
+        rcode: 0,
+        aa: false,
+        tc: false,
+        echo_rd_cd: true,
+    });
+    for op in [OpCode::Status, OpCode::Notify, OpCode::Update] {
+        let mut m = q("web.default.svc.cluster.local.", RecordType::A, None);
+        m.metadata.op_code = op;
+        rows.push(Row {
+            what: "NOTIMP",
+            bytes: bytes(&m),
+            snap: demo(),
+            rcode: 4,
+            aa: false,
+            tc: false,
+            echo_rd_cd: false,
+        });
+    }
+    let h = handler(&cfg()).unwrap();
+    for r in rows {
+        let (reply, out) = handle(&h, &r.snap, &r.bytes, LOCAL, Proto::Udp);
+        assert!(matches!(reply, Reply::Send { .. }), "{}: {reply:?}", r.what);
+        let (b2, b3) = (out[2], out[3]);
+        assert_eq!(&out[..2], &r.bytes[..2], "{}: id", r.what);
+        assert_eq!(b2 & 0x80, 0x80, "{}: QR", r.what);
+        assert_eq!(b2 & 0x78, r.bytes[2] & 0x78, "{}: opcode", r.what);
+        assert_eq!(b2 & 0x04 != 0, r.aa, "{}: AA", r.what);
+        assert_eq!(b2 & 0x02 != 0, r.tc, "{}: TC", r.what);
+        let rd = r.bytes[2] & 0x01 != 0;
+        let cd = r.bytes[3] & 0x10 != 0;
+        assert!(rd, "{}: the request sets RD", r.what);
+        assert_eq!(b2 & 0x01 != 0, r.echo_rd_cd && rd, "{}: RD", r.what);
+        if r.what != "FORMERR (header only)" {
+            assert!(cd, "{}: the request sets CD", r.what);
+            assert_eq!(b3 & 0x10 != 0, r.echo_rd_cd && cd, "{}: CD", r.what);
+        }
+        assert_eq!(b3 & 0x80, 0, "{}: RA (no forwarder)", r.what);
+        assert_eq!(b3 & 0x40, 0, "{}: Z", r.what);
+        assert_eq!(b3 & 0x0F, r.rcode, "{}: rcode", r.what);
+    }
+}
+
 #[test]
 fn forwarding_only_for_allowed_clients_and_with_upstreams() {
     let bytes = query("example.com.", RecordType::A, None).to_vec().unwrap();
