@@ -28,6 +28,9 @@ const STALE_MAX: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_NEGATIVE_TTL: u32 = 30;
 /// Upper bound of any cached TTL.
 const MAX_TTL: u32 = 86400;
+/// Upper bound of a negative answer's TTL (unbound's
+/// `cache-max-negative-ttl`).
+const MAX_NEGATIVE_TTL: u32 = 3600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -65,6 +68,8 @@ impl CacheEntry {
 #[derive(Debug)]
 pub struct Forwarder {
     upstreams: Vec<SocketAddr>,
+    /// beacon's own zone: nothing at or below it is taken from upstreams.
+    zone: Name,
     timeout: Duration,
     capacity: usize,
     cache: Mutex<HashMap<Key, CacheEntry>>,
@@ -87,9 +92,10 @@ impl ForwardJob {
 }
 
 impl Forwarder {
-    pub fn new(upstreams: Vec<SocketAddr>, timeout: Duration, capacity: usize) -> Self {
+    pub fn new(upstreams: Vec<SocketAddr>, zone: Name, timeout: Duration, capacity: usize) -> Self {
         Self {
             upstreams,
+            zone: zone.to_lowercase(),
             timeout,
             capacity: capacity.max(1),
             cache: Mutex::new(HashMap::new()),
@@ -123,7 +129,8 @@ impl Forwarder {
         }
         let result = tokio::time::timeout(self.timeout, self.ask_upstreams(&lower)).await;
         match result {
-            Ok(Ok(reply)) => {
+            Ok(Ok(mut reply)) => {
+                filter::sanitize(&mut reply, &lower, &self.zone);
                 let entry = entry_from(reply, Instant::now());
                 self.store(key, entry.clone());
                 self.render(req, entry.rcode, Some(&entry), 0, limit)
@@ -248,12 +255,13 @@ impl Forwarder {
     }
 }
 
-/// The cache entry of an upstream reply: TTL is the smallest record TTL,
-/// for negative answers the SOA minimum.
-fn entry_from(reply: Message, now: Instant) -> CacheEntry {
-    let records = reply.answers.iter().chain(&reply.authorities);
+/// The cache entry of an (already sanitized) upstream reply: TTL is the
+/// smallest record TTL; for a negative answer the smaller of the SOA's TTL
+/// and its MINIMUM (RFC 2308 section 5), capped at [`MAX_NEGATIVE_TTL`],
+/// and the SOA record itself carries that TTL when it is served.
+fn entry_from(mut reply: Message, now: Instant) -> CacheEntry {
     let ttl = if reply.answers.is_empty() {
-        reply
+        let negative = reply
             .authorities
             .iter()
             .find_map(|r| match &r.data {
@@ -261,7 +269,13 @@ fn entry_from(reply: Message, now: Instant) -> CacheEntry {
                 _ => None,
             })
             .unwrap_or(DEFAULT_NEGATIVE_TTL)
+            .min(MAX_NEGATIVE_TTL);
+        for r in &mut reply.authorities {
+            r.ttl = r.ttl.min(negative);
+        }
+        negative
     } else {
+        let records = reply.answers.iter().chain(&reply.authorities);
         records.map(|r| r.ttl).min().unwrap_or(0)
     };
     CacheEntry {
@@ -287,6 +301,8 @@ async fn ask(upstream: SocketAddr, query: &Query) -> Result<Message, ForwardErro
     }
     wire::tcp_exchange(upstream, &msg).await.map_err(err)
 }
+
+mod filter;
 
 #[cfg(test)]
 mod tests;

@@ -62,6 +62,7 @@ pub fn handler(cfg: &DnsConfig) -> Result<Handler, DnsError> {
     let forwarder = (!cfg.forward.is_empty()).then(|| {
         Arc::new(forward::Forwarder::new(
             cfg.forward.clone(),
+            zone.apex().clone(),
             cfg.forward_timeout,
             cfg.cache_size,
         ))

@@ -109,3 +109,115 @@ async fn forwarding_caches_and_serves_stale_when_upstreams_fail() {
     up.task.abort();
     run.stop().await;
 }
+
+/// A hostile upstream on UDP and TCP (one port): it stuffs records outside
+/// the question into its replies, answers NXDOMAIN with a long SOA TTL, and
+/// over TCP answers another question than the one asked.
+async fn hostile_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use hickory_proto::rr::rdata::SOA;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let a = |owner: &str, ip: &str| {
+        Record::from_rdata(
+            hickory_proto::rr::Name::from_ascii(owner).unwrap(),
+            300,
+            RData::A(A(ip.parse().unwrap())),
+        )
+    };
+    let reply_to = move |req: &Message, over_tcp: bool| -> Message {
+        let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+        resp.queries = req.queries.clone();
+        let qname = req.queries[0].name.to_ascii().to_ascii_lowercase();
+        match qname.as_str() {
+            "poison.example." => {
+                resp.answers.push(a("poison.example.", "192.0.2.7"));
+                resp.answers.push(a("evil.example.net.", "6.6.6.6"));
+                resp.answers
+                    .push(a("web.default.svc.cluster.local.", "6.6.6.6"));
+                resp.additionals
+                    .push(a("web.default.svc.cluster.local.", "6.6.6.6"));
+            }
+            "nx.example." => {
+                resp.metadata.response_code = ResponseCode::NXDomain;
+                let n = |s: &str| hickory_proto::rr::Name::from_ascii(s).unwrap();
+                let soa = SOA::new(n("ns.example."), n("h.example."), 1, 1, 1, 1, 60);
+                resp.authorities
+                    .push(Record::from_rdata(n("example."), 3600, RData::SOA(soa)));
+            }
+            _ if !over_tcp => resp.metadata.truncation = true,
+            _ => {
+                resp.queries[0].name =
+                    hickory_proto::rr::Name::from_ascii("other.example.").unwrap();
+                resp.answers.push(a("other.example.", "6.6.6.6"));
+            }
+        }
+        resp
+    };
+    let task = tokio::spawn(async move {
+        let tcp_task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = tcp.accept().await {
+                if let Some(body) = crate::dns::testkit::read_frame(&mut s).await
+                    && let Ok(req) = Message::from_vec(&body)
+                {
+                    let bytes = reply_to(&req, true).to_vec().unwrap();
+                    use tokio::io::AsyncWriteExt;
+                    let _ = s.write_all(&crate::dns::testkit::framed(&bytes)).await;
+                }
+            }
+        });
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+            if let Ok(req) = Message::from_vec(&buf[..n]) {
+                let _ = sock
+                    .send_to(&reply_to(&req, false).to_vec().unwrap(), peer)
+                    .await;
+            }
+        }
+        tcp_task.abort();
+    });
+    (addr, task)
+}
+
+/// Defect 11: only records on the question's name and its chain are passed
+/// on (never one inside beacon's zone), the TCP fallback checks the reply's
+/// question, and a negative answer's SOA TTL is capped (RFC 2308).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_upstream_cannot_poison_or_stretch_what_is_served() {
+    let (up, task) = hostile_upstream().await;
+    let mut c = cfg();
+    c.forward = vec![up];
+    let run = start(c, Reader::fixed(demo())).await;
+    let ask = |name: &str| query(name, RecordType::A, Some(1232)).to_vec().unwrap();
+    for _ in 0..2 {
+        // The second round is served from the cache: it must be as clean.
+        let msg = parse(&udp_ask(run.addr, &ask("poison.example.")).await.unwrap());
+        assert_eq!(
+            a_records(&msg),
+            vec!["192.0.2.7".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(msg.answers.len(), 1, "{:?}", msg.answers);
+        assert!(msg.additionals.is_empty(), "{:?}", msg.additionals);
+        let msg = parse(&udp_ask(run.addr, &ask("nx.example.")).await.unwrap());
+        assert_eq!(msg.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(msg.authorities.len(), 1);
+        assert!(
+            msg.authorities[0].ttl <= 60,
+            "SOA TTL {}",
+            msg.authorities[0].ttl
+        );
+    }
+    // The zone still answers from the snapshot, not from the upstream.
+    let msg = parse(
+        &udp_ask(run.addr, &ask("web.default.svc.cluster.local."))
+            .await
+            .unwrap(),
+    );
+    assert!(!a_records(&msg).contains(&"6.6.6.6".parse::<IpAddr>().unwrap()));
+    // Truncated over UDP, another question over TCP: never served.
+    let msg = parse(&udp_ask(run.addr, &ask("tc.example.")).await.unwrap());
+    assert_eq!(msg.metadata.response_code, ResponseCode::ServFail);
+    assert!(msg.answers.is_empty());
+    task.abort();
+    run.stop().await;
+}
