@@ -31,6 +31,7 @@ pub mod fast;
 pub mod forward;
 pub mod handler;
 pub mod server;
+mod slots;
 pub mod tally;
 pub mod tcp;
 pub mod udp;

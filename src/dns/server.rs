@@ -8,21 +8,24 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::error::DnsError;
 use super::handler::Handler;
+use super::slots::ForwardSlots;
 use super::tally::DnsMetrics;
 
 /// Forwarded queries in flight at once (beyond: SERVFAIL at once).
 const MAX_FORWARDS: usize = 4096;
+/// Of those, what one client address may hold.
+const CLIENT_FORWARDS: usize = MAX_FORWARDS / 16;
 
 /// What every serving loop shares.
 pub struct Shared {
     pub handler: Handler,
-    pub forwards: Arc<Semaphore>,
+    pub forwards: Arc<ForwardSlots>,
     pub metrics: DnsMetrics,
     #[cfg(test)]
     pub faults: Faults,
@@ -32,7 +35,7 @@ impl Shared {
     pub fn new(handler: Handler) -> Self {
         Self {
             handler,
-            forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
+            forwards: ForwardSlots::new(MAX_FORWARDS, CLIENT_FORWARDS),
             metrics: DnsMetrics::default(),
             #[cfg(test)]
             faults: Faults::default(),

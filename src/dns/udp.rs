@@ -37,7 +37,9 @@ const FAST_CACHE_ENTRIES: usize = 100_000;
 
 /// One UDP thread's state.
 struct UdpLoop {
-    sock: UdpSocket,
+    /// Shared with the forwarded queries' tasks, which send their replies
+    /// on it (a `try_clone` per query cost a descriptor each).
+    sock: Arc<UdpSocket>,
     shared: Arc<Shared>,
     reader: Reader,
     snapshot: Arc<Snapshot>,
@@ -60,7 +62,7 @@ pub fn udp_thread(
 ) {
     let snapshot = reader.latest();
     let mut lp = UdpLoop {
-        sock,
+        sock: Arc::new(sock),
         shared,
         reader,
         snapshot,
@@ -144,9 +146,15 @@ impl UdpLoop {
     /// many are in flight.
     fn forward(&mut self, job: Box<ForwardJob>, bytes: &[u8], peer: SocketAddr, started: Instant) {
         let qtype = job.request.queries.first().map(|q| q.query_type);
-        let permit = self.shared.forwards.clone().try_acquire_owned();
-        match (permit, self.sock.try_clone()) {
-            (Ok(permit), Ok(sock)) => {
+        // A cache hit needs no slot and no task.
+        if let Some((reply, rcode)) = job.cached() {
+            send_udp(&self.sock, &reply, peer);
+            self.tally.record(qtype, Some(rcode), started);
+            return;
+        }
+        match self.shared.forwards.take(peer.ip()) {
+            Some(permit) => {
+                let sock = self.sock.clone();
                 let shared = self.shared.clone();
                 self.runtime.spawn(async move {
                     let (bytes, rcode) = job.run().await;
@@ -157,7 +165,7 @@ impl UdpLoop {
                     drop(permit);
                 });
             }
-            _ => {
+            None => {
                 let reply = wire::header_only(bytes, ResponseCode::ServFail);
                 send_udp(&self.sock, &reply, peer);
                 self.tally
