@@ -203,7 +203,7 @@ fn bench_handler(c: &mut Criterion) {
             );
             // The fast path: the same question again, answered from the
             // per-task cache with the ID, case and rotation patched.
-            let mut cache = FastCache::new(1024);
+            let mut cache = FastCache::new(1024 * 1024, 1024);
             handler.handle(&mut cache, &snap, &bytes, CLIENT, Proto::Udp, 0, &mut out);
             group.bench_with_input(
                 BenchmarkId::new(format!("fast_{kind}"), services),

@@ -90,11 +90,13 @@ mod tests {
         drop(held);
         assert_eq!(slots.held_by(a), 0, "released on drop");
         others.extend((0..2).map(|_| slots.take(a).unwrap()));
-        // 5 of 8 taken by b (3) and a (2): one more for a, then the pool.
+        // 5 of 8 taken by b (3) and a (2): one more for a, two for others,
+        // then the pool is used up.
         others.push(slots.take(a).unwrap());
-        assert!(slots.take("10.0.0.3".parse().unwrap()).is_some());
+        others.push(slots.take("10.0.0.3".parse().unwrap()).unwrap());
+        others.push(slots.take("10.0.0.4".parse().unwrap()).unwrap());
         assert!(
-            slots.take("10.0.0.4".parse().unwrap()).is_none(),
+            slots.take("10.0.0.5".parse().unwrap()).is_none(),
             "pool used up"
         );
     }

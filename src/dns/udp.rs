@@ -32,8 +32,10 @@ use crate::registry::Reader;
 pub const UDP_POLL: Duration = Duration::from_millis(100);
 /// Packets a UDP thread handles between two flushes of its metric tallies.
 const UDP_BATCH: u32 = 64;
-/// Entries per thread in the fast-path cache before it starts over.
-const FAST_CACHE_ENTRIES: usize = 100_000;
+/// Bytes of answers per thread in the fast-path cache before it starts
+/// over, and its negative answers (see [`FastCache`]).
+const FAST_CACHE_BYTES: usize = 8 << 20;
+const FAST_CACHE_NEGATIVES: usize = 4096;
 
 /// One UDP thread's state.
 struct UdpLoop {
@@ -67,7 +69,7 @@ pub fn udp_thread(
         reader,
         snapshot,
         runtime,
-        cache: FastCache::new(FAST_CACHE_ENTRIES),
+        cache: FastCache::new(FAST_CACHE_BYTES, FAST_CACHE_NEGATIVES),
         out: Vec::with_capacity(4096),
         rotate: fastrand::usize(..),
         tally: UdpTally::new(UDP_BATCH as usize),

@@ -19,7 +19,7 @@ fn handle(
     proto: Proto,
 ) -> (Reply, Vec<u8>) {
     let mut out = Vec::new();
-    let mut cache = FastCache::new(16);
+    let mut cache = FastCache::new(16 * 1024, 16);
     let reply = h.handle(&mut cache, snap, bytes, client, proto, 0, &mut out);
     (reply, out)
 }
@@ -72,7 +72,7 @@ fn fast_path_is_byte_identical_to_slow_path() {
         RecordType::ANY,
         RecordType::MX,
     ];
-    let mut cache = FastCache::new(10_000);
+    let mut cache = FastCache::new(10_000 * 1024, 10_000);
     let (mut compared, mut fast_hits) = (0, 0);
     for (i, name) in names.iter().enumerate() {
         for qtype in qtypes {
@@ -124,7 +124,7 @@ fn fast_path_is_byte_identical_to_slow_path() {
 fn fast_path_rotates_answers_and_echoes_case() {
     let h = handler(&cfg()).unwrap();
     let snap = demo();
-    let mut cache = FastCache::new(100);
+    let mut cache = FastCache::new(100 * 1024, 100);
     let bytes = query("DB.prod.SVC.cluster.local.", RecordType::A, None)
         .to_vec()
         .unwrap();
@@ -484,7 +484,7 @@ fn corpus_through_the_handler_never_panics_and_keeps_ids() {
     c.forward = vec!["127.0.0.1:9".parse().unwrap()];
     let h = handler(&c).unwrap();
     let snap = big_snapshot();
-    let mut cache = FastCache::new(1000);
+    let mut cache = FastCache::new(1000 * 1024, 1000);
     for p in corpus() {
         for proto in [Proto::Udp, Proto::Tcp] {
             let mut out = Vec::new();
@@ -502,5 +502,36 @@ fn corpus_through_the_handler_never_panics_and_keeps_ids() {
                 Reply::Drop => assert!(!expects_reply(&p)),
             }
         }
+    }
+}
+
+/// Defect 7: a flood of distinct negative names stays in the small negative
+/// LRU and never pushes out cached answers; answers stay within the bytes.
+#[test]
+fn the_fast_cache_is_bounded_and_a_negative_flood_keeps_the_answers() {
+    let h = handler(&cfg()).unwrap();
+    let snap = big_snapshot();
+    let mut cache = FastCache::new(64 * 1024, 128);
+    let mut out = Vec::new();
+    let mut ask = |cache: &mut FastCache, name: &str| {
+        let bytes = query(name, RecordType::A, None).to_vec().unwrap();
+        h.handle(cache, &snap, &bytes, LOCAL, Proto::Udp, 0, &mut out);
+        bytes
+    };
+    let web = ask(&mut cache, "web.default.svc.cluster.local.");
+    for i in 0..20_000 {
+        ask(&mut cache, &format!("flood-{i}.default.svc.cluster.local."));
+    }
+    assert!(cache.len() <= 1 + 128, "{} entries", cache.len());
+    let q = fast::parse(&web, Proto::Udp).unwrap();
+    assert!(
+        cache.get(q.key()).is_some(),
+        "the answer survived the flood"
+    );
+    // Distinct answers past the budget start over instead of growing.
+    for i in 0..2_000 {
+        let name = format!("10-1-0-{}.db.prod.svc.cluster.local.", i % 4 + 1);
+        ask(&mut cache, &name);
+        assert!(cache.bytes() <= 64 * 1024);
     }
 }
