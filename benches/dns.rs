@@ -120,6 +120,57 @@ fn bench_answer(c: &mut Criterion) {
     group.finish();
 }
 
+/// PTR and namespace questions against an A hit at 100k services (300k
+/// endpoints): an unknown address, a known one, and `<ns>.svc.<zone>`. Each
+/// must stay within a small constant of the A hit (issue 11, defect 6: an
+/// unknown PTR scanned every endpoint). The index is built on the first
+/// question of a snapshot version, before the measured loop.
+fn bench_reverse(c: &mut Criterion) {
+    let zone = Zone::new("cluster.local", 5).unwrap();
+    let services = 100_000u32;
+    let snap = snapshot(services);
+    let q = |name: &str, t| Query::query(Name::from_ascii(name).unwrap(), t);
+    let ep = Ipv4Addr::from(0x0a00_0001 + (services / 2) * ENDPOINTS);
+    let o = ep.octets();
+    let cases = [
+        (
+            "hit_a",
+            q(
+                &format!("svc-{}.default.svc.cluster.local.", services / 2),
+                RecordType::A,
+            ),
+            true,
+        ),
+        (
+            "ptr_unknown",
+            q("9.9.9.9.in-addr.arpa.", RecordType::PTR),
+            false,
+        ),
+        (
+            "ptr_hit",
+            q(
+                &format!("{}.{}.{}.{}.in-addr.arpa.", o[3], o[2], o[1], o[0]),
+                RecordType::PTR,
+            ),
+            true,
+        ),
+        (
+            "namespace",
+            q("default.svc.cluster.local.", RecordType::A),
+            true,
+        ),
+    ];
+    let mut group = c.benchmark_group("dns_reverse");
+    for (kind, q, ours) in cases {
+        let got = answer(&snap, &zone, &q, 0);
+        assert_eq!(matches!(got, Outcome::Answer(_)), ours, "{kind}");
+        group.bench_with_input(BenchmarkId::new(kind, services), &q, |b, q| {
+            b.iter(|| black_box(answer(black_box(&snap), &zone, black_box(q), 0)))
+        });
+    }
+    group.finish();
+}
+
 fn bench_handler(c: &mut Criterion) {
     let handler = Handler::new(Zone::new("cluster.local", 5).unwrap(), Vec::new(), None);
     let mut group = c.benchmark_group("dns_handler");
@@ -152,7 +203,7 @@ fn bench_handler(c: &mut Criterion) {
             );
             // The fast path: the same question again, answered from the
             // per-task cache with the ID, case and rotation patched.
-            let mut cache = FastCache::new(1024);
+            let mut cache = FastCache::new(1024 * 1024, 1024);
             handler.handle(&mut cache, &snap, &bytes, CLIENT, Proto::Udp, 0, &mut out);
             group.bench_with_input(
                 BenchmarkId::new(format!("fast_{kind}"), services),
@@ -178,5 +229,5 @@ fn bench_handler(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_answer, bench_handler);
+criterion_group!(benches, bench_answer, bench_reverse, bench_handler);
 criterion_main!(benches);

@@ -5,9 +5,10 @@
 //! registry combines them with [`Health`] (what is alive) into a
 //! [`Snapshot`], and DNS, proxy and health read that snapshot.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -407,11 +408,20 @@ pub struct Snapshot {
     pub services: ServiceMap,
     /// Claims given to one service and refused to another, in order.
     pub conflicts: Arc<[Conflict]>,
+    /// Lookups derived from `services`, built on first use (see [`Index`]).
+    #[serde(skip)]
+    pub index: LazyIndex,
 }
 
 impl Snapshot {
     pub fn service(&self, key: &ServiceKey) -> Option<&Arc<ServiceState>> {
         self.services.get(key)
+    }
+
+    /// The reverse lookups of this snapshot, built once on first use: a
+    /// PTR or namespace question must not scan every service per query.
+    pub fn index(&self) -> &Index {
+        self.index.0.get_or_init(|| Index::build(&self.services))
     }
 
     pub fn endpoint_count(&self) -> usize {
@@ -501,5 +511,85 @@ mod tests {
         let state = ServiceState::new(spec.clone(), "test".into(), eps);
         assert!(state.panic);
         assert_eq!(state.serving().count(), 1);
+    }
+}
+
+/// What owns an address: a service's vip (`host: None`) or one of its
+/// serving endpoints (`host`: its hostname, lower-cased, when it has one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpOwner {
+    pub service: ServiceKey,
+    pub host: Option<Arc<str>>,
+}
+
+/// Lookups the DNS side needs besides "service by key", derived from one
+/// snapshot's services: owners by address (PTR), and the namespaces that
+/// hold a service DNS answers for (`<ns>.svc.<zone>`). Built in one pass.
+#[derive(Debug, Default)]
+pub struct Index {
+    pub by_ip: HashMap<IpAddr, Vec<IpOwner>>,
+    pub namespaces: HashSet<Arc<str>>,
+}
+
+impl Index {
+    pub fn build(services: &ServiceMap) -> Self {
+        let mut index = Index::default();
+        for svc in services.values() {
+            let serving = svc.serving().next().is_some();
+            if !svc.spec.is_headless() || serving {
+                index.namespaces.insert(svc.key().namespace.clone());
+            }
+            if let Some(vip) = svc.spec.vip {
+                index.by_ip.entry(vip).or_default().push(IpOwner {
+                    service: svc.key().clone(),
+                    host: None,
+                });
+            }
+            for ep in svc.serving() {
+                let host = ep
+                    .endpoint
+                    .hostname
+                    .as_deref()
+                    .map(|h| h.to_ascii_lowercase().into());
+                index
+                    .by_ip
+                    .entry(ep.endpoint.ip)
+                    .or_default()
+                    .push(IpOwner {
+                        service: svc.key().clone(),
+                        host,
+                    });
+            }
+        }
+        index
+    }
+}
+
+/// The lazily built [`Index`] of a snapshot. A clone starts empty: a
+/// snapshot the registry changes after cloning never carries an index of
+/// other services.
+#[derive(Default)]
+pub struct LazyIndex(OnceLock<Index>);
+
+impl Clone for LazyIndex {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl fmt::Debug for LazyIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "LazyIndex(built)"
+        } else {
+            "LazyIndex(empty)"
+        })
+    }
+}
+
+impl LazyIndex {
+    /// Whether the index was built (tests check it is built once).
+    pub fn is_built(&self) -> bool {
+        self.0.get().is_some()
     }
 }

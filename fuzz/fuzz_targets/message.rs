@@ -61,6 +61,7 @@ fn fixture() -> &'static (Handler, Snapshot) {
             version: 1,
             ready: true,
             services: services.into(),
+            ..Default::default()
         };
         (beacon::dns::handler(&cfg).unwrap(), snap)
     })
@@ -73,7 +74,7 @@ fuzz_target!(|data: &[u8]| {
         let rotate = data.len();
         let mut slow = Vec::new();
         let slow_reply = handler.slow(snap, data, client, proto, rotate, &mut slow);
-        let mut cache = FastCache::new(8);
+        let mut cache = FastCache::new(8 * 1024, 8);
         for _ in 0..2 {
             let mut out = Vec::new();
             let reply = handler.handle(&mut cache, snap, data, client, proto, rotate, &mut out);

@@ -207,11 +207,7 @@ impl<'a> Builder<'a> {
             [s] if is(s, "svc") => Some(Node::Empty),
             [ns, s] if is(s, "svc") => {
                 let ns = lower(ns);
-                let exists = self
-                    .snapshot
-                    .services
-                    .keys()
-                    .any(|k| *k.namespace == *ns && self.service_exists(k));
+                let exists = self.snapshot.index().namespaces.contains(ns.as_str());
                 exists.then_some(Node::Empty)
             }
             [svc, ns, s] if is(s, "svc") => self.service(ns, svc).map(Node::Service),
@@ -383,17 +379,14 @@ fn reverse(snapshot: &Snapshot, zone: &Zone, query: &Query) -> Outcome {
     if net.prefix_len() != net.max_prefix_len() || !snapshot.ready {
         return Outcome::NotOurs;
     }
-    let ip = net.addr();
-    let mut targets = Vec::new();
-    for svc in snapshot.services.values() {
-        if svc.spec.vip == Some(ip) {
-            targets.extend(service_name(zone, svc.key(), None));
-        }
-        for ep in svc.serving().filter(|e| e.endpoint.ip == ip) {
-            let host = ep.endpoint.hostname.as_ref().map(|_| endpoint_label(ep));
-            targets.extend(service_name(zone, svc.key(), host.as_deref()));
-        }
-    }
+    // One lookup in the snapshot's index, not a scan of every endpoint:
+    // an unknown address costs a hash probe (issue 11, defect 6).
+    let owners = snapshot.index().by_ip.get(&net.addr());
+    let mut targets: Vec<Name> = owners
+        .into_iter()
+        .flatten()
+        .filter_map(|o| service_name(zone, &o.service, o.host.as_deref()))
+        .collect();
     if targets.is_empty() {
         return Outcome::NotOurs;
     }

@@ -157,6 +157,11 @@ pub struct Entry {
 impl Entry {
     /// Wraps the slow path's template reply for `q`. `None` when it cannot be
     /// patched exactly (then the query takes the slow path every time).
+    /// NXDOMAIN, or no records in the answer section (NODATA).
+    pub fn is_negative(&self) -> bool {
+        self.rcode != ResponseCode::NoError || u16_at(&self.bytes, 6) == 0
+    }
+
     pub fn new(encoded: Vec<u8>, q: &FastQuery, rcode: ResponseCode) -> Option<Self> {
         let name = &q.key[..q.key_len - 5];
         if encoded.get(12..q.name_end)? != name {
@@ -207,49 +212,83 @@ impl Entry {
     }
 }
 
-/// Cached encodings of one loop (a UDP thread or a TCP connection), valid
-/// for one snapshot version.
+/// Per-entry bookkeeping counted against a cache's byte budget (the map's
+/// slot and the boxes' headers).
+const ENTRY_OVERHEAD: usize = 64;
+
+/// Cached encodings of one UDP thread, or of all TCP connections together,
+/// valid for one snapshot version. Bounded two ways (issue 11, defect 7: a
+/// flood of distinct names grew a per-thread map by 85 MB): answers with
+/// records count their bytes against `budget` and start over past it;
+/// negative answers (NXDOMAIN, NODATA), which any client can mint without
+/// end, live in a small LRU of their own so a flood of them never pushes
+/// out the answers that matter.
 #[derive(Debug)]
 pub struct FastCache {
     version: u64,
-    entries: HashMap<Box<[u8]>, Entry>,
-    capacity: usize,
+    positive: HashMap<Box<[u8]>, Entry>,
+    bytes: usize,
+    budget: usize,
+    negative: lru::LruCache<Box<[u8]>, Entry>,
 }
 
 impl FastCache {
-    pub fn new(capacity: usize) -> Self {
+    /// A cache of at most `budget` bytes of answers and `negatives` negative
+    /// answers.
+    pub fn new(budget: usize, negatives: usize) -> Self {
         Self {
             version: u64::MAX,
-            entries: HashMap::new(),
-            capacity,
+            positive: HashMap::new(),
+            bytes: 0,
+            budget,
+            negative: lru::LruCache::new(std::num::NonZeroUsize::new(negatives.max(1)).unwrap()),
         }
     }
 
     /// Drops every entry when the snapshot changed.
     pub fn sync(&mut self, version: u64) {
         if version != self.version {
-            self.entries.clear();
+            self.positive.clear();
+            self.negative.clear();
+            self.bytes = 0;
             self.version = version;
         }
     }
 
-    pub fn get(&self, key: &[u8]) -> Option<&Entry> {
-        self.entries.get(key)
+    pub fn get(&mut self, key: &[u8]) -> Option<&Entry> {
+        match self.positive.get(key) {
+            Some(e) => Some(e),
+            None => self.negative.get(key),
+        }
     }
 
     pub fn insert(&mut self, key: &[u8], entry: Entry) {
-        if self.entries.len() >= self.capacity {
-            // A flood of distinct names: start over rather than grow.
-            self.entries.clear();
+        if entry.is_negative() {
+            self.negative.put(key.into(), entry);
+            return;
         }
-        self.entries.insert(key.into(), entry);
+        let cost = key.len() + entry.bytes.len() + ENTRY_OVERHEAD;
+        if self.bytes + cost > self.budget {
+            // More distinct answers than the budget holds: start over
+            // rather than grow.
+            self.positive.clear();
+            self.positive.shrink_to(0);
+            self.bytes = 0;
+        }
+        self.bytes += cost;
+        self.positive.insert(key.into(), entry);
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.positive.len() + self.negative.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
+    }
+
+    /// Bytes of answers held (negative ones not counted).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 }

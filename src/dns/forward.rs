@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use tokio::sync::watch;
 
 use super::wire::{self, WireError};
 
@@ -28,6 +29,9 @@ const STALE_MAX: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_NEGATIVE_TTL: u32 = 30;
 /// Upper bound of any cached TTL.
 const MAX_TTL: u32 = 86400;
+/// Upper bound of a negative answer's TTL (unbound's
+/// `cache-max-negative-ttl`).
+const MAX_NEGATIVE_TTL: u32 = 3600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -65,9 +69,37 @@ impl CacheEntry {
 #[derive(Debug)]
 pub struct Forwarder {
     upstreams: Vec<SocketAddr>,
+    /// beacon's own zone: nothing at or below it is taken from upstreams.
+    zone: Name,
     timeout: Duration,
     capacity: usize,
     cache: Mutex<HashMap<Key, CacheEntry>>,
+    /// Questions being asked upstream now: later identical questions wait
+    /// for the first one's result instead of asking again.
+    inflight: Mutex<HashMap<Key, watch::Receiver<Option<Resolved>>>>,
+}
+
+/// What one upstream round gave: the cached entry, or why it failed.
+type Resolved = Result<Arc<CacheEntry>, String>;
+
+/// Removes the leader's in-flight entry when it ends, however it ends (a
+/// cancelled leader must not leave followers of later questions waiting).
+struct Leading<'a> {
+    forwarder: &'a Forwarder,
+    key: &'a Key,
+    rx: watch::Receiver<Option<Resolved>>,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        let mut inflight = self.forwarder.inflight();
+        if inflight
+            .get(self.key)
+            .is_some_and(|rx| rx.same_channel(&self.rx))
+        {
+            inflight.remove(self.key);
+        }
+    }
 }
 
 /// A query waiting for the upstreams.
@@ -84,16 +116,30 @@ impl ForwardJob {
     pub async fn run(self) -> (Vec<u8>, ResponseCode) {
         self.forwarder.reply(&self.request, self.limit).await
     }
+
+    /// The reply from the cache, when a fresh entry answers the job: the
+    /// serving loops look here before they take a forward slot.
+    pub fn cached(&self) -> Option<(Vec<u8>, ResponseCode)> {
+        self.forwarder.cached(&self.request, self.limit)
+    }
 }
 
 impl Forwarder {
-    pub fn new(upstreams: Vec<SocketAddr>, timeout: Duration, capacity: usize) -> Self {
+    pub fn new(upstreams: Vec<SocketAddr>, zone: Name, timeout: Duration, capacity: usize) -> Self {
         Self {
             upstreams,
+            zone: zone.to_lowercase(),
             timeout,
             capacity: capacity.max(1),
             cache: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn inflight(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Key, watch::Receiver<Option<Resolved>>>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<Key, CacheEntry>> {
@@ -104,33 +150,78 @@ impl Forwarder {
         self.cache().len()
     }
 
+    /// The reply to `req` from a fresh cache entry, if there is one.
+    pub fn cached(&self, req: &Message, limit: usize) -> Option<(Vec<u8>, ResponseCode)> {
+        let key = key_of(req.queries.first()?);
+        let now = Instant::now();
+        let entry = self
+            .cache()
+            .get(&key)
+            .filter(|e| e.expires() > now)
+            .cloned()?;
+        let age = now.duration_since(entry.stored).as_secs() as u32;
+        Some(self.render(req, entry.rcode, Some(&entry), age, limit))
+    }
+
     /// The reply to `req` (one question, outside the zone).
     pub async fn reply(&self, req: &Message, limit: usize) -> (Vec<u8>, ResponseCode) {
         let Some(question) = req.queries.first() else {
             return self.render(req, ResponseCode::FormErr, None, 0, limit);
         };
+        if let Some(reply) = self.cached(req, limit) {
+            return reply;
+        }
         let lower = wire::lowercase(question);
-        let key: Key = (lower.name.clone(), lower.query_type, lower.query_class);
-        let now = Instant::now();
-        if let Some(entry) = self
-            .cache()
-            .get(&key)
-            .filter(|e| e.expires() > now)
-            .cloned()
-        {
-            let age = now.duration_since(entry.stored).as_secs() as u32;
-            return self.render(req, entry.rcode, Some(&entry), age, limit);
+        let key = key_of(&lower);
+        match self.resolve(&lower, &key).await {
+            Ok(entry) => self.render(req, entry.rcode, Some(&entry), 0, limit),
+            Err(why) => self.stale_or_fail(req, &key, limit, &why),
         }
-        let result = tokio::time::timeout(self.timeout, self.ask_upstreams(&lower)).await;
-        match result {
-            Ok(Ok(reply)) => {
-                let entry = entry_from(reply, Instant::now());
-                self.store(key, entry.clone());
-                self.render(req, entry.rcode, Some(&entry), 0, limit)
+    }
+
+    /// Asks the upstreams once per identical in-flight question: the first
+    /// asker leads, later ones wait for its result (issue 11, defect 12:
+    /// 4,600 client queries had gone upstream as 3,777).
+    async fn resolve(&self, lower: &Query, key: &Key) -> Resolved {
+        let lead = {
+            let mut inflight = self.inflight();
+            match inflight.get(key) {
+                Some(rx) => Err(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(key.clone(), rx.clone());
+                    Ok((tx, rx))
+                }
             }
-            Ok(Err(e)) => self.stale_or_fail(req, &key, limit, &e.to_string()),
-            Err(_) => self.stale_or_fail(req, &key, limit, "timed out"),
-        }
+        };
+        let (tx, rx) = match lead {
+            Ok(lead) => lead,
+            Err(mut rx) => {
+                let waited = tokio::time::timeout(self.timeout, rx.wait_for(Option::is_some)).await;
+                return match waited {
+                    Ok(Ok(done)) => done.clone().unwrap_or_else(|| Err("no result".into())),
+                    _ => Err("the identical question in flight was lost".into()),
+                };
+            }
+        };
+        let leading = Leading {
+            forwarder: self,
+            key,
+            rx,
+        };
+        let result = match tokio::time::timeout(self.timeout, self.ask_upstreams(lower)).await {
+            Ok(Ok(mut reply)) => {
+                filter::sanitize(&mut reply, lower, &self.zone);
+                let entry = entry_from(reply, Instant::now());
+                self.store(key.clone(), entry.clone());
+                Ok(Arc::new(entry))
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        };
+        drop(leading);
+        let _ = tx.send(Some(result.clone()));
+        result
     }
 
     fn stale_or_fail(
@@ -248,12 +339,17 @@ impl Forwarder {
     }
 }
 
-/// The cache entry of an upstream reply: TTL is the smallest record TTL,
-/// for negative answers the SOA minimum.
-fn entry_from(reply: Message, now: Instant) -> CacheEntry {
-    let records = reply.answers.iter().chain(&reply.authorities);
+fn key_of(q: &Query) -> Key {
+    (q.name.to_lowercase(), q.query_type, q.query_class)
+}
+
+/// The cache entry of an (already sanitized) upstream reply: TTL is the
+/// smallest record TTL; for a negative answer the smaller of the SOA's TTL
+/// and its MINIMUM (RFC 2308 section 5), capped at [`MAX_NEGATIVE_TTL`],
+/// and the SOA record itself carries that TTL when it is served.
+fn entry_from(mut reply: Message, now: Instant) -> CacheEntry {
     let ttl = if reply.answers.is_empty() {
-        reply
+        let negative = reply
             .authorities
             .iter()
             .find_map(|r| match &r.data {
@@ -261,7 +357,13 @@ fn entry_from(reply: Message, now: Instant) -> CacheEntry {
                 _ => None,
             })
             .unwrap_or(DEFAULT_NEGATIVE_TTL)
+            .min(MAX_NEGATIVE_TTL);
+        for r in &mut reply.authorities {
+            r.ttl = r.ttl.min(negative);
+        }
+        negative
     } else {
+        let records = reply.answers.iter().chain(&reply.authorities);
         records.map(|r| r.ttl).min().unwrap_or(0)
     };
     CacheEntry {
@@ -287,6 +389,8 @@ async fn ask(upstream: SocketAddr, query: &Query) -> Result<Message, ForwardErro
     }
     wire::tcp_exchange(upstream, &msg).await.map_err(err)
 }
+
+mod filter;
 
 #[cfg(test)]
 mod tests;

@@ -31,6 +31,7 @@ pub mod fast;
 pub mod forward;
 pub mod handler;
 pub mod server;
+mod slots;
 pub mod tally;
 pub mod tcp;
 pub mod udp;
@@ -62,6 +63,7 @@ pub fn handler(cfg: &DnsConfig) -> Result<Handler, DnsError> {
     let forwarder = (!cfg.forward.is_empty()).then(|| {
         Arc::new(forward::Forwarder::new(
             cfg.forward.clone(),
+            zone.apex().clone(),
             cfg.forward_timeout,
             cfg.cache_size,
         ))

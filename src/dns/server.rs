@@ -6,23 +6,33 @@
 use std::any::Any;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::error::DnsError;
+use super::fast::FastCache;
 use super::handler::Handler;
+use super::slots::ForwardSlots;
 use super::tally::DnsMetrics;
 
 /// Forwarded queries in flight at once (beyond: SERVFAIL at once).
 const MAX_FORWARDS: usize = 4096;
+/// The shared TCP fast-path cache: bytes of answers, negative answers.
+const TCP_CACHE_BYTES: usize = 4 << 20;
+const TCP_CACHE_NEGATIVES: usize = 4096;
+/// Of the forward slots, what one client address may hold.
+const CLIENT_FORWARDS: usize = MAX_FORWARDS / 16;
 
 /// What every serving loop shares.
 pub struct Shared {
     pub handler: Handler,
-    pub forwards: Arc<Semaphore>,
+    pub forwards: Arc<ForwardSlots>,
+    /// The fast-path cache of every TCP connection together: one bounded
+    /// cache, not one per connection (~840 KiB each under a flood).
+    pub tcp_cache: Mutex<FastCache>,
     pub metrics: DnsMetrics,
     #[cfg(test)]
     pub faults: Faults,
@@ -32,7 +42,8 @@ impl Shared {
     pub fn new(handler: Handler) -> Self {
         Self {
             handler,
-            forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
+            forwards: ForwardSlots::new(MAX_FORWARDS, CLIENT_FORWARDS),
+            tcp_cache: Mutex::new(FastCache::new(TCP_CACHE_BYTES, TCP_CACHE_NEGATIVES)),
             metrics: DnsMetrics::default(),
             #[cfg(test)]
             faults: Faults::default(),

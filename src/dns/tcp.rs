@@ -15,15 +15,12 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::fast::FastCache;
 use super::forward::ForwardJob;
 use super::handler::Reply;
 use super::server::Shared;
 use super::wire::{self, Proto};
 use crate::registry::Reader;
 
-/// Entries per connection in the fast-path cache before it starts over.
-const FAST_CACHE_ENTRIES: usize = 1024;
 /// Replies queued for a connection's writer.
 const WRITE_QUEUE: usize = 64;
 
@@ -102,7 +99,6 @@ impl Connection {
         let _ = stream.set_nodelay(true);
         let (mut rd, wr) = stream.into_split();
         let (tx, writer) = spawn_writer(wr, self.settings.idle_timeout);
-        let mut cache = FastCache::new(FAST_CACHE_ENTRIES);
         let mut out = Vec::with_capacity(4096);
         let mut rotate = fastrand::usize(..);
         loop {
@@ -123,7 +119,7 @@ impl Connection {
                 }
             };
             rotate = rotate.wrapping_add(1);
-            if !self.answer(&body, &mut cache, rotate, &mut out, &tx).await {
+            if !self.answer(&body, rotate, &mut out, &tx).await {
                 break;
             }
         }
@@ -135,22 +131,29 @@ impl Connection {
     async fn answer(
         &mut self,
         body: &[u8],
-        cache: &mut FastCache,
         rotate: usize,
         out: &mut Vec<u8>,
         tx: &Replies,
     ) -> bool {
         let started = Instant::now();
         let snapshot = self.reader.latest();
-        let reply = self.shared.handler.handle(
-            cache,
-            &snapshot,
-            body,
-            self.peer.ip(),
-            Proto::Tcp,
-            rotate,
-            out,
-        );
+        // The shared cache is locked for the synchronous answer only.
+        let reply = {
+            let mut cache = self
+                .shared
+                .tcp_cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.shared.handler.handle(
+                &mut cache,
+                &snapshot,
+                body,
+                self.peer.ip(),
+                Proto::Tcp,
+                rotate,
+                out,
+            )
+        };
         let metrics = &self.shared.metrics;
         match reply {
             Reply::Send { rcode, qtype } => {
@@ -175,7 +178,14 @@ impl Connection {
         started: Instant,
     ) -> bool {
         let qtype = job.request.queries.first().map(|q| q.query_type);
-        let Ok(permit) = self.shared.forwards.clone().try_acquire_owned() else {
+        // A cache hit needs no slot and no task.
+        if let Some((bytes, rcode)) = job.cached() {
+            self.shared
+                .metrics
+                .record(Proto::Tcp, qtype, Some(rcode), started);
+            return tx.send(wire::frame(&bytes)).await.is_ok();
+        }
+        let Some(permit) = self.shared.forwards.take(self.peer.ip()) else {
             let bytes = wire::header_only(body, ResponseCode::ServFail);
             self.shared
                 .metrics

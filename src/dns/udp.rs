@@ -32,12 +32,16 @@ use crate::registry::Reader;
 pub const UDP_POLL: Duration = Duration::from_millis(100);
 /// Packets a UDP thread handles between two flushes of its metric tallies.
 const UDP_BATCH: u32 = 64;
-/// Entries per thread in the fast-path cache before it starts over.
-const FAST_CACHE_ENTRIES: usize = 100_000;
+/// Bytes of answers per thread in the fast-path cache before it starts
+/// over, and its negative answers (see [`FastCache`]).
+const FAST_CACHE_BYTES: usize = 8 << 20;
+const FAST_CACHE_NEGATIVES: usize = 4096;
 
 /// One UDP thread's state.
 struct UdpLoop {
-    sock: UdpSocket,
+    /// Shared with the forwarded queries' tasks, which send their replies
+    /// on it (a `try_clone` per query cost a descriptor each).
+    sock: Arc<UdpSocket>,
     shared: Arc<Shared>,
     reader: Reader,
     snapshot: Arc<Snapshot>,
@@ -60,12 +64,12 @@ pub fn udp_thread(
 ) {
     let snapshot = reader.latest();
     let mut lp = UdpLoop {
-        sock,
+        sock: Arc::new(sock),
         shared,
         reader,
         snapshot,
         runtime,
-        cache: FastCache::new(FAST_CACHE_ENTRIES),
+        cache: FastCache::new(FAST_CACHE_BYTES, FAST_CACHE_NEGATIVES),
         out: Vec::with_capacity(4096),
         rotate: fastrand::usize(..),
         tally: UdpTally::new(UDP_BATCH as usize),
@@ -144,9 +148,15 @@ impl UdpLoop {
     /// many are in flight.
     fn forward(&mut self, job: Box<ForwardJob>, bytes: &[u8], peer: SocketAddr, started: Instant) {
         let qtype = job.request.queries.first().map(|q| q.query_type);
-        let permit = self.shared.forwards.clone().try_acquire_owned();
-        match (permit, self.sock.try_clone()) {
-            (Ok(permit), Ok(sock)) => {
+        // A cache hit needs no slot and no task.
+        if let Some((reply, rcode)) = job.cached() {
+            send_udp(&self.sock, &reply, peer);
+            self.tally.record(qtype, Some(rcode), started);
+            return;
+        }
+        match self.shared.forwards.take(peer.ip()) {
+            Some(permit) => {
+                let sock = self.sock.clone();
                 let shared = self.shared.clone();
                 self.runtime.spawn(async move {
                     let (bytes, rcode) = job.run().await;
@@ -157,7 +167,7 @@ impl UdpLoop {
                     drop(permit);
                 });
             }
-            _ => {
+            None => {
                 let reply = wire::header_only(bytes, ResponseCode::ServFail);
                 send_udp(&self.sock, &reply, peer);
                 self.tally

@@ -69,12 +69,16 @@ pub fn limit(proto: Proto, edns_payload: Option<u16>) -> usize {
     }
 }
 
-/// The response skeleton for `req`: ID, opcode, RD and CD copied, RA as
-/// given, `rcode`; EDNS when the request had it. No sections.
+/// The response skeleton for `req`: ID and opcode copied, RD and CD copied
+/// for a standard query only (RFC 1035 and RFC 4035 define them for QUERY;
+/// other opcodes get them clear), RA as given, `rcode`; EDNS when the
+/// request had it. No sections.
 pub fn response(req: &Message, rcode: ResponseCode, recursion_available: bool) -> Message {
     let mut msg = Message::new(req.metadata.id, MessageType::Response, req.metadata.op_code);
-    msg.metadata.recursion_desired = req.metadata.recursion_desired;
-    msg.metadata.checking_disabled = req.metadata.checking_disabled;
+    if req.metadata.op_code == OpCode::Query {
+        msg.metadata.recursion_desired = req.metadata.recursion_desired;
+        msg.metadata.checking_disabled = req.metadata.checking_disabled;
+    }
     msg.metadata.recursion_available = recursion_available;
     msg.metadata.response_code = rcode;
     if req.edns.is_some() {
@@ -94,12 +98,15 @@ pub fn encode_within(msg: &Message, limit: usize) -> Option<Vec<u8>> {
     (truncated.len() <= limit).then_some(truncated)
 }
 
-/// A header-only reply to a message whose body could not be read: same ID,
-/// opcode and RD, QR set, `rcode`. `req` holds at least a header.
+/// A header-only reply to a message whose body could not be read: same ID
+/// and opcode, RD for a standard query only, QR set, `rcode`. `req` holds
+/// at least a header.
 pub fn header_only(req: &[u8], rcode: ResponseCode) -> Vec<u8> {
     let mut h = vec![0u8; HEADER_LEN];
     h[..2].copy_from_slice(&req[..2]);
-    h[2] = 0x80 | (req[2] & 0x79);
+    let opcode = req[2] & 0x78;
+    let rd = if opcode == 0 { req[2] & 0x01 } else { 0 };
+    h[2] = 0x80 | opcode | rd;
     h[3] = rcode.low();
     h
 }

@@ -221,3 +221,111 @@ fn the_binary_forwards_through_dnsmasq_for_allowed_clients_only() {
         "loopback is not allowed here: {out}"
     );
 }
+
+/// Resident set size of a process, in bytes (from /proc).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS line");
+    kb * 1024
+}
+
+/// A standard A query for `name` with ID `id`, no EDNS.
+fn a_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = vec![(id >> 8) as u8, id as u8, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// Issue 11 defect 7: 100k distinct NXDOMAIN names over UDP and then over
+/// one TCP connection must not grow beacon's memory without bound (the
+/// fast-path caches held every name: +85 MB per UDP thread, ~840 KiB per
+/// TCP connection). Bounded caches keep the growth to a few MB.
+#[test]
+fn distinct_nxdomain_floods_leave_memory_bounded() {
+    use std::io::{Read, Write};
+    let b = start("");
+    let pid = b.child.id();
+    let names = 100_000u32;
+    let name = |i: u32| format!("flood-{i}.default.svc.cluster.local");
+    // Warm up the paths once, then take the baseline.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    sock.connect(b.dns).unwrap();
+    let mut buf = [0u8; 1500];
+    let mut udp_round = |from: u32, to: u32| {
+        let mut answered = 0u32;
+        for chunk in (from..to).collect::<Vec<_>>().chunks(64) {
+            for &i in chunk {
+                sock.send(&a_query(i as u16, &name(i))).unwrap();
+            }
+            for _ in chunk {
+                match sock.recv(&mut buf) {
+                    Ok(n) if n >= 4 && buf[3] & 0x0F == 3 => answered += 1,
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        answered
+    };
+    udp_round(0, 2_000);
+    let before = rss_bytes(pid);
+    let answered = udp_round(2_000, 2_000 + names);
+    assert!(
+        answered > names * 9 / 10,
+        "only {answered} NXDOMAIN replies"
+    );
+    let after_udp = rss_bytes(pid);
+    // TCP: one connection, pipelined in windows of 64.
+    let mut tcp = std::net::TcpStream::connect(b.dns).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let base = 200_000u32;
+    for window in (base..base + names).collect::<Vec<_>>().chunks(64) {
+        let mut out = Vec::new();
+        for &i in window {
+            let q = a_query(i as u16, &name(i));
+            out.extend_from_slice(&(q.len() as u16).to_be_bytes());
+            out.extend_from_slice(&q);
+        }
+        tcp.write_all(&out).unwrap();
+        for _ in window {
+            let mut len = [0u8; 2];
+            tcp.read_exact(&mut len).unwrap();
+            let mut body = vec![0u8; u16::from_be_bytes(len) as usize];
+            tcp.read_exact(&mut body).unwrap();
+        }
+    }
+    let after_tcp = rss_bytes(pid);
+    let mb = |x: u64| x as f64 / 1048576.0;
+    eprintln!(
+        "rss: before {:.1} MB, after 100k udp {:.1} MB, after 100k tcp {:.1} MB",
+        mb(before),
+        mb(after_udp),
+        mb(after_tcp)
+    );
+    let bound = 12 * 1024 * 1024;
+    assert!(
+        after_udp.saturating_sub(before) < bound,
+        "udp flood grew rss by {:.1} MB",
+        mb(after_udp - before)
+    );
+    assert!(
+        after_tcp.saturating_sub(after_udp) < bound,
+        "tcp flood grew rss by {:.1} MB",
+        mb(after_tcp - after_udp)
+    );
+    // Still answering, from the zone.
+    assert_eq!(
+        dig(b.dns, "web.default.svc.cluster.local", "A", false),
+        vec!["127.0.0.20"]
+    );
+}

@@ -427,6 +427,42 @@ fn ptr_for_endpoints_and_vips() {
     );
 }
 
+/// PTR and `<ns>.svc` answers come from the snapshot's index, built once
+/// on the first such question, never from a scan per query (defect 6: an
+/// unknown address cost a walk over every endpoint). The proof: services
+/// slipped into the map after the index was built are invisible to both,
+/// which a per-query scan would find.
+#[test]
+fn reverse_and_namespace_questions_use_the_index_built_once() {
+    let mut snap = demo();
+    assert!(!snap.index.is_built(), "built before any question");
+    assert!(matches!(
+        ask(&snap, "web.default.svc.cluster.local.", RecordType::A),
+        Outcome::Answer(_)
+    ));
+    assert!(!snap.index.is_built(), "an A question must not build it");
+    assert_eq!(
+        ask(&snap, "9.9.9.9.in-addr.arpa.", RecordType::PTR),
+        Outcome::NotOurs
+    );
+    assert!(snap.index.is_built());
+    let late = service("late", "svc", Some("10.96.9.9"), vec![ep("10.9.9.1")]);
+    snap.services.insert(late.key().clone(), Arc::new(late));
+    assert_eq!(
+        ask(&snap, "1.9.9.10.in-addr.arpa.", RecordType::PTR),
+        Outcome::NotOurs
+    );
+    let za = zone_answer(ask(&snap, "late.svc.cluster.local.", RecordType::A));
+    assert_eq!(za.rcode, ResponseCode::NXDomain, "namespace from the index");
+    // A clone (what the registry publishes next) starts with no index.
+    let next = snap.clone();
+    assert!(!next.index.is_built());
+    let za = zone_answer(ask(&next, "1.9.9.10.in-addr.arpa.", RecordType::PTR));
+    assert_eq!(za.answers.len(), 1);
+    let za = zone_answer(ask(&next, "late.svc.cluster.local.", RecordType::A));
+    assert_eq!(za.rcode, ResponseCode::NoError);
+}
+
 #[test]
 fn dns_version_apex_soa_ns_and_any() {
     let snap = demo();

@@ -109,3 +109,266 @@ async fn forwarding_caches_and_serves_stale_when_upstreams_fail() {
     up.task.abort();
     run.stop().await;
 }
+
+/// A hostile upstream on UDP and TCP (one port): it stuffs records outside
+/// the question into its replies, answers NXDOMAIN with a long SOA TTL, and
+/// over TCP answers another question than the one asked.
+async fn hostile_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use hickory_proto::rr::rdata::SOA;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let a = |owner: &str, ip: &str| {
+        Record::from_rdata(
+            hickory_proto::rr::Name::from_ascii(owner).unwrap(),
+            300,
+            RData::A(A(ip.parse().unwrap())),
+        )
+    };
+    let reply_to = move |req: &Message, over_tcp: bool| -> Message {
+        let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+        resp.queries = req.queries.clone();
+        let qname = req.queries[0].name.to_ascii().to_ascii_lowercase();
+        match qname.as_str() {
+            "poison.example." => {
+                resp.answers.push(a("poison.example.", "192.0.2.7"));
+                resp.answers.push(a("evil.example.net.", "6.6.6.6"));
+                resp.answers
+                    .push(a("web.default.svc.cluster.local.", "6.6.6.6"));
+                resp.additionals
+                    .push(a("web.default.svc.cluster.local.", "6.6.6.6"));
+            }
+            "nx.example." => {
+                resp.metadata.response_code = ResponseCode::NXDomain;
+                let n = |s: &str| hickory_proto::rr::Name::from_ascii(s).unwrap();
+                let soa = SOA::new(n("ns.example."), n("h.example."), 1, 1, 1, 1, 60);
+                resp.authorities
+                    .push(Record::from_rdata(n("example."), 3600, RData::SOA(soa)));
+            }
+            _ if !over_tcp => resp.metadata.truncation = true,
+            _ => {
+                resp.queries[0].name =
+                    hickory_proto::rr::Name::from_ascii("other.example.").unwrap();
+                resp.answers.push(a("other.example.", "6.6.6.6"));
+            }
+        }
+        resp
+    };
+    let task = tokio::spawn(async move {
+        let tcp_task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = tcp.accept().await {
+                if let Some(body) = crate::dns::testkit::read_frame(&mut s).await
+                    && let Ok(req) = Message::from_vec(&body)
+                {
+                    let bytes = reply_to(&req, true).to_vec().unwrap();
+                    use tokio::io::AsyncWriteExt;
+                    let _ = s.write_all(&crate::dns::testkit::framed(&bytes)).await;
+                }
+            }
+        });
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+            if let Ok(req) = Message::from_vec(&buf[..n]) {
+                let _ = sock
+                    .send_to(&reply_to(&req, false).to_vec().unwrap(), peer)
+                    .await;
+            }
+        }
+        tcp_task.abort();
+    });
+    (addr, task)
+}
+
+/// Defect 11: only records on the question's name and its chain are passed
+/// on (never one inside beacon's zone), the TCP fallback checks the reply's
+/// question, and a negative answer's SOA TTL is capped (RFC 2308).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_upstream_cannot_poison_or_stretch_what_is_served() {
+    let (up, task) = hostile_upstream().await;
+    let mut c = cfg();
+    c.forward = vec![up];
+    let run = start(c, Reader::fixed(demo())).await;
+    let ask = |name: &str| query(name, RecordType::A, Some(1232)).to_vec().unwrap();
+    for _ in 0..2 {
+        // The second round is served from the cache: it must be as clean.
+        let msg = parse(&udp_ask(run.addr, &ask("poison.example.")).await.unwrap());
+        assert_eq!(
+            a_records(&msg),
+            vec!["192.0.2.7".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(msg.answers.len(), 1, "{:?}", msg.answers);
+        assert!(msg.additionals.is_empty(), "{:?}", msg.additionals);
+        let msg = parse(&udp_ask(run.addr, &ask("nx.example.")).await.unwrap());
+        assert_eq!(msg.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(msg.authorities.len(), 1);
+        assert!(
+            msg.authorities[0].ttl <= 60,
+            "SOA TTL {}",
+            msg.authorities[0].ttl
+        );
+    }
+    // The zone still answers from the snapshot, not from the upstream.
+    let msg = parse(
+        &udp_ask(run.addr, &ask("web.default.svc.cluster.local."))
+            .await
+            .unwrap(),
+    );
+    assert!(!a_records(&msg).contains(&"6.6.6.6".parse::<IpAddr>().unwrap()));
+    // Truncated over UDP, another question over TCP: never served.
+    let msg = parse(&udp_ask(run.addr, &ask("tc.example.")).await.unwrap());
+    assert_eq!(msg.metadata.response_code, ResponseCode::ServFail);
+    assert!(msg.answers.is_empty());
+    task.abort();
+    run.stop().await;
+}
+
+/// An upstream for the slot tests: `slow-*` names are never answered,
+/// `wait.example.` after 300 ms, anything else at once (TTL 300); it counts
+/// the queries of each kind.
+struct SlotUpstream {
+    addr: SocketAddr,
+    slow: Arc<AtomicUsize>,
+    wait: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn slot_upstream() -> SlotUpstream {
+    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = sock.local_addr().unwrap();
+    let (slow, wait) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (s2, w2) = (slow.clone(), wait.clone());
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+            let Ok(req) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let qname = req.queries[0].name.to_ascii();
+            if qname.starts_with("slow-") {
+                s2.fetch_add(1, Ordering::SeqCst);
+                continue;
+            }
+            let delay = if qname == "wait.example." {
+                w2.fetch_add(1, Ordering::SeqCst);
+                Duration::from_millis(300)
+            } else {
+                Duration::ZERO
+            };
+            let sock = sock.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+                resp.queries = req.queries.clone();
+                let name = req.queries[0].name.clone();
+                resp.answers.push(Record::from_rdata(
+                    name,
+                    300,
+                    RData::A(A("192.0.2.9".parse().unwrap())),
+                ));
+                let _ = sock.send_to(&resp.to_vec().unwrap(), peer).await;
+            });
+        }
+    });
+    SlotUpstream {
+        addr,
+        slow,
+        wait,
+        task,
+    }
+}
+
+/// Sends `count` distinct never-answered names from `ip`, in small bursts
+/// (the server's receive buffer must not drop them); returns the socket.
+async fn flood_slow(server: SocketAddr, ip: &str, tag: &str, count: usize) -> UdpSocket {
+    let sock = UdpSocket::bind(format!("{ip}:0")).await.unwrap();
+    for j in 0..count {
+        let q = query(&format!("slow-{tag}-{j}.example."), RecordType::A, None);
+        sock.send_to(&q.to_vec().unwrap(), server).await.unwrap();
+        if j % 32 == 31 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    sock
+}
+
+/// Defect 12: identical in-flight questions go upstream once; one client
+/// cannot take more than its share of the forward slots; and with every
+/// slot taken a cached name is still answered (it was SERVFAIL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_slots_are_shared_fairly_and_never_block_cache_hits() {
+    let up = slot_upstream().await;
+    let mut c = cfg();
+    c.forward = vec![up.addr];
+    c.forward_allow = vec!["127.0.0.0/8".parse().unwrap()];
+    c.forward_timeout = Duration::from_secs(4);
+    let run = start(c, Reader::fixed(demo())).await;
+    let server = run.addr;
+    // Coalescing: 50 clients ask one slow name at once.
+    let asks: Vec<_> = (0..50)
+        .map(|_| {
+            let bytes = query("wait.example.", RecordType::A, None)
+                .to_vec()
+                .unwrap();
+            tokio::spawn(async move { udp_ask(server, &bytes).await })
+        })
+        .collect();
+    for a in asks {
+        let msg = parse(&a.await.unwrap().expect("coalesced reply"));
+        assert_eq!(msg.metadata.response_code, ResponseCode::NoError);
+    }
+    assert_eq!(
+        up.wait.load(Ordering::SeqCst),
+        1,
+        "one upstream query for 50 identical questions"
+    );
+    // Per-client share (4096 / 16 = 256): the 257th in-flight question of
+    // one client is SERVFAIL at once, another client still gets a slot.
+    let greedy = flood_slow(server, "127.0.0.2", "g", 257).await;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), greedy.recv(&mut buf))
+        .await
+        .expect("the question over the share is answered at once")
+        .unwrap();
+    assert_eq!(
+        parse(&buf[..n]).metadata.response_code,
+        ResponseCode::ServFail
+    );
+    let bytes = query("fresh.example.", RecordType::A, None)
+        .to_vec()
+        .unwrap();
+    let msg = parse(
+        &udp_ask(server, &bytes)
+            .await
+            .expect("another client is served"),
+    );
+    assert_eq!(msg.metadata.response_code, ResponseCode::NoError);
+    // Fill the rest of the pool from 15 more clients: 16 x 256 = 4096.
+    let mut held = vec![greedy];
+    for i in 0..15 {
+        held.push(flood_slow(server, &format!("127.0.0.{}", 3 + i), &i.to_string(), 256).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while up.slow.load(Ordering::SeqCst) < 4096 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(up.slow.load(Ordering::SeqCst), 4096, "every slot is taken");
+    // The pool is full: a cached name is answered, a new one is not.
+    let msg = parse(
+        &udp_ask(server, &bytes)
+            .await
+            .expect("cache hit with a full pool"),
+    );
+    assert_eq!(msg.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(
+        a_records(&msg),
+        vec!["192.0.2.9".parse::<IpAddr>().unwrap()]
+    );
+    let other = query("other.example.", RecordType::A, None)
+        .to_vec()
+        .unwrap();
+    let msg = parse(&udp_ask(server, &other).await.unwrap());
+    assert_eq!(msg.metadata.response_code, ResponseCode::ServFail);
+    drop(held);
+    up.task.abort();
+    run.stop().await;
+}

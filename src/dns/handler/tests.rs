@@ -19,7 +19,7 @@ fn handle(
     proto: Proto,
 ) -> (Reply, Vec<u8>) {
     let mut out = Vec::new();
-    let mut cache = FastCache::new(16);
+    let mut cache = FastCache::new(16 * 1024, 16);
     let reply = h.handle(&mut cache, snap, bytes, client, proto, 0, &mut out);
     (reply, out)
 }
@@ -72,7 +72,7 @@ fn fast_path_is_byte_identical_to_slow_path() {
         RecordType::ANY,
         RecordType::MX,
     ];
-    let mut cache = FastCache::new(10_000);
+    let mut cache = FastCache::new(10_000 * 1024, 10_000);
     let (mut compared, mut fast_hits) = (0, 0);
     for (i, name) in names.iter().enumerate() {
         for qtype in qtypes {
@@ -124,7 +124,7 @@ fn fast_path_is_byte_identical_to_slow_path() {
 fn fast_path_rotates_answers_and_echoes_case() {
     let h = handler(&cfg()).unwrap();
     let snap = demo();
-    let mut cache = FastCache::new(100);
+    let mut cache = FastCache::new(100 * 1024, 100);
     let bytes = query("DB.prod.SVC.cluster.local.", RecordType::A, None)
         .to_vec()
         .unwrap();
@@ -271,6 +271,157 @@ fn protocol_errors() {
     );
 }
 
+/// The header of every rcode path, byte by byte: QR set, ID and opcode
+/// echoed, AA on authoritative zone answers only, TC only when truncated,
+/// RD and CD echoed for QUERY and clear for any other opcode (defect 15:
+/// NOTIMP echoed RD and CD), RA as configured, Z clear, the rcode.
+#[test]
+fn the_header_of_every_rcode_path() {
+    struct Row {
+        what: &'static str,
+        bytes: Vec<u8>,
+        snap: Snapshot,
+        rcode: u8,
+        aa: bool,
+        tc: bool,
+        echo_rd_cd: bool,
+    }
+    let q = |name: &str, t: RecordType, edns: Option<u16>| {
+        let mut m = query(name, t, edns);
+        m.metadata.checking_disabled = true; // RD is set by query()
+        m
+    };
+    let bytes = |m: &Message| m.to_vec().unwrap();
+    let mut not_ready = demo();
+    not_ready.ready = false;
+    let mut rows = vec![
+        Row {
+            what: "NOERROR",
+            bytes: bytes(&q("web.default.svc.cluster.local.", RecordType::A, None)),
+            snap: demo(),
+            rcode: 0,
+            aa: true,
+            tc: false,
+            echo_rd_cd: true,
+        },
+        Row {
+            what: "NXDOMAIN",
+            bytes: bytes(&q("nope.default.svc.cluster.local.", RecordType::A, None)),
+            snap: demo(),
+            rcode: 3,
+            aa: true,
+            tc: false,
+            echo_rd_cd: true,
+        },
+        Row {
+            what: "NODATA",
+            bytes: bytes(&q("web.default.svc.cluster.local.", RecordType::TXT, None)),
+            snap: demo(),
+            rcode: 0,
+            aa: true,
+            tc: false,
+            echo_rd_cd: true,
+        },
+        Row {
+            what: "REFUSED",
+            bytes: bytes(&q("example.com.", RecordType::A, None)),
+            snap: demo(),
+            rcode: 5,
+            aa: false,
+            tc: false,
+            echo_rd_cd: true,
+        },
+        Row {
+            what: "SERVFAIL",
+            bytes: bytes(&q("web.default.svc.cluster.local.", RecordType::A, None)),
+            snap: not_ready,
+            rcode: 2,
+            aa: true,
+            tc: false,
+            echo_rd_cd: true,
+        },
+        Row {
+            what: "TC",
+            bytes: bytes(&q("big.default.svc.cluster.local.", RecordType::A, None)),
+            snap: big_snapshot(),
+            rcode: 0,
+            aa: true,
+            tc: true,
+            echo_rd_cd: true,
+        },
+    ];
+    let mut two = q("web.default.svc.cluster.local.", RecordType::A, None);
+    two.queries
+        .push(Query::query(Name::from_ascii("x.").unwrap(), RecordType::A));
+    rows.push(Row {
+        what: "FORMERR",
+        bytes: bytes(&two),
+        snap: demo(),
+        rcode: 1,
+        aa: false,
+        tc: false,
+        echo_rd_cd: true,
+    });
+    let mut garbage = vec![0xAB, 0xCD, 0x01, 0x10, 0, 1, 0, 0, 0, 0, 0, 0];
+    garbage.extend_from_slice(&[0xC0, 0xFF, 0, 1]);
+    rows.push(Row {
+        what: "FORMERR (header only)",
+        bytes: garbage,
+        snap: demo(),
+        rcode: 1,
+        aa: false,
+        tc: false,
+        echo_rd_cd: true,
+    });
+    let mut badvers = q("web.default.svc.cluster.local.", RecordType::A, Some(1232));
+    badvers.edns.as_mut().unwrap().set_version(1);
+    // BADVERS is 16: 0 in the header, the upper bits in the OPT record.
+    rows.push(Row {
+        what: "BADVERS",
+        bytes: bytes(&badvers),
+        snap: demo(),
+        rcode: 0,
+        aa: false,
+        tc: false,
+        echo_rd_cd: true,
+    });
+    for op in [OpCode::Status, OpCode::Notify, OpCode::Update] {
+        let mut m = q("web.default.svc.cluster.local.", RecordType::A, None);
+        m.metadata.op_code = op;
+        rows.push(Row {
+            what: "NOTIMP",
+            bytes: bytes(&m),
+            snap: demo(),
+            rcode: 4,
+            aa: false,
+            tc: false,
+            echo_rd_cd: false,
+        });
+    }
+    let h = handler(&cfg()).unwrap();
+    for r in rows {
+        let (reply, out) = handle(&h, &r.snap, &r.bytes, LOCAL, Proto::Udp);
+        assert!(matches!(reply, Reply::Send { .. }), "{}: {reply:?}", r.what);
+        let (b2, b3) = (out[2], out[3]);
+        assert_eq!(&out[..2], &r.bytes[..2], "{}: id", r.what);
+        assert_eq!(b2 & 0x80, 0x80, "{}: QR", r.what);
+        assert_eq!(b2 & 0x78, r.bytes[2] & 0x78, "{}: opcode", r.what);
+        assert_eq!(b2 & 0x04 != 0, r.aa, "{}: AA", r.what);
+        assert_eq!(b2 & 0x02 != 0, r.tc, "{}: TC", r.what);
+        let rd = r.bytes[2] & 0x01 != 0;
+        let cd = r.bytes[3] & 0x10 != 0;
+        assert!(rd, "{}: the request sets RD", r.what);
+        assert_eq!(b2 & 0x01 != 0, r.echo_rd_cd && rd, "{}: RD", r.what);
+        if r.what != "FORMERR (header only)" {
+            assert!(cd, "{}: the request sets CD", r.what);
+            assert_eq!(b3 & 0x10 != 0, r.echo_rd_cd && cd, "{}: CD", r.what);
+        }
+        assert_eq!(b3 & 0x80, 0, "{}: RA (no forwarder)", r.what);
+        assert_eq!(b3 & 0x40, 0, "{}: Z", r.what);
+        assert_eq!(b3 & 0x0F, r.rcode, "{}: rcode", r.what);
+    }
+}
+
 #[test]
 fn forwarding_only_for_allowed_clients_and_with_upstreams() {
     let bytes = query("example.com.", RecordType::A, None).to_vec().unwrap();
@@ -333,7 +484,7 @@ fn corpus_through_the_handler_never_panics_and_keeps_ids() {
     c.forward = vec!["127.0.0.1:9".parse().unwrap()];
     let h = handler(&c).unwrap();
     let snap = big_snapshot();
-    let mut cache = FastCache::new(1000);
+    let mut cache = FastCache::new(1000 * 1024, 1000);
     for p in corpus() {
         for proto in [Proto::Udp, Proto::Tcp] {
             let mut out = Vec::new();
@@ -351,5 +502,36 @@ fn corpus_through_the_handler_never_panics_and_keeps_ids() {
                 Reply::Drop => assert!(!expects_reply(&p)),
             }
         }
+    }
+}
+
+/// Defect 7: a flood of distinct negative names stays in the small negative
+/// LRU and never pushes out cached answers; answers stay within the bytes.
+#[test]
+fn the_fast_cache_is_bounded_and_a_negative_flood_keeps_the_answers() {
+    let h = handler(&cfg()).unwrap();
+    let snap = big_snapshot();
+    let mut cache = FastCache::new(64 * 1024, 128);
+    let mut out = Vec::new();
+    let mut ask = |cache: &mut FastCache, name: &str| {
+        let bytes = query(name, RecordType::A, None).to_vec().unwrap();
+        h.handle(cache, &snap, &bytes, LOCAL, Proto::Udp, 0, &mut out);
+        bytes
+    };
+    let web = ask(&mut cache, "web.default.svc.cluster.local.");
+    for i in 0..20_000 {
+        ask(&mut cache, &format!("flood-{i}.default.svc.cluster.local."));
+    }
+    assert!(cache.len() <= 1 + 128, "{} entries", cache.len());
+    let q = fast::parse(&web, Proto::Udp).unwrap();
+    assert!(
+        cache.get(q.key()).is_some(),
+        "the answer survived the flood"
+    );
+    // Distinct answers past the budget start over instead of growing.
+    for i in 0..2_000 {
+        let name = format!("10-1-0-{}.db.prod.svc.cluster.local.", i % 4 + 1);
+        ask(&mut cache, &name);
+        assert!(cache.bytes() <= 64 * 1024);
     }
 }

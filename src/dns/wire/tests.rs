@@ -39,12 +39,16 @@ fn limits_follow_transport_and_edns() {
 
 #[test]
 fn header_only_keeps_id_opcode_and_rd() {
-    // ID 0xABCD, opcode 2 (status), RD, and AA/TC set in the request.
+    // ID 0xABCD, opcode 0 (query), RD, and AA/TC set in the request.
+    let req = [0xAB, 0xCD, 0x07, 0xFF, 0, 1, 0, 0, 0, 0, 0, 0, 0xC0];
+    let h = header_only(&req, ResponseCode::FormErr);
+    assert_eq!(h[2], 0x80 | 0x01, "QR, opcode and RD only");
+    // Opcode 2 (status): RD is defined for QUERY only, so it is not echoed.
     let req = [0xAB, 0xCD, 0x17, 0xFF, 0, 1, 0, 0, 0, 0, 0, 0, 0xC0];
     let h = header_only(&req, ResponseCode::FormErr);
     assert_eq!(h.len(), HEADER_LEN);
     assert_eq!(&h[..2], &[0xAB, 0xCD]);
-    assert_eq!(h[2], 0x80 | 0x10 | 0x01, "QR, opcode and RD only");
+    assert_eq!(h[2], 0x80 | 0x10, "QR and opcode only");
     assert_eq!(h[3], 1, "FORMERR, other bits clear");
     assert!(h[4..].iter().all(|&b| b == 0), "no sections");
     let h = header_for_id(0x0102, ResponseCode::ServFail);
