@@ -138,15 +138,7 @@ pub async fn start(
         None
     };
     let admin_addr = match config.admin.listen {
-        Some(addr) => {
-            let (local, serve) =
-                crate::admin::bind(addr, reader.clone(), metrics, shutdown.clone())
-                    .await
-                    .map_err(|e| anyhow::anyhow!("admin: cannot listen on {addr}: {e}"))?;
-            tracing::info!(addr = %local, "admin listening");
-            loops.spawn("admin", serve);
-            Some(local)
-        }
+        Some(addr) => Some(start_admin(addr, &reader, metrics, &shutdown, &mut loops).await?),
         None => None,
     };
     Ok(Running {
@@ -158,6 +150,22 @@ pub async fn start(
         drain_timeout: config.proxy.drain_timeout.unwrap_or(config.shutdown_grace),
         loops,
     })
+}
+
+/// Binds the admin listener and supervises its loop.
+async fn start_admin(
+    addr: std::net::SocketAddr,
+    reader: &Reader,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: &CancellationToken,
+    loops: &mut Loops,
+) -> Result<SocketAddr, StartError> {
+    let (local, serve) = crate::admin::bind(addr, reader.clone(), metrics, shutdown.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("admin: cannot listen on {addr}: {e}"))?;
+    tracing::info!(addr = %local, "admin listening");
+    loops.spawn("admin", serve);
+    Ok(local)
 }
 
 impl Running {

@@ -143,44 +143,13 @@ pub fn member(
             }
         }
     }
-    let weight = match c.labels.get(LABEL_WEIGHT) {
-        Some(v) => match v.trim().parse::<u32>() {
-            Ok(w @ 1..=65535) => w,
-            _ => return Err(bad(LABEL_WEIGHT, v, "expected a whole number 1-65535")),
-        },
-        None => 1,
-    };
+    let weight = weight_label(c)?;
     let hostname = match c.labels.get(LABEL_HOSTNAME) {
         Some(v) => Some(dns_label(LABEL_HOSTNAME, v)?),
         None => None,
     };
-    let balance = match c.labels.get(LABEL_BALANCE) {
-        Some(v) => match Balance::ALL.iter().find(|(n, _)| *n == v.trim()) {
-            Some((_, b)) => Some(*b),
-            None => {
-                let valid: Vec<&str> = Balance::ALL.iter().map(|(n, _)| *n).collect();
-                return Err(bad(
-                    LABEL_BALANCE,
-                    v,
-                    format!("valid: {}", valid.join(", ")),
-                ));
-            }
-        },
-        None => None,
-    };
-    let vip = match c.labels.get(LABEL_VIP) {
-        Some(v) => match v.trim().parse::<IpAddr>() {
-            Ok(ip) if allowed(&trust.allow_vip, ip) => Some(ip),
-            Ok(ip) => {
-                ignored.push(format!(
-                    "{LABEL_VIP} {ip} ignored: not in the docker source's `allow_vip`"
-                ));
-                None
-            }
-            Err(_) => return Err(bad(LABEL_VIP, v, "not an IP address")),
-        },
-        None => None,
-    };
+    let balance = balance_label(c)?;
+    let vip = vip_label(c, trust, &mut ignored)?;
     let ip = container_ip(c, network)?;
     let ready = !matches!(c.health, HealthStatus::Starting | HealthStatus::Unhealthy);
     Ok(Some(Member {
@@ -198,6 +167,57 @@ pub fn member(
         },
         ignored,
     }))
+}
+
+/// `beacon.weight`: 1 when absent.
+fn weight_label(c: &Container) -> Result<u32, LabelError> {
+    match c.labels.get(LABEL_WEIGHT) {
+        Some(v) => match v.trim().parse::<u32>() {
+            Ok(w @ 1..=65535) => Ok(w),
+            _ => Err(bad(LABEL_WEIGHT, v, "expected a whole number 1-65535")),
+        },
+        None => Ok(1),
+    }
+}
+
+/// `beacon.balance`: one of the policy names, or the source's default.
+fn balance_label(c: &Container) -> Result<Option<Balance>, LabelError> {
+    let Some(v) = c.labels.get(LABEL_BALANCE) else {
+        return Ok(None);
+    };
+    match Balance::ALL.iter().find(|(n, _)| *n == v.trim()) {
+        Some((_, b)) => Ok(Some(*b)),
+        None => {
+            let valid: Vec<&str> = Balance::ALL.iter().map(|(n, _)| *n).collect();
+            Err(bad(
+                LABEL_BALANCE,
+                v,
+                format!("valid: {}", valid.join(", ")),
+            ))
+        }
+    }
+}
+
+/// `beacon.vip`, when `trust` allows it; an address outside `allow_vip`
+/// is ignored and noted in `ignored`.
+fn vip_label(
+    c: &Container,
+    trust: &DockerTrust,
+    ignored: &mut Vec<String>,
+) -> Result<Option<IpAddr>, LabelError> {
+    let Some(v) = c.labels.get(LABEL_VIP) else {
+        return Ok(None);
+    };
+    match v.trim().parse::<IpAddr>() {
+        Ok(ip) if allowed(&trust.allow_vip, ip) => Ok(Some(ip)),
+        Ok(ip) => {
+            ignored.push(format!(
+                "{LABEL_VIP} {ip} ignored: not in the docker source's `allow_vip`"
+            ));
+            Ok(None)
+        }
+        Err(_) => Err(bad(LABEL_VIP, v, "not an IP address")),
+    }
 }
 
 /// Whether `ip` is in one of `nets` (an empty list allows nothing).
