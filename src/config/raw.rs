@@ -123,8 +123,9 @@ pub struct RawSource {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawServicesFile {
-    #[serde(default)]
-    pub service: Vec<RawService>,
+    /// Required: an empty or cut file (a torn write) has none, and must not
+    /// read as "no services"; a file that means that says `service = []`.
+    pub service: Option<Vec<RawService>>,
 }
 
 /// `[[service]]`: the service's own keys and the proxy keys, in one table.

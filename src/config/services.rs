@@ -14,6 +14,10 @@ use super::report::{ConfigErrors, Reporter, read_file};
 use super::service::{self, ServiceDefaults};
 use super::sources::SourceConfig;
 
+/// The error for a file without a `service` key (empty, or cut by a
+/// writer that has not finished).
+pub const NO_SERVICE_KEY: &str = "no services in this file: it is empty or holds no `[[service]]` (a write in progress? replace services files atomically, by rename); to serve no services from it, write `service = []`";
+
 /// Parses one services file; `index` spots duplicates across files.
 pub fn parse_services(
     text: &str,
@@ -25,8 +29,11 @@ pub fn parse_services(
     let Some(raw) = r.parse::<RawServicesFile>() else {
         return r.finish(Vec::new());
     };
-    let specs: Vec<ServiceSpec> = raw
-        .service
+    let Some(services) = raw.service else {
+        r.error(0..0, NO_SERVICE_KEY);
+        return r.finish(Vec::new());
+    };
+    let specs: Vec<ServiceSpec> = services
         .iter()
         .filter_map(|s| service::validate(&mut r, s, defaults, index))
         .collect();

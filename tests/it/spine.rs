@@ -137,21 +137,160 @@ fn edits_apply_within_a_second_and_broken_edits_keep_the_last_good_state() {
     });
 }
 
+/// CPU seconds (user + system) the process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+fn reloads(b: &Beacon, result: &str) -> f64 {
+    b.metric(&format!(
+        "beacon_config_reloads_total{{result=\"{result}\"}}"
+    ))
+    .unwrap_or(0.0)
+}
+
+/// Replaces `file` atomically (write a temporary file, rename it over).
+fn replace(file: &std::path::Path, text: &str) {
+    let tmp = file.with_extension("toml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, file).unwrap();
+}
+
 #[test]
-fn sighup_rereads_the_services_file() {
+fn reads_sighup_and_check_do_not_reload_an_unchanged_file() {
+    // Issue 11 defect 1: beacon's own re-read (an open) was seen as a
+    // change, which re-read the file 50 ms later, forever (~20 reloads/s).
+    let web = "[[service]]\nname = \"web\"\n[[service.endpoint]]\nip = \"127.0.0.11\"\n";
     let b = Beacon::start(Options {
         extra: FILE_SOURCE.into(),
-        services: Some(String::new()),
+        services: Some(web.into()),
         ..Options::default()
     });
     b.wait_ready();
-    let before = b
-        .metric("beacon_config_reloads_total{result=\"ok\"}")
-        .unwrap_or(0.0);
+    let file = b.path("services.toml");
+    let ok0 = reloads(&b, "ok");
+    // Read it, SIGHUP, `beacon check` it: none changes its content.
+    for _ in 0..3 {
+        std::fs::read_to_string(&file).unwrap();
+    }
     b.signal(1);
-    eventually(Duration::from_secs(2), "SIGHUP reload counted", || {
-        (b.metric("beacon_config_reloads_total{result=\"ok\"}")? > before).then_some(())
+    let cfg = b.path("beacon.toml").display().to_string();
+    let (status, _, stderr) = run_cmd(&["check", "--config", &cfg]);
+    assert!(status.success(), "{stderr}");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        b.log_text().contains("SIGHUP: re-reading services files"),
+        "SIGHUP was handled"
+    );
+    assert_eq!(
+        reloads(&b, "ok") - ok0,
+        0.0,
+        "no real change, no reload:\n{}",
+        b.log_text()
+    );
+    // One real change: exactly one reload, then quiet.
+    replace(&file, &web.replace("127.0.0.11", "127.0.0.12"));
+    eventually(Duration::from_secs(2), "change visible", || {
+        (service_ips(&b, "web")? == vec!["127.0.0.12"]).then_some(())
     });
+    let cpu0 = cpu_seconds(b.child.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let idle_cpu = cpu_seconds(b.child.id()) - cpu0;
+    assert_eq!(reloads(&b, "ok") - ok0, 1.0, "one change, one reload");
+    assert!(idle_cpu < 0.2, "idle CPU {idle_cpu:.2} s in 2 s");
+    // A SIGHUP after a change the watcher missed would re-read it; with
+    // nothing changed it parses nothing.
+    b.signal(1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(reloads(&b, "ok") - ok0, 1.0);
+    assert_eq!(service_ips(&b, "web").unwrap(), vec!["127.0.0.12"]);
+}
+
+#[test]
+fn torn_writes_keep_the_last_good_state_dns_and_listener() {
+    // Issue 11 defect 2: an empty file, or one cut at a service boundary
+    // by a slow writer, was valid TOML meaning "zero services": the
+    // listener closed and DNS answered NXDOMAIN.
+    let listen = free_addr();
+    let svc = |name: &str, vip: &str, extra: &str| {
+        format!(
+            "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\n{extra}[[service.endpoint]]\nip = \"127.0.0.11\"\n\n"
+        )
+    };
+    let port = format!("[[service.port]]\nname = \"http\"\nport = 80\nlisten = \"{listen}\"\n");
+    let api = svc("api", "127.0.0.21", "");
+    let web = svc("web", "127.0.0.20", &port);
+    let b = Beacon::start(Options {
+        extra: FILE_SOURCE.into(),
+        services: Some(format!("{api}{web}")),
+        ..Options::default()
+    });
+    b.wait_ready();
+    let name = "web.default.svc.cluster.local";
+    let serving = |what: &str| {
+        assert_eq!(
+            query_a(b.dns, name),
+            Some(vec!["127.0.0.20".to_string()]),
+            "{what}: DNS answers web"
+        );
+        std::net::TcpStream::connect_timeout(&listen, Duration::from_secs(1))
+            .unwrap_or_else(|e| panic!("{what}: listener gone: {e}"));
+    };
+    serving("before");
+    let file = b.path("services.toml");
+    let errors0 = reloads(&b, "error");
+
+    // A slow writer, cut at a service boundary for 800 ms.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&file).unwrap();
+        f.write_all(api.replace("127.0.0.21", "127.0.0.22").as_bytes())
+            .unwrap();
+        f.flush().unwrap();
+        for _ in 0..4 {
+            std::thread::sleep(Duration::from_millis(200));
+            serving("mid-write");
+        }
+        f.write_all(web.replace("127.0.0.20", "127.0.0.23").as_bytes())
+            .unwrap();
+    }
+    eventually(Duration::from_secs(2), "whole write applied", || {
+        (query_a(b.dns, name)? == vec!["127.0.0.23"]).then_some(())
+    });
+    assert_eq!(
+        query_a(b.dns, "api.default.svc.cluster.local"),
+        Some(vec!["127.0.0.22".to_string()])
+    );
+
+    // A zero-byte file is a torn write: rejected, counted, logged.
+    std::fs::File::create(&file).unwrap();
+    eventually(
+        Duration::from_secs(2),
+        "empty file counted as error",
+        || (reloads(&b, "error") > errors0).then_some(()),
+    );
+    assert_eq!(query_a(b.dns, name), Some(vec!["127.0.0.23".to_string()]));
+    std::net::TcpStream::connect_timeout(&listen, Duration::from_secs(1))
+        .expect("listener stays after an empty file");
+    assert!(
+        b.log_text().contains("write `service = []`"),
+        "the log says how to mean no services:\n{}",
+        b.log_text()
+    );
+
+    // `service = []` really means none: the listener closes.
+    replace(&file, "service = []\n");
+    eventually(Duration::from_secs(2), "explicit empty applied", || {
+        std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200))
+            .is_err()
+            .then_some(())
+    });
+    assert!(service_ips(&b, "web").is_none());
 }
 
 #[test]
