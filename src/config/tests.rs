@@ -672,3 +672,38 @@ fn an_open_resolver_is_warned_about_loudly_with_its_position() {
             .is_empty()
     );
 }
+
+/// Issue 11 defect 3: parsing is linear in the file's size. Four times the
+/// services must take well under the 16 times a quadratic reporter takes
+/// (it counted newlines from the start for every position): the bound is
+/// 10x, the best of two runs each, so a noisy machine does not fail it.
+#[test]
+fn parsing_grows_linearly_with_the_number_of_services() {
+    fn file(n: u32) -> String {
+        let mut s = String::new();
+        for i in 0..n {
+            let (a, b) = (i / 250, i % 250 + 1);
+            s.push_str(&format!(
+                "[[service]]\nname = \"svc-{i}\"\nvip = \"127.1.{a}.{b}\"\n\n  [[service.port]]\n  name = \"http\"\n  port = 80\n  listen = \"127.2.{a}.{b}:80\"\n\n  [[service.endpoint]]\n  ip = \"10.0.{a}.{b}\"\n  hostname = \"ep-0\"\n\n"
+            ));
+        }
+        s
+    }
+    let best = |text: &str, n: usize| {
+        (0..2)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                assert_eq!(parse_svc(text).expect("parses").len(), n);
+                t.elapsed()
+            })
+            .min()
+            .unwrap()
+    };
+    let (small, large) = (file(2_500), file(10_000));
+    let (ts, tl) = (best(&small, 2_500), best(&large, 10_000));
+    let ratio = tl.as_secs_f64() / ts.as_secs_f64();
+    assert!(
+        ratio < 10.0,
+        "2,500 services {ts:?}, 10,000 {tl:?}: {ratio:.1}x"
+    );
+}

@@ -222,18 +222,6 @@ fn the_binary_forwards_through_dnsmasq_for_allowed_clients_only() {
     );
 }
 
-/// Resident set size of a process, in bytes (from /proc).
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS line");
-    kb * 1024
-}
-
 /// A standard A query for `name` with ID `id`, no EDNS.
 fn a_query(id: u16, name: &str) -> Vec<u8> {
     let mut q = vec![(id >> 8) as u8, id as u8, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];

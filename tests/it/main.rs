@@ -8,5 +8,6 @@ mod faults;
 mod harness;
 mod health_e2e;
 mod proxy;
+mod soak;
 mod spine;
 mod supervision;

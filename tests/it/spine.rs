@@ -138,15 +138,6 @@ fn edits_apply_within_a_second_and_broken_edits_keep_the_last_good_state() {
 }
 
 /// CPU seconds (user + system) the process has used, from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which is in parentheses).
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    ticks / 100.0
-}
-
 fn reloads(b: &Beacon, result: &str) -> f64 {
     b.metric(&format!(
         "beacon_config_reloads_total{{result=\"{result}\"}}"
