@@ -1025,7 +1025,7 @@ fn partial_requests(admin: SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
 #[test]
 fn admin_sheds_clients_that_never_finish_a_request() {
     let _lock = timing_lock();
-    let services = "";
+    let services = "service = []";
     let mut beacon = beacon_with("true", "10s", "", services);
     let pid = beacon.child.id();
     assert_eq!(http_get(beacon.admin, "/healthz").unwrap().0, 200);
