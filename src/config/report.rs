@@ -140,24 +140,25 @@ impl<'a> Reporter<'a> {
     }
 
     pub fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
-        let Origin { path, line, col } = self.origin(span.start);
-        self.errors.push(ConfigError {
-            path,
-            line,
-            col,
-            message: message.into(),
-        });
+        let e = self.positioned(span, message);
+        self.errors.push(e);
     }
 
     /// Something valid but dangerous: said loudly, not refused.
     pub fn warn(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let w = self.positioned(span, message);
+        self.warnings.push(w);
+    }
+
+    /// `message` at the position where `span` starts.
+    fn positioned(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
         let Origin { path, line, col } = self.origin(span.start);
-        self.warnings.push(ConfigError {
+        ConfigError {
             path,
             line,
             col,
             message: message.into(),
-        });
+        }
     }
 
     /// The warnings so far, taken out.
