@@ -116,12 +116,6 @@ impl ForwardJob {
     pub async fn run(self) -> (Vec<u8>, ResponseCode) {
         self.forwarder.reply(&self.request, self.limit).await
     }
-
-    /// The reply from the cache, when a fresh entry answers the job: the
-    /// serving loops look here before they take a forward slot.
-    pub fn cached(&self) -> Option<(Vec<u8>, ResponseCode)> {
-        self.forwarder.cached(&self.request, self.limit)
-    }
 }
 
 impl Forwarder {
@@ -168,6 +162,8 @@ impl Forwarder {
         let Some(question) = req.queries.first() else {
             return self.render(req, ResponseCode::FormErr, None, 0, limit);
         };
+        // Asked again here: the handler's look was before the slot, and an
+        // identical question may have filled the entry since.
         if let Some(reply) = self.cached(req, limit) {
             return reply;
         }

@@ -180,11 +180,16 @@ impl Handler {
                 }
             }
             Outcome::NotOurs => match &self.forwarder {
-                Some(fwd) if self.allowed(client) => Answered::Forward(Box::new(ForwardJob {
-                    forwarder: fwd.clone(),
-                    request: req,
-                    limit,
-                })),
+                // A forward-cache hit is answered here, like a zone answer:
+                // it takes no forward slot and no task.
+                Some(fwd) if self.allowed(client) => match fwd.cached(&req, limit) {
+                    Some((encoded, rcode)) => Answered::Send(rcode, encoded),
+                    None => Answered::Forward(Box::new(ForwardJob {
+                        forwarder: fwd.clone(),
+                        request: req,
+                        limit,
+                    })),
+                },
                 _ => Answered::Send(
                     ResponseCode::Refused,
                     self.error(&req, ResponseCode::Refused),

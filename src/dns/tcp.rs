@@ -178,13 +178,6 @@ impl Connection {
         started: Instant,
     ) -> bool {
         let qtype = job.request.queries.first().map(|q| q.query_type);
-        // A cache hit needs no slot and no task.
-        if let Some((bytes, rcode)) = job.cached() {
-            self.shared
-                .metrics
-                .record(Proto::Tcp, qtype, Some(rcode), started);
-            return tx.send(wire::frame(&bytes)).await.is_ok();
-        }
         let Some(permit) = self.shared.forwards.take(self.peer.ip()) else {
             let bytes = wire::header_only(body, ResponseCode::ServFail);
             self.shared

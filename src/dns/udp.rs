@@ -148,12 +148,6 @@ impl UdpLoop {
     /// many are in flight.
     fn forward(&mut self, job: Box<ForwardJob>, bytes: &[u8], peer: SocketAddr, started: Instant) {
         let qtype = job.request.queries.first().map(|q| q.query_type);
-        // A cache hit needs no slot and no task.
-        if let Some((reply, rcode)) = job.cached() {
-            send_udp(&self.sock, &reply, peer);
-            self.tally.record(qtype, Some(rcode), started);
-            return;
-        }
         match self.shared.forwards.take(peer.ip()) {
             Some(permit) => {
                 let sock = self.sock.clone();
