@@ -35,7 +35,10 @@ use crate::model::{
 
 mod claims;
 pub mod events;
+mod gauges;
 mod settle;
+
+use gauges::{publish_conflict_gauges, publish_endpoint_gauges, publish_source_gauges};
 
 /// What a source says. `Reset` is the whole truth of that source: whatever
 /// it does not list is gone. A source sends one after every (re)connect or
@@ -553,52 +556,6 @@ async fn run(
     };
     timer.abort();
     result
-}
-
-/// Sets `beacon_source_connected{source}`: 1 while connected.
-fn publish_source_gauges(snap: &Snapshot) {
-    for (id, status) in &snap.sources {
-        metrics::gauge!(crate::telemetry::SOURCE_CONNECTED, "source" => id.to_string())
-            .set(if status.connected { 1.0 } else { 0.0 });
-    }
-}
-
-/// Sets `beacon_claim_conflicts{kind}`: the claims refused right now.
-fn publish_conflict_gauges(snap: &Snapshot) {
-    for kind in ["listen", "vip", "hostname"] {
-        let n = snap.conflicts.iter().filter(|c| c.kind == kind).count();
-        metrics::gauge!(crate::telemetry::CLAIM_CONFLICTS, "kind" => kind).set(n as f64);
-    }
-}
-
-/// Updates `beacon_endpoints{service,state}` and the panic-mode metrics
-/// (`beacon_panic_mode{service}` 1 while `fail_open` serves every endpoint,
-/// `beacon_panic_mode_total{service}` counting entries into panic mode) for
-/// the services that changed.
-fn publish_endpoint_gauges(previous: &Snapshot, snap: &Snapshot, changed: &[ServiceKey]) {
-    for key in changed {
-        let svc = snap.services.get(key);
-        let (healthy, total) = svc.map_or((0, 0), |svc| {
-            let healthy = svc.endpoints.iter().filter(|e| e.healthy).count();
-            (healthy, svc.endpoints.len())
-        });
-        let service = key.to_string();
-        metrics::gauge!(crate::telemetry::ENDPOINTS, "service" => service.clone(), "state" => "healthy")
-            .set(healthy as f64);
-        metrics::gauge!(crate::telemetry::ENDPOINTS, "service" => service.clone(), "state" => "unhealthy")
-            .set((total - healthy) as f64);
-        let panic = svc.is_some_and(|s| s.panic);
-        let was_panic = previous.services.get(key).is_some_and(|s| s.panic);
-        if panic != was_panic {
-            metrics::gauge!(crate::telemetry::PANIC_MODE, "service" => service.clone())
-                .set(if panic { 1.0 } else { 0.0 });
-        }
-        if panic && !was_panic {
-            tracing::warn!(service = %key, "no endpoint is healthy: fail_open serves them all");
-            metrics::counter!(crate::telemetry::PANIC_MODE_ENTRIES, "service" => service)
-                .increment(1);
-        }
-    }
 }
 
 #[cfg(test)]
