@@ -223,7 +223,7 @@ fn chromium(url: &str, args: &[&str]) -> String {
             "--no-first-run",
             "--hide-scrollbars",
         ])
-        .args(["--virtual-time-budget=4000", "--window-size=1280,900"])
+        .args(["--virtual-time-budget=1500", "--window-size=1280,900"])
         .args(args)
         .arg(url)
         .output()
@@ -268,14 +268,16 @@ fn the_status_page_in_chromium_shows_services_endpoints_and_verdicts() {
     // Turned unhealthy: the next refresh shows it.
     s.backends[1].stop();
     wait_verdict(&s.beacon, "127.0.0.62", false);
-    let dom = chromium(&url, &["--dump-dom"]);
+    let shot = s.beacon.path("status.png");
+    let dom = chromium(
+        &url,
+        &["--dump-dom", &format!("--screenshot={}", shot.display())],
+    );
     assert_eq!(dom_verdict(&dom, "127.0.0.62"), Some("unhealthy"), "{dom}");
     assert!(
         dom.contains("data-kind=\"unhealthy\""),
         "the event is listed"
     );
-    let shot = s.beacon.path("status.png");
-    chromium(&url, &[&format!("--screenshot={}", shot.display())]);
     let png = std::fs::read(&shot).expect("a screenshot was written");
     assert!(
         png.starts_with(b"\x89PNG") && png.len() > 10_000,
