@@ -142,24 +142,43 @@ fn endpoint_change(old: &EndpointState, new: &EndpointState) -> Option<(&'static
     }
 }
 
+/// Events of one version logged one by one; beyond that one line says how
+/// many more (a first sync of 10,000 services is not 10,000 log lines).
+pub const LOGGED_PER_VERSION: usize = 100;
+
 /// Appends `events` to the ring of `snapshot` (dropping the oldest beyond
-/// [`CAPACITY`]) and logs each once at `info`.
+/// [`CAPACITY`]) and logs each once at `info` (at most
+/// [`LOGGED_PER_VERSION`] of them, then a count).
 pub fn record(snapshot: &mut Snapshot, events: Vec<ChangeEvent>) {
-    for e in events {
+    let more = events.len().saturating_sub(LOGGED_PER_VERSION);
+    if more > 0 {
         tracing::info!(
-            version = e.version,
-            kind = e.kind,
-            service = e.service.as_deref().unwrap_or(""),
-            endpoint = e.endpoint.map(|ip| ip.to_string()).unwrap_or_default(),
-            source = e.source.as_deref().unwrap_or(""),
-            reason = %e.reason,
-            "state change"
+            version = events[0].version,
+            more,
+            "state changes beyond these are not logged one by one (see /v1/events)"
         );
+    }
+    for (i, e) in events.into_iter().enumerate() {
+        if i < LOGGED_PER_VERSION {
+            log(&e);
+        }
         snapshot.events.push_back(Arc::new(e));
         while snapshot.events.len() > CAPACITY {
             snapshot.events.pop_front();
         }
     }
+}
+
+fn log(e: &ChangeEvent) {
+    tracing::info!(
+        version = e.version,
+        kind = e.kind,
+        service = e.service.as_deref().unwrap_or(""),
+        endpoint = e.endpoint.map(|ip| ip.to_string()).unwrap_or_default(),
+        source = e.source.as_deref().unwrap_or(""),
+        reason = %e.reason,
+        "state change"
+    );
 }
 
 /// The events of `snapshot` newer than version `since`, oldest first, at

@@ -379,3 +379,54 @@ fn the_dashboard_and_the_alerts_use_metrics_a_running_beacon_exports() {
         "used but not exported: {missing:?}\n{metrics}"
     );
 }
+
+#[test]
+fn at_ten_thousand_services_a_page_is_small_and_the_log_is_not_flooded() {
+    let mut services = String::new();
+    for i in 0..10_000u32 {
+        services += &format!(
+            "[[service]]\nname = \"svc-{i}\"\nnamespace = \"ns-{}\"\n[[service.port]]\nport = 80\n[[service.endpoint]]\nip = \"10.{}.{}.1\"\n[service.health]\nkind = \"none\"\n",
+            i % 10,
+            i >> 8,
+            i & 255
+        );
+    }
+    let b = Beacon::start(Options {
+        extra: "[[source]]\ntype = \"file\"\npath = \"services.toml\"\n".into(),
+        services: Some(services),
+        ..Options::default()
+    });
+    b.wait_ready();
+    let started = std::time::Instant::now();
+    let (status, body) = http_get(
+        b.admin,
+        "/v1/services?namespace=ns-3&search=svc-1&offset=50&limit=50",
+    )
+    .unwrap();
+    let took = started.elapsed();
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["services"].as_array().unwrap().len(), 50);
+    // ns-3 holds i % 10 == 3; of those, names starting svc-1: 13, 103..193, 1003..1993.
+    assert_eq!(v["total"], 1 + 10 + 100);
+    assert!(
+        body.len() < 64 * 1024,
+        "{} bytes for 50 services",
+        body.len()
+    );
+    assert!(took < Duration::from_secs(2), "a page took {took:?}");
+    // The first sync is 10,000 events in the ring (bounded) and a bounded
+    // number of log lines.
+    let ev = events(&b, "since=0&limit=1000");
+    assert_eq!(ev["events"].as_array().unwrap().len(), 1000);
+    let logged = b
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("state change"))
+        .count();
+    assert!(logged <= 101, "{logged} log lines");
+    eprintln!(
+        "10k services: a filtered page in {took:?}, {} bytes",
+        body.len()
+    );
+}
