@@ -1,4 +1,5 @@
-//! Admin HTTP: `/healthz`, `/readyz`, `/metrics`, `/v1/services`.
+//! Admin HTTP: `/healthz`, `/readyz`, `/metrics`, `/v1/services`,
+//! `/v1/events` and the status page at `/` (those three in `page`).
 //!
 //! The server is hyper's HTTP/1.1 connection driver in an accept loop of
 //! our own, so that no client can hold descriptors or shutdown hostage:
@@ -19,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -28,7 +29,6 @@ use axum::{Json, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -36,8 +36,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{Balance, EndpointState, Port, ServiceState, Snapshot};
+use crate::model::Snapshot;
 use crate::registry::Reader;
+
+mod page;
 
 /// Admin clients served at once; beyond it a new connection is closed at
 /// once (admin clients are scrapers and operators: a handful).
@@ -367,6 +369,8 @@ pub fn router(reader: Reader, metrics: PrometheusHandle) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .route("/v1/services", get(services))
+        .route("/v1/events", get(events))
+        .route("/", get(status_page))
         .with_state(AdminState { reader, metrics })
 }
 
@@ -390,73 +394,36 @@ async fn render_metrics(State(s): State<AdminState>) -> Response {
         .into_response()
 }
 
-#[derive(Serialize)]
-struct ServicesView<'a> {
-    version: u64,
-    ready: bool,
-    services: Vec<ServiceView<'a>>,
-    /// Claims refused: which service asked, for what, and who holds it.
-    conflicts: &'a [crate::model::Conflict],
-}
-
-#[derive(Serialize)]
-struct ServiceView<'a> {
-    name: &'a str,
-    namespace: &'a str,
-    source: &'a str,
-    vip: Option<std::net::IpAddr>,
-    balance: Balance,
-    ports: &'a [Port],
-    health: &'a crate::model::HealthSpec,
-    fail_open: bool,
-    /// No endpoint is healthy and fail_open serves them all.
-    panic: bool,
-    /// The proxy listen addresses this service holds.
-    listeners: Vec<std::net::SocketAddr>,
-    endpoints: &'a [EndpointState],
-}
-
-impl<'a> ServiceView<'a> {
-    fn new(s: &'a ServiceState) -> Self {
-        Self {
-            name: &s.spec.key.name,
-            namespace: &s.spec.key.namespace,
-            source: &s.source,
-            vip: s.spec.vip,
-            balance: s.spec.balance,
-            ports: &s.spec.ports,
-            health: &s.spec.health,
-            fail_open: s.spec.fail_open,
-            panic: s.panic,
-            listeners: s.listeners.iter().map(|(a, _)| *a).collect(),
-            endpoints: &s.endpoints,
-        }
-    }
-}
-
-fn services_json(snap: &Snapshot) -> serde_json::Value {
-    let view = ServicesView {
-        version: snap.version,
-        ready: snap.ready,
-        services: snap
-            .services
-            .values()
-            .map(|s| ServiceView::new(s))
-            .collect(),
-        conflicts: &snap.conflicts,
-    };
-    serde_json::to_value(view).unwrap_or_default()
-}
-
-async fn services(State(s): State<AdminState>) -> Json<serde_json::Value> {
+async fn services(
+    State(s): State<AdminState>,
+    Query(query): Query<page::ServicesQuery>,
+) -> Json<serde_json::Value> {
     let snap: Arc<Snapshot> = s.reader.current();
-    Json(services_json(&snap))
+    Json(page::services_json(&snap, &query))
+}
+
+async fn events(
+    State(s): State<AdminState>,
+    Query(query): Query<page::EventsQuery>,
+) -> Json<serde_json::Value> {
+    Json(page::events_json(&s.reader.current(), &query))
+}
+
+async fn status_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        page::STATUS_PAGE,
+    )
+        .into_response()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Endpoint, EndpointState, Health, ServiceKey, ServiceSpec};
+    use crate::model::{Endpoint, EndpointState, Health, ServiceKey, ServiceSpec, ServiceState};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const SMALL: Limits = Limits {
@@ -626,7 +593,7 @@ mod tests {
             spec.key.clone(),
             Arc::new(ServiceState::new(spec.clone(), "file:x".into(), eps)),
         );
-        let v = services_json(&snap);
+        let v = page::services_json(&snap, &Default::default());
         assert_eq!(v["version"], 7);
         let svc = &v["services"][0];
         assert_eq!(svc["name"], "web");
@@ -643,7 +610,7 @@ mod tests {
             winner: "web.default".into(),
         }]
         .into();
-        let v = services_json(&snap);
+        let v = page::services_json(&snap, &Default::default());
         let c = &v["conflicts"][0];
         assert_eq!(
             (&c["kind"], &c["claim"], &c["winner"]),

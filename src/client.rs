@@ -1,7 +1,8 @@
 //! Tiny clients for scratch containers, which have no `dig`, `curl` or
 //! shell: `beacon query` (one DNS question), `beacon get` (HTTP GETs, one
 //! connection each, to watch balancing) and `beacon probe` (an exit status
-//! for a Docker HEALTHCHECK).
+//! for a Docker HEALTHCHECK); `beacon status` (the operator's table, in
+//! `status`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
@@ -9,31 +10,13 @@ use std::time::Duration;
 
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("bad URL `{0}`: expected http://HOST[:PORT]/PATH or tcp://HOST:PORT")]
-    Url(String),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}: timed out")]
-    Timeout(String),
-    #[error("DNS: {0}")]
-    Dns(String),
-    #[error("HTTP status {0}")]
-    Status(u16),
-}
+mod http;
+pub mod status;
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClientError {
-    let what = what.into();
-    move |source| ClientError::Io { what, source }
-}
+use http::io;
+pub use http::{ClientError, Exit, http_get};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scheme {
@@ -163,42 +146,6 @@ pub async fn resolve(
     Ok(ips)
 }
 
-/// One HTTP/1.1 GET on a new connection; returns the status and body.
-pub async fn http_get(
-    addr: SocketAddr,
-    host: &str,
-    path: &str,
-    timeout: Duration,
-) -> Result<(u16, String), ClientError> {
-    let what = format!("GET http://{addr}{path}");
-    let exchange = async {
-        let mut s = TcpStream::connect(addr).await?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        (&mut s).take(1 << 20).read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    };
-    let buf = tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| ClientError::Timeout(what.clone()))?
-        .map_err(io(&what))?;
-    let text = String::from_utf8_lossy(&buf);
-    let status = text
-        .strip_prefix("HTTP/1.")
-        .and_then(|r| r.get(2..5))
-        .and_then(|c| c.parse::<u16>().ok())
-        .ok_or_else(|| ClientError::Io {
-            what,
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response"),
-        })?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 /// GETs `url` (resolving its host each time) and returns the body's first
 /// line; an HTTP status outside 2xx/3xx is an error.
 pub async fn get_once(
@@ -277,16 +224,20 @@ pub enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
-}
-
-/// How a client command ended: the process exit code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Exit {
-    Ok = 0,
-    /// The server said no, or could not be reached.
-    Failed = 1,
-    /// Bad arguments.
-    Usage = 2,
+    /// Services, endpoints, verdicts and reasons from a running beacon;
+    /// exit 1 when a listed service has no serving endpoint.
+    Status {
+        /// One service: `name` or `name.namespace` (also shows its latest events).
+        service: Option<String>,
+        /// The beacon's admin address.
+        #[arg(long, default_value = "127.0.0.1:9153")]
+        admin: SocketAddr,
+        /// Refresh every 2 s until interrupted.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long, value_enum, default_value_t = status::Output::Table)]
+        output: status::Output,
+    },
 }
 
 /// Runs one client command, printing its results on stdout and its errors
@@ -312,6 +263,21 @@ pub async fn run(command: Command) -> Exit {
                 Exit::Usage
             }
         },
+        Command::Status {
+            service,
+            admin,
+            watch,
+            output,
+        } => {
+            let watch = watch.then_some(Duration::from_secs(2));
+            let req = status::Request {
+                service,
+                admin,
+                output,
+                watch,
+            };
+            status::run(req, timeout).await
+        }
         Command::Probe { url, timeout } => {
             let result = match parse_url(&url) {
                 Ok(u) => probe(&u, timeout).await,

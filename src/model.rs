@@ -411,6 +411,42 @@ pub struct Snapshot {
     /// Lookups derived from `services`, built on first use (see [`Index`]).
     #[serde(skip)]
     pub index: LazyIndex,
+    /// Each source's connection, by source id (configured ones from the start).
+    pub sources: imbl::OrdMap<SourceId, SourceStatus>,
+    /// The latest changes, oldest first, bounded (`/v1/events`). A
+    /// persistent vector: publishing shares it with the last snapshot.
+    #[serde(skip)]
+    pub events: imbl::Vector<Arc<ChangeEvent>>,
+}
+
+/// Whether a source is connected to what it watches, and why not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SourceStatus {
+    pub connected: bool,
+    pub reason: Arc<str>,
+}
+
+/// One change of what beacon serves, for people: an endpoint added,
+/// removed, turned unhealthy or healthy, ejected or re-admitted; a service
+/// added or removed, entering or leaving panic mode; a source connected or
+/// lost. `version` is the snapshot that first shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChangeEvent {
+    pub version: u64,
+    /// RFC 3339, UTC, milliseconds.
+    pub time: Arc<str>,
+    /// `added`, `removed`, `unhealthy`, `healthy`, `ejected`, `readmitted`,
+    /// `service_added`, `service_removed`, `panic_on`, `panic_off`,
+    /// `source_connected`, `source_lost`.
+    pub kind: &'static str,
+    /// `name.namespace`, when the change is about a service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<Arc<str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceId>,
+    pub reason: Arc<str>,
 }
 
 impl Snapshot {

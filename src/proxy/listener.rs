@@ -130,6 +130,10 @@ pub(super) async fn accept_loop<A: Acceptor>(
     stop: CancellationToken,
 ) {
     let mut backoff = AcceptBackoff::default();
+    // Both series exist from the start, so that rates and alerts see them.
+    for kind in ["fd_exhausted", "other"] {
+        metrics::counter!(crate::telemetry::PROXY_ACCEPT_ERRORS, "kind" => kind).increment(0);
+    }
     loop {
         let accepted = tokio::select! {
             biased;

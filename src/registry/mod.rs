@@ -30,10 +30,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::model::{
     EndpointState, Health, ProbeState, ServiceKey, ServiceSpec, ServiceState, Snapshot, SourceId,
+    SourceStatus,
 };
 
 mod claims;
+pub mod events;
+mod gauges;
 mod settle;
+
+use gauges::{publish_conflict_gauges, publish_endpoint_gauges, publish_source_gauges};
 
 /// What a source says. `Reset` is the whole truth of that source: whatever
 /// it does not list is gone. A source sends one after every (re)connect or
@@ -65,6 +70,12 @@ pub enum Event {
         ip: IpAddr,
         change: HealthChange,
     },
+    /// A source lost what it watches (engine, API server, etcd); it keeps
+    /// its last endpoints served and is connected again at its next Reset.
+    SourceLost {
+        source: SourceId,
+        reason: Arc<str>,
+    },
     /// The startup timeout passed: serve what is known.
     StartupTimeout,
 }
@@ -89,11 +100,13 @@ pub struct Changed {
     pub ready: bool,
     /// The list of conflicts moved.
     pub conflicts: bool,
+    /// A source connected or was lost.
+    pub sources: bool,
 }
 
 impl Changed {
     pub fn any(&self) -> bool {
-        self.ready || self.conflicts || !self.services.is_empty()
+        self.ready || self.conflicts || self.sources || !self.services.is_empty()
     }
 }
 
@@ -102,12 +115,20 @@ impl State {
     /// first `Reset`. With no sources it is ready at once.
     pub fn new(sources: Vec<SourceId>) -> Self {
         let ready = sources.is_empty();
+        let waiting = SourceStatus {
+            connected: false,
+            reason: "awaiting first sync".into(),
+        };
         Self {
-            sources,
             snapshot: Snapshot {
                 ready,
+                sources: sources
+                    .iter()
+                    .map(|s| (s.clone(), waiting.clone()))
+                    .collect(),
                 ..Snapshot::default()
             },
+            sources,
             ..Self::default()
         }
     }
@@ -163,6 +184,10 @@ impl State {
         if !self.sources.contains(&source) {
             self.sources.push(source.clone());
         }
+        let mut changed = Changed::default();
+        if matches!(update, Update::Reset(_)) {
+            changed.sources = self.set_connected(&source, true, "synced".into());
+        }
         let desired = self.desired.entry(source.clone()).or_default();
         let mut touched: Vec<ServiceKey> = Vec::new();
         let put = |desired: &mut BTreeMap<ServiceKey, Arc<ServiceSpec>>, spec: ServiceSpec| {
@@ -196,7 +221,6 @@ impl State {
                 }
             }
         }
-        let mut changed = Changed::default();
         let moved = self.settle_claims(&touched);
         for key in touched.into_iter().chain(moved) {
             if let Some((owner, _)) = self.owner(&key)
@@ -217,6 +241,16 @@ impl State {
             changed.ready = self.check_ready();
         }
         changed
+    }
+
+    /// Records a source's connection; true when it moved.
+    fn set_connected(&mut self, source: &SourceId, connected: bool, reason: Arc<str>) -> bool {
+        let now = SourceStatus { connected, reason };
+        if self.snapshot.sources.get(source) == Some(&now) {
+            return false;
+        }
+        self.snapshot.sources.insert(source.clone(), now);
+        true
     }
 
     fn check_ready(&mut self) -> bool {
@@ -269,6 +303,10 @@ pub fn apply(state: &mut State, event: Event) -> Changed {
             ip,
             change,
         } => state.health_update(service, ip, change),
+        Event::SourceLost { source, reason } => Changed {
+            sources: state.set_connected(&source, false, reason),
+            ..Changed::default()
+        },
         Event::StartupTimeout => {
             if state.snapshot.ready {
                 return Changed::default();
@@ -313,6 +351,7 @@ pub fn apply_batch(state: &mut State, events: impl IntoIterator<Item = Event>) -
                 let more = apply(state, other);
                 changed.ready |= more.ready;
                 changed.conflicts |= more.conflicts;
+                changed.sources |= more.sources;
                 changed.services.extend(more.services);
             }
         }
@@ -391,6 +430,15 @@ impl Handle {
         .await
     }
 
+    /// Says that `source` lost what it watches (see [`Event::SourceLost`]).
+    pub async fn source_lost(&self, source: &SourceId, reason: &str) -> bool {
+        self.send(Event::SourceLost {
+            source: source.clone(),
+            reason: reason.into(),
+        })
+        .await
+    }
+
     pub async fn health(&self, service: ServiceKey, ip: IpAddr, change: HealthChange) -> bool {
         self.send(Event::Health {
             service,
@@ -458,6 +506,7 @@ async fn run(
         tokio::time::sleep(startup_timeout).await;
         let _ = timeout_tx.send(Event::StartupTimeout).await;
     });
+    publish_source_gauges(&state.snapshot);
     let result = loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
@@ -475,7 +524,20 @@ async fn run(
         }
         let changed = apply_batch(&mut state, burst);
         if changed.any() {
+            let version = state.snapshot.version + 1;
+            let now = std::time::SystemTime::now();
+            let happened = events::diff(
+                &snap_tx.borrow(),
+                &state.snapshot,
+                &changed.services,
+                version,
+                now,
+            );
+            events::record(&mut state.snapshot, happened);
             let snap = state.next_snapshot();
+            if changed.sources {
+                publish_source_gauges(&snap);
+            }
             metrics::gauge!(crate::telemetry::REGISTRY_VERSION).set(snap.version as f64);
             let previous = snap_tx.send_replace(snap.clone());
             publish_endpoint_gauges(&previous, &snap, &changed.services);
@@ -494,44 +556,6 @@ async fn run(
     };
     timer.abort();
     result
-}
-
-/// Sets `beacon_claim_conflicts{kind}`: the claims refused right now.
-fn publish_conflict_gauges(snap: &Snapshot) {
-    for kind in ["listen", "vip", "hostname"] {
-        let n = snap.conflicts.iter().filter(|c| c.kind == kind).count();
-        metrics::gauge!(crate::telemetry::CLAIM_CONFLICTS, "kind" => kind).set(n as f64);
-    }
-}
-
-/// Updates `beacon_endpoints{service,state}` and the panic-mode metrics
-/// (`beacon_panic_mode{service}` 1 while `fail_open` serves every endpoint,
-/// `beacon_panic_mode_total{service}` counting entries into panic mode) for
-/// the services that changed.
-fn publish_endpoint_gauges(previous: &Snapshot, snap: &Snapshot, changed: &[ServiceKey]) {
-    for key in changed {
-        let svc = snap.services.get(key);
-        let (healthy, total) = svc.map_or((0, 0), |svc| {
-            let healthy = svc.endpoints.iter().filter(|e| e.healthy).count();
-            (healthy, svc.endpoints.len())
-        });
-        let service = key.to_string();
-        metrics::gauge!(crate::telemetry::ENDPOINTS, "service" => service.clone(), "state" => "healthy")
-            .set(healthy as f64);
-        metrics::gauge!(crate::telemetry::ENDPOINTS, "service" => service.clone(), "state" => "unhealthy")
-            .set((total - healthy) as f64);
-        let panic = svc.is_some_and(|s| s.panic);
-        let was_panic = previous.services.get(key).is_some_and(|s| s.panic);
-        if panic != was_panic {
-            metrics::gauge!(crate::telemetry::PANIC_MODE, "service" => service.clone())
-                .set(if panic { 1.0 } else { 0.0 });
-        }
-        if panic && !was_panic {
-            tracing::warn!(service = %key, "no endpoint is healthy: fail_open serves them all");
-            metrics::counter!(crate::telemetry::PANIC_MODE_ENTRIES, "service" => service)
-                .increment(1);
-        }
-    }
 }
 
 #[cfg(test)]

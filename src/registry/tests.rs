@@ -586,3 +586,30 @@ mod claims {
         assert_eq!(conflicts(&st).len(), 1);
     }
 }
+
+#[test]
+fn a_source_is_connected_by_its_reset_and_lost_by_its_word() {
+    let mut st = State::new(vec![src("docker")]);
+    let status = |st: &State| st.snapshot().sources[&src("docker")].clone();
+    assert!(
+        !status(&st).connected,
+        "not connected before its first sync"
+    );
+    let changed = reset(&mut st, "docker", vec![spec("web", &["10.0.0.1"])]);
+    assert!(changed.sources && status(&st).connected);
+    let lost = Event::SourceLost {
+        source: src("docker"),
+        reason: "engine gone".into(),
+    };
+    let changed = apply(&mut st, lost.clone());
+    assert!(changed.sources && changed.any());
+    assert_eq!(
+        (status(&st).connected, &*status(&st).reason),
+        (false, "engine gone")
+    );
+    // Lost twice is one change; its endpoints stay served meanwhile.
+    assert!(!apply(&mut st, lost).any());
+    assert_eq!(st.snapshot().services.len(), 1);
+    assert!(reset(&mut st, "docker", vec![spec("web", &["10.0.0.1"])]).sources);
+    assert!(status(&st).connected);
+}

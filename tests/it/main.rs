@@ -7,6 +7,7 @@ mod docker;
 mod faults;
 mod harness;
 mod health_e2e;
+mod operators;
 mod proxy;
 mod soak;
 mod spine;

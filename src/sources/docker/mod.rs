@@ -406,6 +406,9 @@ impl DockerSource {
                 Err(e) => e,
             };
             count_error(&self.id);
+            if !registry.source_lost(&self.id, &e.to_string()).await {
+                return Err(SourceError::RegistryGone);
+            }
             let delay = backoff.next_delay();
             tracing::warn!(error = %e, retry_in = ?delay,
                 "docker engine unavailable; serving the last known endpoints until it is back");
