@@ -397,6 +397,8 @@ struct ServicesView<'a> {
     services: Vec<ServiceView<'a>>,
     /// Claims refused: which service asked, for what, and who holds it.
     conflicts: &'a [crate::model::Conflict],
+    /// Sources that lost their upstream: what they said last is served, stale.
+    disconnected: &'a [crate::model::SourceId],
 }
 
 #[derive(Serialize)]
@@ -444,6 +446,7 @@ fn services_json(snap: &Snapshot) -> serde_json::Value {
             .map(|s| ServiceView::new(s))
             .collect(),
         conflicts: &snap.conflicts,
+        disconnected: &snap.disconnected,
     };
     serde_json::to_value(view).unwrap_or_default()
 }

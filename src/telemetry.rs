@@ -116,6 +116,7 @@ catalogue! {
     // Sources and registry
     SOURCE_UPDATES = ("beacon_source_updates_total", Counter, "Updates sent by each source");
     SOURCE_ERRORS = ("beacon_source_errors_total", Counter, "Errors of each source");
+    SOURCE_CONNECTED = ("beacon_source_connected", Gauge, "1 while a source reaches its upstream (etcd), 0 while it serves what it knew");
     REGISTRY_VERSION = ("beacon_registry_version", Gauge, "Version of the published snapshot");
     CLAIM_CONFLICTS = ("beacon_claim_conflicts", Gauge, "Claims (listen addresses, vips, endpoint hostnames) refused to a service because another holds them, by kind");
     CONFIG_RELOADS = ("beacon_config_reloads_total", Counter, "Services file reloads by result");
