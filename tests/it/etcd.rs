@@ -34,7 +34,7 @@ fn services(ip: &str, port: u16, listen: SocketAddr, extra_ips: &[&str]) -> Stri
 
 fn node_config(name: &str, endpoints: &str) -> String {
     format!(
-        "[health]\ninterval = \"200ms\"\n[[source]]\ntype = \"file\"\npath = \"services.toml\"\n[[source]]\ntype = \"etcd\"\nendpoints = {endpoints}\nnode = \"{name}\"\npublish = [\"file\"]\nlease_ttl = \"{TTL}\"\n"
+        "[health]\ninterval = \"200ms\"\ntimeout = \"200ms\"\n[[source]]\ntype = \"file\"\npath = \"services.toml\"\n[[source]]\ntype = \"etcd\"\nendpoints = {endpoints}\nnode = \"{name}\"\npublish = [\"file\"]\nlease_ttl = \"{TTL}\"\n"
     )
 }
 

@@ -25,7 +25,7 @@ pub struct EtcdCluster {
 
 fn need(program: &str) {
     let found = Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
+        .args(["-c", &format!("command -v {program} >/dev/null")])
         .status()
         .is_ok_and(|s| s.success());
     assert!(
