@@ -394,7 +394,8 @@ pub fn listeners_with_vip(spec: &ServiceSpec, vip: Option<IpAddr>) -> Vec<(Socke
 /// endpoint hostname (within one service, lost to another endpoint).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Conflict {
-    /// `listen`, `vip` or `hostname`.
+    /// `listen`, `vip`, `hostname`, or `spec` (nodes that publish different
+    /// specs for one service through etcd; the lowest node name wins).
     pub kind: &'static str,
     /// The service that asked and did not get it.
     pub service: ServiceKey,

@@ -145,3 +145,89 @@ fn hostname() -> String {
         "localhost".to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{Config, SourceConfig};
+
+    fn parse(text: &str) -> Result<Config, crate::config::ConfigErrors> {
+        Config::parse(text, Path::new("b.toml"), Path::new(""))
+    }
+
+    fn error(text: &str) -> String {
+        let e = parse(text).expect_err("expected an error");
+        e.to_string()
+    }
+
+    #[test]
+    fn an_etcd_source_with_defaults_and_with_every_key() {
+        let c = parse("[[source]]\ntype = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n")
+            .unwrap();
+        let SourceConfig::Etcd(e) = &c.sources[0] else {
+            panic!()
+        };
+        assert_eq!(e.prefix, DEFAULT_PREFIX);
+        assert_eq!(e.lease_ttl, DEFAULT_LEASE_TTL);
+        assert!(e.publish.is_empty() && e.user.is_none() && !e.node.is_empty());
+        let c = parse(
+            "[[source]]\ntype = \"file\"\npath = \"s.toml\"\n[[source]]\ntype = \"etcd\"\nendpoints = [\"http://a:2379\", \"http://b:2379\"]\nprefix = \"/x/v1\"\nnode = \"host-a\"\npublish = [\"file\"]\nlease_ttl = \"3s\"\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        let SourceConfig::Etcd(e) = &c.sources[1] else {
+            panic!()
+        };
+        assert_eq!(e.endpoints.len(), 2);
+        assert_eq!((&*e.node, e.prefix.as_str()), ("host-a", "/x/v1"));
+        assert_eq!(e.lease_ttl, Duration::from_secs(3));
+        assert_eq!(e.publish, ["file"]);
+        assert_eq!(e.user, Some(("u".into(), "p".into())));
+    }
+
+    #[test]
+    fn config_errors_point_at_the_key_and_say_what_to_do() {
+        let base = "[[source]]\ntype = \"etcd\"\n";
+        let cases = [
+            ("", "needs `endpoints`"),
+            (
+                "endpoints = [\"127.0.0.1:2379\"]\n",
+                "write http://HOST:PORT",
+            ),
+            (
+                "endpoints = [\"https://e:2379\"]\n",
+                "TLS to etcd is not supported",
+            ),
+            (
+                "endpoints = [\"http://e:2379\"]\nca = \"ca.pem\"\n",
+                "TLS to etcd",
+            ),
+            (
+                "endpoints = [\"http://e:2379\"]\nprefix = \"beacon\"\n",
+                "`prefix` starts with '/'",
+            ),
+            (
+                "endpoints = [\"http://e:2379\"]\nnode = \"a/b\"\n",
+                "`node` is 1-253",
+            ),
+            (
+                "endpoints = [\"http://e:2379\"]\nlease_ttl = \"500ms\"\n",
+                "at least 2s",
+            ),
+            (
+                "endpoints = [\"http://e:2379\"]\nusername = \"u\"\n",
+                "go together",
+            ),
+            (
+                "endpoints = [\"http://e:2379\"]\npublish = [\"docker\"]\n",
+                "not a configured file or docker source",
+            ),
+        ];
+        for (extra, want) in cases {
+            let e = error(&format!("{base}{extra}"));
+            assert!(e.contains(want), "{extra:?}: {e}");
+            assert!(e.starts_with("b.toml:"), "positioned: {e}");
+        }
+    }
+}

@@ -46,6 +46,10 @@ pub enum Update {
     /// The source reached (`true`) or lost (`false`) its upstream; while
     /// lost it keeps what it last said (stale but served). Not a sync.
     Connected(bool),
+    /// Conflicts the source itself decided (etcd: nodes that publish
+    /// different specs for one service), all of them; listed with the
+    /// claim conflicts in `Snapshot::conflicts`. Not a sync.
+    Conflicts(Vec<crate::model::Conflict>),
 }
 
 /// A change of one endpoint's health, from the health loop.
@@ -82,6 +86,8 @@ pub struct State {
     health: HashMap<ServiceKey, HashMap<IpAddr, Health>>,
     /// Who holds each vip, listen address and hostname.
     ledger: claims::Ledger,
+    /// Conflicts sources decided themselves (`Update::Conflicts`).
+    reported: BTreeMap<SourceId, Vec<crate::model::Conflict>>,
     snapshot: Snapshot,
 }
 
@@ -199,6 +205,13 @@ impl State {
                 }
             }
             Update::Connected(up) => return self.set_connected(source, up),
+            Update::Conflicts(list) => {
+                self.reported.insert(source, list);
+                return Changed {
+                    conflicts: self.refresh_conflicts(),
+                    ..Changed::default()
+                };
+            }
         }
         let mut changed = Changed::default();
         let moved = self.settle_claims(&touched);
@@ -538,7 +551,7 @@ async fn run(
 
 /// Sets `beacon_claim_conflicts{kind}`: the claims refused right now.
 fn publish_conflict_gauges(snap: &Snapshot) {
-    for kind in ["listen", "vip", "hostname"] {
+    for kind in ["listen", "vip", "hostname", "spec"] {
         let n = snap.conflicts.iter().filter(|c| c.kind == kind).count();
         metrics::gauge!(crate::telemetry::CLAIM_CONFLICTS, "kind" => kind).set(n as f64);
     }

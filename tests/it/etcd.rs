@@ -144,10 +144,12 @@ fn etcd_an_external_registration_is_served_by_every_node() {
     let a = Node::start("node-a", 1, &e);
     a.beacon.wait_ready();
     let ext = BackendProcess::start("ext", free_ext());
+    // Its spec differs (balance): "ext" < "node-a", so its spec wins on
+    // every node, node-a's own listen address stays, and the conflict shows.
     etcd.ctl(&[
         "put",
         "/beacon/v1/nodes/ext/services/default/web",
-        r#"{"ports":[{"name":"http","port":80}]}"#,
+        r#"{"balance":"random","ports":[{"name":"http","port":80}]}"#,
     ]);
     let value = format!(r#"{{"port":{}}}"#, ext.addr.port());
     etcd.ctl(&[
@@ -161,12 +163,24 @@ fn etcd_an_external_registration_is_served_by_every_node() {
         || (a.a() == ["127.0.0.11", "127.0.0.40"]).then_some(()),
     );
     eventually(Duration::from_secs(5), "and in the proxy", || {
-        a.spread(6).contains("ext").then_some(())
+        a.spread(12).contains("ext").then_some(())
     });
+    let v = a.beacon.services_json();
+    assert_eq!(v["services"][0]["balance"], "random", "{v}");
+    let conflicts = v["conflicts"].as_array().unwrap();
+    assert!(
+        conflicts.iter().any(|c| c["kind"] == "spec"
+            && c["claim"] == "spec of node node-a"
+            && c["winner"] == "spec of node ext"),
+        "{v}"
+    );
     etcd.ctl(&["del", "--prefix", "/beacon/v1/nodes/ext/"]);
     eventually(Duration::from_secs(5), "gone when deleted", || {
         (a.a() == ["127.0.0.11"]).then_some(())
     });
+    let v = a.beacon.services_json();
+    assert_eq!(v["services"][0]["balance"], "round_robin", "{v}");
+    assert_eq!(v["conflicts"], serde_json::json!([]), "{v}");
 }
 
 fn free_ext() -> SocketAddr {

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::config::ServiceDefaults;
-use crate::model::{ServiceKey, ServiceSpec};
+use crate::model::{Conflict, ServiceKey, ServiceSpec};
 
 use super::keys::{EndpointValue, Key, SpecValue};
 
@@ -134,6 +134,40 @@ pub fn merged(
         }
     }
     Some((spec, losers))
+}
+
+/// The node whose spec [`merged`] serves for `key`.
+pub fn winner(key: &ServiceKey, cluster: &Cluster, local: &Local, me: &str) -> Option<Arc<str>> {
+    let remote = cluster
+        .services
+        .get(key)
+        .into_iter()
+        .flat_map(|p| p.specs.keys());
+    let mine = local.contains_key(key).then(|| Arc::from(me));
+    remote.filter(|n| &***n != me).cloned().chain(mine).min()
+}
+
+/// The conflicts to list: one per losing node of each service, the claim
+/// being that node's spec.
+pub fn conflicts(
+    losers: &BTreeMap<ServiceKey, Vec<Arc<str>>>,
+    winners: BTreeMap<ServiceKey, Arc<str>>,
+) -> Vec<Conflict> {
+    let mut out = Vec::new();
+    for (key, nodes) in losers {
+        let winner: Arc<str> = winners
+            .get(key)
+            .map_or("?".into(), |w| format!("spec of node {w}").into());
+        for n in nodes {
+            out.push(Conflict {
+                kind: "spec",
+                service: key.clone(),
+                claim: format!("spec of node {n}").into(),
+                winner: winner.clone(),
+            });
+        }
+    }
+    out
 }
 
 /// `listen` addresses come from this node's own spec (by port name, else
@@ -257,5 +291,24 @@ mod tests {
         assert!(r.is_err());
         assert_eq!(touched, key);
         assert_eq!(c.endpoint_count(), 0);
+    }
+
+    #[test]
+    fn conflicts_name_each_losing_node_and_the_winner() {
+        let key = ServiceKey::new("default", "web");
+        let mut c = Cluster::default();
+        publish(&mut c, "b", &spec(81, &[], None));
+        let mut local = Local::new();
+        local.insert(key.clone(), Arc::new(spec(80, &[], None)));
+        assert_eq!(winner(&key, &c, &local, "a").as_deref(), Some("a"));
+        assert_eq!(winner(&key, &c, &Local::new(), "a").as_deref(), Some("b"));
+        let (_, losers) = merged(&key, &c, &local, "a", &defaults()).unwrap();
+        let list = conflicts(
+            &[(key.clone(), losers)].into(),
+            [(key.clone(), Arc::from("a"))].into(),
+        );
+        assert_eq!(list.len(), 1);
+        assert_eq!((list[0].kind, &*list[0].claim), ("spec", "spec of node b"));
+        assert_eq!(&*list[0].winner, "spec of node a");
     }
 }

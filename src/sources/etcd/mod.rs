@@ -88,6 +88,8 @@ impl Source for EtcdSource {
                 local_tx,
                 served: BTreeSet::new(),
                 listed: false,
+                conflicts: BTreeMap::new(),
+                conflicts_moved: false,
             };
             let (w, p) = tokio::join!(watcher.run(self.tap, shutdown.clone()), publisher.run());
             w.and(p)
@@ -117,6 +119,9 @@ struct Watcher {
     served: BTreeSet<ServiceKey>,
     /// A full list was sent (the first Reset); local changes go out after.
     listed: bool,
+    /// Services whose nodes publish different specs: the losing nodes.
+    conflicts: BTreeMap<ServiceKey, Vec<std::sync::Arc<str>>>,
+    conflicts_moved: bool,
 }
 
 /// Where the watch stands.
@@ -276,19 +281,49 @@ impl Watcher {
         self.cluster.services().cloned().chain(local).collect()
     }
 
-    fn merged(&self, key: &ServiceKey) -> Option<crate::model::ServiceSpec> {
+    /// The service as served, recording the nodes whose spec lost.
+    fn merged(&mut self, key: &ServiceKey) -> Option<crate::model::ServiceSpec> {
         let local = self.local_tx.borrow();
-        let (spec, losers) = merge::merged(
+        let merged = merge::merged(
             key,
             &self.cluster,
             &local,
             &self.config.node,
             &self.defaults,
-        )?;
-        if !losers.is_empty() {
-            tracing::debug!(service = %key, ?losers, "nodes publish different specs; the lowest node name wins");
+        );
+        drop(local);
+        let (spec, losers) = match merged {
+            Some((spec, losers)) => (Some(spec), losers),
+            None => (None, Vec::new()),
+        };
+        let before = self.conflicts.get(key).cloned().unwrap_or_default();
+        if before != losers {
+            if !losers.is_empty() {
+                tracing::warn!(service = %key, ?losers, "nodes publish different specs for one service; the lowest node name wins");
+                self.conflicts.insert(key.clone(), losers);
+            } else {
+                self.conflicts.remove(key);
+            }
+            self.conflicts_moved = true;
         }
-        Some(spec)
+        spec
+    }
+
+    /// Sends the spec conflicts when they moved.
+    async fn send_conflicts(&mut self) -> Result<(), SourceError> {
+        if !std::mem::take(&mut self.conflicts_moved) {
+            return Ok(());
+        }
+        let local = self.local_tx.borrow().clone();
+        let winners = self
+            .conflicts
+            .keys()
+            .filter_map(|k| {
+                merge::winner(k, &self.cluster, &local, &self.config.node).map(|w| (k.clone(), w))
+            })
+            .collect();
+        let list = merge::conflicts(&self.conflicts, winners);
+        send(&self.registry, &self.id, Update::Conflicts(list)).await
     }
 
     /// Records one key; the service it touched, if it is another node's.
@@ -348,7 +383,7 @@ impl Watcher {
                 }
             }
         }
-        Ok(())
+        self.send_conflicts().await
     }
 
     /// A tapped update of a local source: the local view, the publisher's
@@ -373,7 +408,7 @@ impl Watcher {
                 specs.remove(&k);
                 touched.insert(k);
             }
-            Update::Connected(_) => return Ok(()),
+            Update::Connected(_) | Update::Conflicts(_) => return Ok(()),
         }
         // Two published sources naming one service: the first by id gives it.
         let mut local = Local::new();
