@@ -368,3 +368,66 @@ fn etcd_compaction_while_a_watcher_is_away_relists_and_leaves_nothing_stale() {
         || (c.a() == ["127.0.0.11", "127.0.0.13"]).then_some(()),
     );
 }
+
+/// Propagation of an endpoint change on node a to node c's DNS answer, p50
+/// and p99 (`BEACON_PROPAGATION_CHANGES`, default 60; BENCHMARKS.md has a
+/// 200-change run). A change is a services-file rewrite on a (its file
+/// watcher's 50 ms debounce included); the etcd hop is c's time minus a's.
+#[test]
+fn etcd_propagation_from_node_a_to_node_c() {
+    let _timing = super::harness::timing_lock();
+    let changes: usize = std::env::var("BEACON_PROPAGATION_CHANGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let etcd = EtcdCluster::start(3);
+    let e = etcd.endpoints_toml();
+    let a = Node::start("node-a", 1, &e);
+    let c = Node::start("node-c", 3, &e);
+    let _extra = BackendProcess::start(
+        "extra",
+        format!("127.0.0.21:{}", a.backend.addr.port())
+            .parse()
+            .unwrap(),
+    );
+    let base = ips(&[&a, &c]);
+    eventually(Duration::from_secs(10), "converged", || {
+        (c.a() == base).then_some(())
+    });
+    let mut with = base.clone();
+    with.push("127.0.0.21".into());
+    with.sort();
+    let (mut at_c, mut hop) = (Vec::new(), Vec::new());
+    for i in 0..changes {
+        let want = if i % 2 == 0 { &with } else { &base };
+        let t = Instant::now();
+        a.set_extra(if i % 2 == 0 { &["127.0.0.21"] } else { &[] });
+        let (mut seen_a, mut seen_c) = (None, None);
+        while seen_c.is_none() || seen_a.is_none() {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "change {i} not propagated"
+            );
+            if seen_a.is_none() && a.a() == *want {
+                seen_a = Some(t.elapsed());
+            }
+            if seen_c.is_none() && c.a() == *want {
+                seen_c = Some(t.elapsed());
+            }
+        }
+        let (sa, sc) = (seen_a.unwrap(), seen_c.unwrap());
+        at_c.push(sc);
+        hop.push(sc.saturating_sub(sa));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pct = |v: &mut Vec<Duration>, p: f64| {
+        v.sort();
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    };
+    let (c50, c99) = (pct(&mut at_c, 0.5), pct(&mut at_c, 0.99));
+    let (h50, h99) = (pct(&mut hop, 0.5), pct(&mut hop, 0.99));
+    eprintln!(
+        "propagation over {changes} changes: file on a -> DNS on c p50 {c50:?} p99 {c99:?}; etcd hop (c - a) p50 {h50:?} p99 {h99:?}"
+    );
+    assert!(h99 < Duration::from_millis(500), "etcd hop p99 {h99:?}");
+}
