@@ -31,6 +31,8 @@ const TXN_OPS: usize = 128;
 /// Between "not ready" and the revoke on shutdown: the other nodes stop
 /// sending new connections here before the keys vanish.
 const DRAIN: Duration = Duration::from_millis(200);
+/// The whole graceful leave at most.
+const LEAVE_MAX: Duration = Duration::from_secs(2);
 
 pub(super) struct Publisher {
     config: EtcdConfig,
@@ -115,7 +117,12 @@ impl Publisher {
             backoff.reset();
             tokio::select! {
                 _ = self.shutdown.cancelled() => {
-                    self.leave(&mut client, lease, &current).await;
+                    // Bounded: an unreachable etcd must not eat the
+                    // shutdown grace (the keys then leave after the TTL).
+                    let leave = self.leave(&mut client, lease, &current);
+                    if tokio::time::timeout(LEAVE_MAX, leave).await.is_err() {
+                        tracing::warn!("etcd: could not leave in time; the keys leave after lease_ttl");
+                    }
                     return Ok(());
                 }
                 r = self.local.changed() => {
