@@ -39,6 +39,13 @@ impl fmt::Display for ServiceKey {
 /// Which source said a service exists, e.g. `file:services.toml` or `docker`.
 pub type SourceId = Arc<str>;
 
+/// The etcd source: its specs already merge this node's published local
+/// services with every other node's (so it outranks the local sources, and
+/// the local source naming the same service is no conflict).
+pub fn merges_local(source: &SourceId) -> bool {
+    &**source == "etcd"
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
@@ -196,6 +203,10 @@ pub struct Endpoint {
     pub ready: bool,
     /// Overrides every port's `target_port` for this endpoint.
     pub port: Option<u16>,
+    /// The beacon node that published it through etcd; `None`: a local
+    /// source of this node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<Arc<str>>,
 }
 
 impl Endpoint {
@@ -206,6 +217,7 @@ impl Endpoint {
             weight: 1,
             ready: true,
             port: None,
+            via: None,
         }
     }
 
@@ -382,7 +394,8 @@ pub fn listeners_with_vip(spec: &ServiceSpec, vip: Option<IpAddr>) -> Vec<(Socke
 /// endpoint hostname (within one service, lost to another endpoint).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Conflict {
-    /// `listen`, `vip` or `hostname`.
+    /// `listen`, `vip`, `hostname`, or `spec` (nodes that publish different
+    /// specs for one service through etcd; the lowest node name wins).
     pub kind: &'static str,
     /// The service that asked and did not get it.
     pub service: ServiceKey,
@@ -408,6 +421,9 @@ pub struct Snapshot {
     pub services: ServiceMap,
     /// Claims given to one service and refused to another, in order.
     pub conflicts: Arc<[Conflict]>,
+    /// Sources that lost their upstream (etcd, the engine): what they last
+    /// said is still served, stale.
+    pub disconnected: Arc<[SourceId]>,
     /// Lookups derived from `services`, built on first use (see [`Index`]).
     #[serde(skip)]
     pub index: LazyIndex,

@@ -71,6 +71,8 @@ struct ServicesView<'a> {
     services: Vec<ServiceView<'a>>,
     /// Claims refused: which service asked, for what, and who holds it.
     conflicts: &'a [Conflict],
+    /// Sources that lost their upstream: what they said last is served, stale.
+    disconnected: &'a [crate::model::SourceId],
     sources: Vec<SourceView<'a>>,
 }
 
@@ -137,6 +139,7 @@ pub fn services_json(snap: &Snapshot, query: &ServicesQuery) -> serde_json::Valu
         offset: query.offset,
         services,
         conflicts: &snap.conflicts,
+        disconnected: &snap.disconnected,
         sources: snap
             .sources
             .iter()

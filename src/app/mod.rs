@@ -67,6 +67,8 @@ pub fn build_sources(config: &Config) -> Result<Vec<Box<dyn Source>>, StartError
                 DockerSource::new(socket.clone(), network.clone(), defaults.clone())
                     .with_trust(trust.clone()),
             )),
+            // Built by `start`, once the registry's reader exists.
+            SourceConfig::Etcd(_) => {}
         }
     }
     conflicts.extend(claims.reserved(&config.reserved_addrs()));
@@ -74,6 +76,59 @@ pub fn build_sources(config: &Config) -> Result<Vec<Box<dyn Source>>, StartError
         return Err(StartError::Config(ConfigErrors(conflicts)));
     }
     Ok(out)
+}
+
+/// The registry and every source under supervision. The etcd source
+/// merges the local sources it publishes (a tap on their handle) with every
+/// other node's, so it outranks them (see `model::merges_local`).
+fn spawn_sources(
+    config: &Config,
+    sources: Vec<Box<dyn Source>>,
+    shutdown: &CancellationToken,
+    loops: &mut Loops,
+) -> (registry::Handle, Reader) {
+    let etcd = config.sources.iter().find_map(|s| match s {
+        SourceConfig::Etcd(e) => Some(e.clone()),
+        _ => None,
+    });
+    // The etcd source merges the local sources it publishes with every
+    // other node's, so it outranks them (see `model::merges_local`).
+    let mut ids: Vec<_> = etcd.iter().map(|_| "etcd".into()).collect();
+    ids.extend(sources.iter().map(|s| s.id()));
+    let (handle, reader, registry_loop) =
+        registry::new(ids, config.startup_timeout, shutdown.clone());
+    loops.spawn("registry", registry_loop);
+    let (tap_tx, tap_rx) = tokio::sync::mpsc::unbounded_channel();
+    let published = |id: &crate::model::SourceId| {
+        let cfg = config.sources.iter().find(|c| c.id() == *id);
+        etcd.as_ref()
+            .is_some_and(|e| e.publish.iter().any(|p| cfg.is_some_and(|c| c.is_named(p))))
+    };
+    for source in sources {
+        let id = source.id();
+        crate::sources::register_metrics(&id);
+        let h = if published(&id) {
+            handle.tapped(tap_tx.clone())
+        } else {
+            handle.clone()
+        };
+        loops.spawn(format!("source/{id}"), source.run(h, shutdown.clone()));
+    }
+    drop(tap_tx);
+    if let Some(e) = etcd {
+        let source = crate::sources::etcd::EtcdSource::new(
+            e,
+            config.service_defaults(),
+            tap_rx,
+            reader.clone(),
+        );
+        crate::sources::register_metrics(&source.id());
+        loops.spawn(
+            "source/etcd",
+            Box::new(source).run(handle.clone(), shutdown.clone()),
+        );
+    }
+    (handle, reader)
 }
 
 /// Starts every loop, plus `extra_sources` (the dev demo). Returns once
@@ -95,15 +150,7 @@ pub async fn start(
     let mut loops = Loops::new();
     let mut sources = build_sources(&config)?;
     sources.extend(extra_sources);
-    let ids = sources.iter().map(|s| s.id()).collect();
-    let (handle, reader, registry_loop) =
-        registry::new(ids, config.startup_timeout, shutdown.clone());
-    loops.spawn("registry", registry_loop);
-    for source in sources {
-        crate::sources::register_metrics(&source.id());
-        let name = format!("source/{}", source.id());
-        loops.spawn(name, source.run(handle.clone(), shutdown.clone()));
-    }
+    let (handle, reader) = spawn_sources(&config, sources, &shutdown, &mut loops);
     // Passive health signals: the proxy's connect outcomes feed health.
     let (outcomes_tx, outcomes_rx) = tokio::sync::mpsc::channel(4096);
     loops.spawn(

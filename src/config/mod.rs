@@ -20,6 +20,7 @@
 //! `services` (the file source's loader and `check`).
 
 mod dns;
+mod etcd;
 mod flat;
 mod health;
 mod index;
@@ -33,6 +34,7 @@ mod sources;
 mod values;
 
 pub use dns::DnsConfig;
+pub use etcd::EtcdConfig;
 pub use index::ServicesIndex;
 pub use main_config::{AdminConfig, Config, DEFAULT_CONFIG};
 pub use proxy::ProxyConfig;

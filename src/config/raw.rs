@@ -116,6 +116,17 @@ pub struct RawSource {
     pub namespaces: Option<Vec<Spanned<String>>>,
     pub allow_listen: Option<Vec<Spanned<String>>>,
     pub allow_vip: Option<Vec<Spanned<String>>>,
+    // etcd
+    pub endpoints: Option<Vec<Spanned<String>>>,
+    pub prefix: Option<Spanned<String>>,
+    pub node: Option<Spanned<String>>,
+    pub publish: Option<Vec<Spanned<String>>>,
+    pub lease_ttl: Option<Spanned<HumanDuration>>,
+    pub ca: Option<Spanned<String>>,
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    pub username: Option<Spanned<String>>,
+    pub password: Option<Spanned<String>>,
 }
 
 // ===== services files =====

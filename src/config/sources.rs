@@ -22,6 +22,8 @@ pub enum SourceConfig {
         network: Option<String>,
         trust: DockerTrust,
     },
+    /// The cluster: this node publishes to etcd and watches every node.
+    Etcd(super::EtcdConfig),
 }
 
 /// What container labels may do. Labels are untrusted input: any container,
@@ -52,7 +54,22 @@ impl SourceConfig {
         match self {
             SourceConfig::File { path } => format!("file:{}", path.display()).into(),
             SourceConfig::Docker { .. } => "docker".into(),
+            SourceConfig::Etcd(_) => "etcd".into(),
         }
+    }
+
+    /// The source's `type` in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::File { .. } => "file",
+            SourceConfig::Docker { .. } => "docker",
+            SourceConfig::Etcd(_) => "etcd",
+        }
+    }
+
+    /// Whether a `publish` entry (a type or an id) names this source.
+    pub fn is_named(&self, name: &str) -> bool {
+        self.kind() == name || &*self.id() == name
     }
 }
 
@@ -75,7 +92,26 @@ pub(super) fn validate(r: &mut Reporter<'_>, raw: &[RawSource], base: &Path) -> 
             );
         }
     }
+    check_publish(r, raw, &sources);
     sources
+}
+
+/// Every `publish` entry of an etcd source names another configured source.
+fn check_publish(r: &mut Reporter<'_>, raw: &[RawSource], sources: &[SourceConfig]) {
+    for s in raw {
+        for p in s.publish.iter().flatten() {
+            let name = p.get_ref();
+            let local = sources
+                .iter()
+                .any(|c| !matches!(c, SourceConfig::Etcd(_)) && c.is_named(name));
+            if !local {
+                r.error(
+                    p.span(),
+                    format!("`publish` names `{name}`, which is not a configured file or docker source (write its type or id)"),
+                );
+            }
+        }
+    }
 }
 
 fn source(r: &mut Reporter<'_>, s: &RawSource, base: &Path) -> Option<SourceConfig> {
@@ -123,10 +159,11 @@ fn source(r: &mut Reporter<'_>, s: &RawSource, base: &Path) -> Option<SourceConf
                 trust: trust(r, s),
             })
         }
+        "etcd" => super::etcd::validate(r, s).map(SourceConfig::Etcd),
         other => {
             r.error(
                 s.kind.span(),
-                format!("unknown source type `{other}`; valid types: `file`, `docker`"),
+                format!("unknown source type `{other}`; valid types: `file`, `docker`, `etcd`"),
             );
             None
         }

@@ -13,7 +13,7 @@ pub fn publish_source_gauges(snap: &Snapshot) {
 
 /// Sets `beacon_claim_conflicts{kind}`: the claims refused right now.
 pub fn publish_conflict_gauges(snap: &Snapshot) {
-    for kind in ["listen", "vip", "hostname"] {
+    for kind in ["listen", "vip", "hostname", "spec"] {
         let n = snap.conflicts.iter().filter(|c| c.kind == kind).count();
         metrics::gauge!(crate::telemetry::CLAIM_CONFLICTS, "kind" => kind).set(n as f64);
     }

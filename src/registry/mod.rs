@@ -48,6 +48,13 @@ pub enum Update {
     Reset(Vec<ServiceSpec>),
     Upsert(Box<ServiceSpec>),
     Remove(ServiceKey),
+    /// The source reached (`true`) or lost (`false`) its upstream; while
+    /// lost it keeps what it last said (stale but served). Not a sync.
+    Connected(bool),
+    /// Conflicts the source itself decided (etcd: nodes that publish
+    /// different specs for one service), all of them; listed with the
+    /// claim conflicts in `Snapshot::conflicts`. Not a sync.
+    Conflicts(Vec<crate::model::Conflict>),
 }
 
 /// A change of one endpoint's health, from the health loop.
@@ -90,6 +97,8 @@ pub struct State {
     health: HashMap<ServiceKey, HashMap<IpAddr, Health>>,
     /// Who holds each vip, listen address and hostname.
     ledger: claims::Ledger,
+    /// Conflicts sources decided themselves (`Update::Conflicts`).
+    reported: BTreeMap<SourceId, Vec<crate::model::Conflict>>,
     snapshot: Snapshot,
 }
 
@@ -220,11 +229,26 @@ impl State {
                     touched.push(key);
                 }
             }
+            Update::Connected(up) => {
+                let reason: Arc<str> = if up { "connected" } else { "upstream lost" }.into();
+                let sources = self.set_connected(&source, up, reason);
+                let mut reached = self.set_reachable(source, up);
+                reached.sources = sources;
+                return reached;
+            }
+            Update::Conflicts(list) => {
+                self.reported.insert(source, list);
+                return Changed {
+                    conflicts: self.refresh_conflicts(),
+                    ..Changed::default()
+                };
+            }
         }
         let moved = self.settle_claims(&touched);
         for key in touched.into_iter().chain(moved) {
             if let Some((owner, _)) = self.owner(&key)
                 && *owner != source
+                && !crate::model::merges_local(owner)
                 && self.desired[&source].contains_key(&key)
             {
                 tracing::warn!(
@@ -251,6 +275,26 @@ impl State {
         }
         self.snapshot.sources.insert(source.clone(), now);
         true
+    }
+
+    /// Records whether `source` reaches its upstream (`Snapshot::disconnected`).
+    fn set_reachable(&mut self, source: SourceId, up: bool) -> Changed {
+        let listed = self.snapshot.disconnected.contains(&source);
+        if up != listed {
+            return Changed::default();
+        }
+        let mut list = self.snapshot.disconnected.to_vec();
+        if up {
+            list.retain(|s| *s != source);
+        } else {
+            list.push(source);
+            list.sort();
+        }
+        self.snapshot.disconnected = list.into();
+        Changed {
+            conflicts: true,
+            ..Changed::default()
+        }
     }
 
     fn check_ready(&mut self) -> bool {
@@ -414,6 +458,9 @@ impl Reader {
 #[derive(Clone, Debug)]
 pub struct Handle {
     tx: mpsc::Sender<Event>,
+    /// Gets a copy of every source update sent through this handle: the
+    /// etcd publisher's view of the local sources it publishes.
+    tap: Option<mpsc::UnboundedSender<(SourceId, Update)>>,
 }
 
 impl Handle {
@@ -422,7 +469,19 @@ impl Handle {
         self.tx.send(event).await.is_ok()
     }
 
+    /// This handle, also copying each source update to `tap`.
+    pub fn tapped(&self, tap: mpsc::UnboundedSender<(SourceId, Update)>) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            tap: Some(tap),
+        }
+    }
+
     pub async fn source(&self, source: &SourceId, update: Update) -> bool {
+        if let Some(tap) = &self.tap {
+            // The tap's reader gone (etcd stopped) is its own loop's error.
+            let _ = tap.send((source.clone(), update.clone()));
+        }
         self.send(Event::Source {
             source: source.clone(),
             update,
@@ -477,7 +536,7 @@ pub fn new(
     let state = State::new(sources);
     let (snap_tx, snap_rx) = watch::channel(Arc::new(state.snapshot.clone()));
     let run = run(state, rx, tx.clone(), snap_tx, startup_timeout, shutdown);
-    (Handle { tx }, Reader { rx: snap_rx }, run)
+    (Handle { tx, tap: None }, Reader { rx: snap_rx }, run)
 }
 
 /// Like [`new`], with the loop spawned on the runtime (tests, benches).

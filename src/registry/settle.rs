@@ -90,7 +90,8 @@ impl State {
     /// Brings `snapshot.conflicts` in line with the ledger, logging each
     /// conflict once when it starts and once when it ends. True if moved.
     pub(super) fn refresh_conflicts(&mut self) -> bool {
-        let now = self.ledger.conflicts();
+        let mut now = self.ledger.conflicts();
+        now.extend(self.reported.values().flatten().cloned());
         if *now == *self.snapshot.conflicts {
             return false;
         }

@@ -382,6 +382,7 @@ mod batch_equivalence {
                 desired: one_by_one.desired.clone(),
                 health: one_by_one.health.clone(),
                 ledger: one_by_one.ledger.clone(),
+                reported: one_by_one.reported.clone(),
                 snapshot: one_by_one.snapshot.clone(),
             };
             let mut reported = HashSet::new();
@@ -612,4 +613,34 @@ fn a_source_is_connected_by_its_reset_and_lost_by_its_word() {
     assert_eq!(st.snapshot().services.len(), 1);
     assert!(reset(&mut st, "docker", vec![spec("web", &["10.0.0.1"])]).sources);
     assert!(status(&st).connected);
+}
+
+#[test]
+fn connected_and_reported_conflicts_are_listed_and_are_no_sync() {
+    let mut st = State::new(vec![src("etcd")]);
+    let ev = |update| Event::Source {
+        source: src("etcd"),
+        update,
+    };
+    let c = apply(&mut st, ev(Update::Connected(false)));
+    assert!(c.any() && !c.ready, "listed, but not a first sync");
+    assert!(!st.snapshot().ready);
+    assert_eq!(&*st.snapshot().disconnected, &[src("etcd")]);
+    assert!(
+        !apply(&mut st, ev(Update::Connected(false))).any(),
+        "no change"
+    );
+    let conflict = crate::model::Conflict {
+        kind: "spec",
+        service: ServiceKey::new("default", "web"),
+        claim: "spec of node b".into(),
+        winner: "spec of node a".into(),
+    };
+    assert!(apply(&mut st, ev(Update::Conflicts(vec![conflict.clone()]))).conflicts);
+    assert_eq!(&*st.snapshot().conflicts, &[conflict]);
+    apply(&mut st, ev(Update::Reset(vec![])));
+    assert!(st.snapshot().ready);
+    apply(&mut st, ev(Update::Connected(true)));
+    apply(&mut st, ev(Update::Conflicts(vec![])));
+    assert!(st.snapshot().disconnected.is_empty() && st.snapshot().conflicts.is_empty());
 }

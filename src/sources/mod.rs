@@ -12,6 +12,7 @@ use crate::model::{ServiceSpec, SourceId};
 use crate::registry::{self, Update};
 
 pub mod docker;
+pub mod etcd;
 pub mod file;
 mod file_watch;
 

@@ -4,6 +4,8 @@
 mod dns;
 mod dns_wire;
 mod docker;
+mod etcd;
+mod etcd_harness;
 mod faults;
 mod harness;
 mod health_e2e;

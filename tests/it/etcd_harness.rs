@@ -1,0 +1,221 @@
+//! A real etcd cluster on loopback for the etcd tests: N members on free
+//! ports, data in a tempdir, members killed and restarted, compaction.
+//! Needs Debian's `etcd-server` and `etcd-client` (scripts/test installs
+//! them); fails loudly without.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::harness::{eventually, free_addr};
+
+pub struct Member {
+    pub name: String,
+    pub client: SocketAddr,
+    pub peer: SocketAddr,
+    child: Option<Child>,
+}
+
+pub struct EtcdCluster {
+    pub dir: tempfile::TempDir,
+    pub members: Vec<Member>,
+    initial: String,
+}
+
+fn need(program: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program} >/dev/null")])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "`{program}` not found: the etcd tests need Debian's etcd-server and etcd-client (scripts/test installs them)"
+    );
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until the cluster has a leader.
+    pub fn start(n: usize) -> EtcdCluster {
+        need("etcd");
+        need("etcdctl");
+        let dir = tempfile::tempdir().unwrap();
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: free_addr(),
+                peer: free_addr(),
+                child: None,
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = EtcdCluster {
+            dir,
+            members,
+            initial,
+        };
+        for i in 0..n {
+            c.spawn(i);
+        }
+        c.wait_healthy();
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let m = &self.members[i];
+        let data = self.dir.path().join(&m.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", m.name)))
+            .unwrap();
+        let child = Command::new("etcd")
+            .args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen-client-urls", &format!("http://{}", m.client)])
+            .args(["--advertise-client-urls", &format!("http://{}", m.client)])
+            .args(["--listen-peer-urls", &format!("http://{}", m.peer)])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://{}", m.peer),
+            ])
+            .args(["--initial-cluster", &self.initial])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", "beacon-test"])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start etcd");
+        self.members[i].child = Some(child);
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://{}", m.client))
+            .collect()
+    }
+
+    /// The TOML array of every member's client URL.
+    pub fn endpoints_toml(&self) -> String {
+        let list: Vec<String> = self
+            .endpoints()
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect();
+        format!("[{}]", list.join(", "))
+    }
+
+    /// `kill -9` of member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.members[i].child.is_none(), "member {i} is running");
+        self.spawn(i);
+    }
+
+    /// `etcdctl` against the running members; stdout, panics on failure.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let endpoints: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| format!("http://{}", m.client))
+            .collect();
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", endpoints.join(",")))
+            .arg("--command-timeout=3s")
+            .args(args)
+            .output()
+            .expect("run etcdctl");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The current revision of the store.
+    pub fn revision(&self) -> i64 {
+        let out = self.ctl(&[
+            "get",
+            "/",
+            "--prefix",
+            "--keys-only",
+            "--limit=1",
+            "-w",
+            "json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("etcdctl json");
+        v["header"]["revision"].as_i64().expect("revision")
+    }
+
+    /// Compacts the history up to the current revision.
+    pub fn compact(&self) -> i64 {
+        let rev = self.revision();
+        self.ctl(&["compact", &rev.to_string(), "--physical"]);
+        rev
+    }
+
+    /// Keys under `prefix`.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        self.ctl(&["get", prefix, "--prefix", "--keys-only"])
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    pub fn wait_healthy(&self) {
+        eventually(Duration::from_secs(20), "etcd cluster healthy", || {
+            let endpoints: Vec<String> = self
+                .members
+                .iter()
+                .filter(|m| m.child.is_some())
+                .map(|m| format!("http://{}", m.client))
+                .collect();
+            Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={}", endpoints.join(",")))
+                .args(["--command-timeout=1s", "endpoint", "health"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .ok()
+                .filter(|s| s.success())
+                .map(|_| ())
+        });
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(
+            self.dir
+                .path()
+                .join(format!("{}.log", self.members[i].name)),
+        )
+        .unwrap_or_default()
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
