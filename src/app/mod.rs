@@ -67,6 +67,9 @@ pub fn build_sources(config: &Config) -> Result<Vec<Box<dyn Source>>, StartError
                 DockerSource::new(socket.clone(), network.clone(), defaults.clone())
                     .with_trust(trust.clone()),
             )),
+            SourceConfig::Kubernetes(k) => out.push(Box::new(
+                crate::sources::kubernetes::KubernetesSource::new(k.clone(), defaults.clone()),
+            )),
         }
     }
     conflicts.extend(claims.reserved(&config.reserved_addrs()));

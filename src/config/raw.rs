@@ -116,6 +116,8 @@ pub struct RawSource {
     pub namespaces: Option<Vec<Spanned<String>>>,
     pub allow_listen: Option<Vec<Spanned<String>>>,
     pub allow_vip: Option<Vec<Spanned<String>>>,
+    pub kubeconfig: Option<Spanned<String>>,
+    pub label_selector: Option<Spanned<String>>,
 }
 
 // ===== services files =====

@@ -22,6 +22,19 @@ pub enum SourceConfig {
         network: Option<String>,
         trust: DockerTrust,
     },
+    /// Services and EndpointSlices from a Kubernetes API server.
+    Kubernetes(KubernetesConfig),
+}
+
+/// What a `kubernetes` source watches and how it reaches the API server.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KubernetesConfig {
+    /// None: in-cluster service account, else `$KUBECONFIG`, else `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// Empty: every namespace.
+    pub namespaces: Vec<Arc<str>>,
+    /// A label selector on Services.
+    pub label_selector: Option<String>,
 }
 
 /// What container labels may do. Labels are untrusted input: any container,
@@ -52,6 +65,7 @@ impl SourceConfig {
         match self {
             SourceConfig::File { path } => format!("file:{}", path.display()).into(),
             SourceConfig::Docker { .. } => "docker".into(),
+            SourceConfig::Kubernetes(_) => "kubernetes".into(),
         }
     }
 }
@@ -123,13 +137,48 @@ fn source(r: &mut Reporter<'_>, s: &RawSource, base: &Path) -> Option<SourceConf
                 trust: trust(r, s),
             })
         }
+        "kubernetes" => Some(SourceConfig::Kubernetes(kubernetes(r, s, base))),
         other => {
             r.error(
                 s.kind.span(),
-                format!("unknown source type `{other}`; valid types: `file`, `docker`"),
+                format!(
+                    "unknown source type `{other}`; valid types: `file`, `docker`, `kubernetes`"
+                ),
             );
             None
         }
+    }
+}
+
+/// A kubernetes source: `kubeconfig`, `namespaces`, `label_selector`.
+fn kubernetes(r: &mut Reporter<'_>, s: &RawSource, base: &Path) -> KubernetesConfig {
+    for (set, name) in [
+        (s.path.as_ref().map(Spanned::span), "path"),
+        (s.socket.as_ref().map(Spanned::span), "socket"),
+    ] {
+        if let Some(span) = set {
+            r.error(
+                span,
+                format!("`{name}` does not belong to a kubernetes source; it takes `kubeconfig`, `namespaces` and `label_selector`"),
+            );
+        }
+    }
+    if s.allow_listen.is_some() || s.allow_vip.is_some() || s.network.is_some() {
+        r.error(
+            s.kind.span(),
+            "`network`, `allow_listen` and `allow_vip` belong to a docker source, not a kubernetes source",
+        );
+    }
+    let namespaces = s
+        .namespaces
+        .iter()
+        .flatten()
+        .filter_map(|v| label(r, v, "namespace"))
+        .collect();
+    KubernetesConfig {
+        kubeconfig: s.kubeconfig.as_ref().map(|p| base.join(p.get_ref())),
+        namespaces,
+        label_selector: s.label_selector.as_ref().map(|v| v.get_ref().clone()),
     }
 }
 

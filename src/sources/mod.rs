@@ -14,6 +14,7 @@ use crate::registry::{self, Update};
 pub mod docker;
 pub mod file;
 mod file_watch;
+pub mod kubernetes;
 
 /// Why a source loop ended before shutdown. A source rides out a lost
 /// upstream (engine, API server, etcd) by itself, with backoff; it ends only

@@ -164,6 +164,7 @@ pub fn member(
             weight,
             ready,
             port: None,
+            terminating: false,
         },
         ignored,
     }))
