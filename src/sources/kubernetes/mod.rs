@@ -40,8 +40,25 @@ const BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 /// One watcher event, tagged with the scope (index into the namespaces,
 /// or 0 for all) of the watch it came from.
 pub enum Tagged {
-    Service(usize, Result<Event<Service>, watcher::Error>),
-    Slice(usize, Result<Event<EndpointSlice>, watcher::Error>),
+    Service(usize, Box<Result<Event<Service>, watcher::Error>>),
+    Slice(usize, Box<Result<Event<EndpointSlice>, watcher::Error>>),
+}
+
+impl Tagged {
+    pub fn service(scope: usize, r: Result<Event<Service>, watcher::Error>) -> Self {
+        Tagged::Service(scope, Box::new(r))
+    }
+
+    pub fn slice(scope: usize, r: Result<Event<EndpointSlice>, watcher::Error>) -> Self {
+        Tagged::Slice(scope, Box::new(r))
+    }
+
+    pub fn error(&self) -> Option<&watcher::Error> {
+        match self {
+            Tagged::Service(_, r) => (**r).as_ref().err(),
+            Tagged::Slice(_, r) => (**r).as_ref().err(),
+        }
+    }
 }
 
 /// What the source knows, and what it told the registry.
@@ -99,9 +116,14 @@ impl Store {
     /// The updates one watcher event calls for (errors call for none).
     pub fn apply(&mut self, ev: Tagged) -> Vec<Update> {
         let touched = match ev {
-            Tagged::Service(_, Err(_)) | Tagged::Slice(_, Err(_)) => return Vec::new(),
-            Tagged::Service(scope, Ok(ev)) => self.on_service(scope, ev),
-            Tagged::Slice(scope, Ok(ev)) => self.on_slice(scope, ev),
+            Tagged::Service(scope, r) => match *r {
+                Ok(ev) => self.on_service(scope, ev),
+                Err(_) => return Vec::new(),
+            },
+            Tagged::Slice(scope, r) => match *r {
+                Ok(ev) => self.on_slice(scope, ev),
+                Err(_) => return Vec::new(),
+            },
         };
         match touched {
             Some(keys) => self.settle(keys),
@@ -326,13 +348,13 @@ impl KubernetesSource {
             streams.push(
                 watcher(services, on_services)
                     .default_backoff()
-                    .map(move |r| Tagged::Service(i, r))
+                    .map(move |r| Tagged::service(i, r))
                     .boxed(),
             );
             streams.push(
                 watcher(slices, watcher::Config::default())
                     .default_backoff()
-                    .map(move |r| Tagged::Slice(i, r))
+                    .map(move |r| Tagged::slice(i, r))
                     .boxed(),
             );
         }
@@ -375,7 +397,7 @@ impl KubernetesSource {
             let Some(ev) = ev else {
                 return Err(SourceError::Failed("kubernetes watches ended".into()));
             };
-            if let Tagged::Service(_, Err(e)) | Tagged::Slice(_, Err(e)) = &ev {
+            if let Some(e) = ev.error() {
                 count_error(&self.id);
                 tracing::warn!(error = %e,
                     "kubernetes API server: watch failed; serving the last known endpoints, retrying with backoff");

@@ -21,20 +21,20 @@ fn slice(name: &str, ns: &str, service: &str, ips: &[&str]) -> EndpointSlice {
 }
 
 fn list_services(store: &mut Store, scope: usize, items: Vec<Service>) -> Vec<Update> {
-    let mut out = store.apply(Tagged::Service(scope, Ok(Event::Init)));
+    let mut out = store.apply(Tagged::service(scope, Ok(Event::Init)));
     for s in items {
-        out.extend(store.apply(Tagged::Service(scope, Ok(Event::InitApply(s)))));
+        out.extend(store.apply(Tagged::service(scope, Ok(Event::InitApply(s)))));
     }
-    out.extend(store.apply(Tagged::Service(scope, Ok(Event::InitDone))));
+    out.extend(store.apply(Tagged::service(scope, Ok(Event::InitDone))));
     out
 }
 
 fn list_slices(store: &mut Store, scope: usize, items: Vec<EndpointSlice>) -> Vec<Update> {
-    let mut out = store.apply(Tagged::Slice(scope, Ok(Event::Init)));
+    let mut out = store.apply(Tagged::slice(scope, Ok(Event::Init)));
     for s in items {
-        out.extend(store.apply(Tagged::Slice(scope, Ok(Event::InitApply(s)))));
+        out.extend(store.apply(Tagged::slice(scope, Ok(Event::InitApply(s)))));
     }
-    out.extend(store.apply(Tagged::Slice(scope, Ok(Event::InitDone))));
+    out.extend(store.apply(Tagged::slice(scope, Ok(Event::InitDone))));
     out
 }
 
@@ -83,7 +83,7 @@ fn the_first_list_of_every_watch_is_one_reset() {
     let late = slice("web-b", "shop", "web", &["10.0.0.3"]);
     assert!(
         store
-            .apply(Tagged::Slice(0, Ok(Event::Apply(late))))
+            .apply(Tagged::slice(0, Ok(Event::Apply(late))))
             .is_empty()
     );
     let out = list_services(&mut store, 0, vec![svc("web", "shop", "10.96.0.1")]);
@@ -93,28 +93,28 @@ fn the_first_list_of_every_watch_is_one_reset() {
 #[test]
 fn later_events_upsert_or_remove_only_the_service_they_touch() {
     let mut store = synced_store();
-    let out = store.apply(Tagged::Service(
+    let out = store.apply(Tagged::service(
         0,
         Ok(Event::Apply(svc("api", "shop", "10.96.0.2"))),
     ));
     assert_eq!(describe(&out), ["upsert api.shop:0"]);
-    let out = store.apply(Tagged::Slice(
+    let out = store.apply(Tagged::slice(
         0,
         Ok(Event::Apply(slice("web-b", "shop", "web", &["10.0.0.3"]))),
     ));
     assert_eq!(describe(&out), ["upsert web.shop:3"]);
     // The same object again changes nothing: nothing sent.
-    let out = store.apply(Tagged::Slice(
+    let out = store.apply(Tagged::slice(
         0,
         Ok(Event::Apply(slice("web-b", "shop", "web", &["10.0.0.3"]))),
     ));
     assert!(out.is_empty());
-    let out = store.apply(Tagged::Slice(
+    let out = store.apply(Tagged::slice(
         0,
         Ok(Event::Delete(slice("web-a", "shop", "web", &[]))),
     ));
     assert_eq!(describe(&out), ["upsert web.shop:1"]);
-    let out = store.apply(Tagged::Service(
+    let out = store.apply(Tagged::service(
         0,
         Ok(Event::Delete(svc("web", "shop", "10.96.0.1"))),
     ));
@@ -145,8 +145,8 @@ fn a_relist_after_410_sends_only_the_difference() {
 fn errors_change_nothing_and_the_last_state_stays() {
     let mut store = synced_store();
     let err = || watcher::Error::NoResourceVersion;
-    assert!(store.apply(Tagged::Service(0, Err(err()))).is_empty());
-    assert!(store.apply(Tagged::Slice(0, Err(err()))).is_empty());
+    assert!(store.apply(Tagged::service(0, Err(err()))).is_empty());
+    assert!(store.apply(Tagged::slice(0, Err(err()))).is_empty());
     assert_eq!(store.sent().len(), 1);
     assert_eq!(store.sent().values().next().unwrap().endpoints.len(), 2);
 }
@@ -154,12 +154,12 @@ fn errors_change_nothing_and_the_last_state_stays() {
 #[test]
 fn a_relabeled_slice_moves_between_services() {
     let mut store = synced_store();
-    store.apply(Tagged::Service(
+    store.apply(Tagged::service(
         0,
         Ok(Event::Apply(svc("api", "shop", "10.96.0.2"))),
     ));
     let moved = slice("web-a", "shop", "api", &["10.0.0.1", "10.0.0.2"]);
-    let mut out = describe(&store.apply(Tagged::Slice(0, Ok(Event::Apply(moved)))));
+    let mut out = describe(&store.apply(Tagged::slice(0, Ok(Event::Apply(moved)))));
     out.sort();
     assert_eq!(out, ["upsert api.shop:2", "upsert web.shop:0"]);
 }
