@@ -207,6 +207,10 @@ pub struct Endpoint {
     /// source of this node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub via: Option<Arc<str>>,
+    /// Not ready but still serving while it shuts down (Kubernetes
+    /// `serving` + `terminating`): never in DNS; the proxy falls back to
+    /// such endpoints only when a service has no serving one left.
+    pub terminating: bool,
 }
 
 impl Endpoint {
@@ -218,6 +222,7 @@ impl Endpoint {
             ready: true,
             port: None,
             via: None,
+            terminating: false,
         }
     }
 
@@ -241,6 +246,12 @@ pub struct ServiceSpec {
     pub proxy: ProxySpec,
     /// Serve every endpoint when none is healthy (panic mode).
     pub fail_open: bool,
+    /// Whether the proxy listens on `vip:port` (Kubernetes: only when the
+    /// service asks, as ClusterIPs are not this host's addresses).
+    pub listen_vip: bool,
+    /// An alias (Kubernetes `ExternalName`): every name of the service
+    /// answers a CNAME to this name (lower-case, no trailing dot).
+    pub external_name: Option<Arc<str>>,
 }
 
 impl ServiceSpec {
@@ -254,6 +265,8 @@ impl ServiceSpec {
             health: HealthSpec::default(),
             proxy: ProxySpec::default(),
             fail_open: false,
+            listen_vip: true,
+            external_name: None,
         }
     }
 
@@ -308,6 +321,9 @@ impl EndpointState {
 /// The combined verdict: served only if the source says ready, the probe
 /// does not say down, and no passive ejection is in force.
 pub fn verdict(endpoint: &Endpoint, health: &Health, spec: &HealthSpec) -> (bool, Arc<str>) {
+    if !endpoint.ready && endpoint.terminating {
+        return (false, "terminating (serving: proxy fallback only)".into());
+    }
     if !endpoint.ready {
         return (false, "not ready in source".into());
     }
@@ -362,6 +378,31 @@ impl ServiceState {
         self.endpoints.iter().filter(move |e| panic || e.healthy)
     }
 
+    /// The endpoints the proxy connects to: the serving ones or, when none
+    /// is left, the terminating ones still serving that no probe or
+    /// ejection rules out (kube-proxy's terminating fallback, KEP-1669).
+    pub fn proxied(&self) -> impl Iterator<Item = &EndpointState> + '_ {
+        let fallback = self.serving().next().is_none();
+        let panic = self.panic;
+        self.endpoints.iter().filter(move |e| {
+            if fallback {
+                e.endpoint.terminating
+                    && e.health.ejected.is_none()
+                    && !matches!(e.health.probe, ProbeState::Down(_))
+            } else {
+                panic || e.healthy
+            }
+        })
+    }
+
+    /// Whether DNS knows the service: it has a vip, is an alias, or has a
+    /// serving endpoint.
+    pub fn in_dns(&self) -> bool {
+        !self.spec.is_headless()
+            || self.spec.external_name.is_some()
+            || self.serving().next().is_some()
+    }
+
     pub fn endpoint(&self, ip: IpAddr) -> Option<&EndpointState> {
         self.endpoints.iter().find(|e| e.endpoint.ip == ip)
     }
@@ -375,6 +416,7 @@ pub fn wanted_listeners(spec: &ServiceSpec) -> Vec<(SocketAddr, usize)> {
 
 /// [`wanted_listeners`] as if the spec's vip were `vip`.
 pub fn listeners_with_vip(spec: &ServiceSpec, vip: Option<IpAddr>) -> Vec<(SocketAddr, usize)> {
+    let vip = vip.filter(|_| spec.listen_vip);
     let mut out = Vec::new();
     for (i, port) in spec.ports.iter().enumerate() {
         if port.protocol != Protocol::Tcp {
@@ -551,6 +593,44 @@ mod tests {
     }
 
     #[test]
+    fn proxied_falls_back_to_terminating_only_when_nothing_serves() {
+        let spec = Arc::new(ServiceSpec::new(ServiceKey::new("default", "web")));
+        let terminating = Endpoint {
+            terminating: true,
+            ..ep(false)
+        };
+        let state = |eps: Vec<(Endpoint, Health)>| {
+            let eps = eps
+                .into_iter()
+                .map(|(e, h)| EndpointState::new(e, h, &spec.health))
+                .collect();
+            ServiceState::new(spec.clone(), "test".into(), eps)
+        };
+        let ready = Endpoint::new("127.0.0.2".parse().unwrap());
+        let both = state(vec![
+            (terminating.clone(), Health::default()),
+            (ready, Health::default()),
+        ]);
+        let ips: Vec<_> = both.proxied().map(|e| e.endpoint.ip.to_string()).collect();
+        assert_eq!(ips, ["127.0.0.2"], "a ready endpoint wins");
+        let alone = state(vec![(terminating.clone(), Health::default())]);
+        assert_eq!(alone.serving().count(), 0);
+        assert_eq!(alone.proxied().count(), 1);
+        assert!(alone.endpoints[0].reason.contains("terminating"));
+        let ejected = Health {
+            probe: ProbeState::Up,
+            ejected: Some("ejected".into()),
+        };
+        assert_eq!(state(vec![(terminating, ejected)]).proxied().count(), 0);
+        assert_eq!(
+            state(vec![(ep(false), Health::default())])
+                .proxied()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
     fn fail_open_serves_all_when_none_healthy() {
         let mut spec = ServiceSpec::new(ServiceKey::new("default", "web"));
         spec.fail_open = true;
@@ -587,8 +667,7 @@ impl Index {
     pub fn build(services: &ServiceMap) -> Self {
         let mut index = Index::default();
         for svc in services.values() {
-            let serving = svc.serving().next().is_some();
-            if !svc.spec.is_headless() || serving {
+            if svc.in_dns() {
                 index.namespaces.insert(svc.key().namespace.clone());
             }
             if let Some(vip) = svc.spec.vip {

@@ -89,6 +89,9 @@ struct ServiceView<'a> {
     namespace: &'a str,
     source: &'a str,
     vip: Option<IpAddr>,
+    /// An alias (Kubernetes ExternalName): DNS answers a CNAME to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    external_name: Option<&'a str>,
     balance: Balance,
     ports: &'a [Port],
     health: &'a HealthSpec,
@@ -109,6 +112,7 @@ impl<'a> ServiceView<'a> {
             namespace: &s.spec.key.namespace,
             source: &s.source,
             vip: s.spec.vip,
+            external_name: s.spec.external_name.as_deref(),
             balance: s.spec.balance,
             ports: &s.spec.ports,
             health: &s.spec.health,

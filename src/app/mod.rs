@@ -69,6 +69,9 @@ pub fn build_sources(config: &Config) -> Result<Vec<Box<dyn Source>>, StartError
             )),
             // Built by `start`, once the registry's reader exists.
             SourceConfig::Etcd(_) => {}
+            SourceConfig::Kubernetes(k) => out.push(Box::new(
+                crate::sources::kubernetes::KubernetesSource::new(k.clone(), defaults.clone()),
+            )),
         }
     }
     conflicts.extend(claims.reserved(&config.reserved_addrs()));

@@ -41,7 +41,7 @@ pub use proxy::ProxyConfig;
 pub use report::{ConfigError, ConfigErrors};
 pub use service::ServiceDefaults;
 pub use services::{check, load_services, load_services_path, parse_services, services_files};
-pub use sources::{DockerTrust, SourceConfig};
+pub use sources::{DockerTrust, KubernetesConfig, SourceConfig};
 pub use values::is_dns_label;
 
 #[cfg(test)]

@@ -127,6 +127,8 @@ pub struct RawSource {
     pub key: Option<Spanned<String>>,
     pub username: Option<Spanned<String>>,
     pub password: Option<Spanned<String>>,
+    pub kubeconfig: Option<Spanned<String>>,
+    pub label_selector: Option<Spanned<String>>,
 }
 
 // ===== services files =====

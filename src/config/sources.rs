@@ -24,6 +24,19 @@ pub enum SourceConfig {
     },
     /// The cluster: this node publishes to etcd and watches every node.
     Etcd(super::EtcdConfig),
+    /// Services and EndpointSlices from a Kubernetes API server.
+    Kubernetes(KubernetesConfig),
+}
+
+/// What a `kubernetes` source watches and how it reaches the API server.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KubernetesConfig {
+    /// None: in-cluster service account, else `$KUBECONFIG`, else `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// Empty: every namespace.
+    pub namespaces: Vec<Arc<str>>,
+    /// A label selector on Services.
+    pub label_selector: Option<String>,
 }
 
 /// What container labels may do. Labels are untrusted input: any container,
@@ -55,6 +68,7 @@ impl SourceConfig {
             SourceConfig::File { path } => format!("file:{}", path.display()).into(),
             SourceConfig::Docker { .. } => "docker".into(),
             SourceConfig::Etcd(_) => "etcd".into(),
+            SourceConfig::Kubernetes(_) => "kubernetes".into(),
         }
     }
 
@@ -64,6 +78,7 @@ impl SourceConfig {
             SourceConfig::File { .. } => "file",
             SourceConfig::Docker { .. } => "docker",
             SourceConfig::Etcd(_) => "etcd",
+            SourceConfig::Kubernetes(_) => "kubernetes",
         }
     }
 
@@ -160,13 +175,48 @@ fn source(r: &mut Reporter<'_>, s: &RawSource, base: &Path) -> Option<SourceConf
             })
         }
         "etcd" => super::etcd::validate(r, s).map(SourceConfig::Etcd),
+        "kubernetes" => Some(SourceConfig::Kubernetes(kubernetes(r, s, base))),
         other => {
             r.error(
                 s.kind.span(),
-                format!("unknown source type `{other}`; valid types: `file`, `docker`, `etcd`"),
+                format!(
+                    "unknown source type `{other}`; valid types: `file`, `docker`, `etcd`, `kubernetes`"
+                ),
             );
             None
         }
+    }
+}
+
+/// A kubernetes source: `kubeconfig`, `namespaces`, `label_selector`.
+fn kubernetes(r: &mut Reporter<'_>, s: &RawSource, base: &Path) -> KubernetesConfig {
+    for (set, name) in [
+        (s.path.as_ref().map(Spanned::span), "path"),
+        (s.socket.as_ref().map(Spanned::span), "socket"),
+    ] {
+        if let Some(span) = set {
+            r.error(
+                span,
+                format!("`{name}` does not belong to a kubernetes source; it takes `kubeconfig`, `namespaces` and `label_selector`"),
+            );
+        }
+    }
+    if s.allow_listen.is_some() || s.allow_vip.is_some() || s.network.is_some() {
+        r.error(
+            s.kind.span(),
+            "`network`, `allow_listen` and `allow_vip` belong to a docker source, not a kubernetes source",
+        );
+    }
+    let namespaces = s
+        .namespaces
+        .iter()
+        .flatten()
+        .filter_map(|v| label(r, v, "namespace"))
+        .collect();
+    KubernetesConfig {
+        kubeconfig: s.kubeconfig.as_ref().map(|p| base.join(p.get_ref())),
+        namespaces,
+        label_selector: s.label_selector.as_ref().map(|v| v.get_ref().clone()),
     }
 }
 

@@ -148,6 +148,38 @@ fn docker_source_trust_keys_are_read_and_checked() {
 }
 
 #[test]
+fn kubernetes_source_keys_are_read_and_checked() {
+    let text = "[[source]]\ntype = \"kubernetes\"\nkubeconfig = \"kube/config\"\n\
+                namespaces = [\"Shop\"]\nlabel_selector = \"team=payments\"\n";
+    let c = Config::parse(text, Path::new("b.toml"), Path::new("/etc/beacon")).unwrap();
+    assert_eq!(
+        c.sources[0],
+        SourceConfig::Kubernetes(crate::config::KubernetesConfig {
+            kubeconfig: Some("/etc/beacon/kube/config".into()),
+            namespaces: vec!["shop".into()],
+            label_selector: Some("team=payments".into()),
+        })
+    );
+    assert_eq!(&*c.sources[0].id(), "kubernetes");
+    let plain = Config::parse(
+        "[[source]]\ntype = \"kubernetes\"\n",
+        Path::new("b.toml"),
+        Path::new(""),
+    );
+    assert_eq!(
+        plain.unwrap().sources[0],
+        SourceConfig::Kubernetes(Default::default())
+    );
+    let errs = Config::parse(
+        "[[source]]\ntype = \"kubernetes\"\nsocket = \"/x\"\n",
+        Path::new("b.toml"),
+        Path::new(""),
+    )
+    .unwrap_err();
+    assert!(errs.to_string().starts_with("b.toml:3:10:"), "{errs}");
+}
+
+#[test]
 fn unknown_key_lists_valid_keys_with_position() {
     let errs = Config::parse(
         "[dns]\nlisten = \"127.0.0.1:53\"\nlistn = 1\n",

@@ -7,7 +7,10 @@
 //! - `<zone>`: SOA and NS.
 //! - `dns-version.<zone>`: TXT `"1.1.0"`.
 //! - `<svc>.<ns>.svc.<zone>`: A/AAAA of the vip, or of every serving endpoint
-//!   of a headless service (a headless service without one does not exist).
+//!   of a headless service (a headless service without one does not exist);
+//!   for an alias (Kubernetes `ExternalName`) a CNAME to its target, for
+//!   every type, followed by the target's A/AAAA only when the target is a
+//!   service or endpoint in the zone (one step, never a loop).
 //! - `<host>.<svc>.<ns>.svc.<zone>`: one serving endpoint, by its hostname or
 //!   by its dashed address (`10-0-0-1`, the SRV target of an endpoint
 //!   without a hostname).
@@ -26,7 +29,7 @@
 use std::net::IpAddr;
 
 use hickory_proto::op::{Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, HINFO, NS, PTR, SOA, SRV, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, HINFO, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{DNSClass, Label, Name, RData, Record, RecordType};
 
 use crate::model::{EndpointState, ServiceKey, ServiceState, Snapshot};
@@ -160,6 +163,9 @@ impl<'a> Builder<'a> {
             return;
         }
         match (node, qtype) {
+            (Node::Service(svc), _) if svc.spec.external_name.is_some() => {
+                self.alias(owner, svc, qtype, rotate)
+            }
             (Node::Apex, RecordType::SOA) => {
                 let soa = self.soa();
                 self.out.answers.push(soa);
@@ -243,9 +249,38 @@ impl<'a> Builder<'a> {
 
     /// A service exists for DNS unless it is headless with nothing serving.
     fn service_exists(&self, key: &ServiceKey) -> bool {
-        self.snapshot
-            .service(key)
-            .is_some_and(|s| !s.spec.is_headless() || s.serving().next().is_some())
+        self.snapshot.service(key).is_some_and(|s| s.in_dns())
+    }
+
+    /// The CNAME of an alias, then (for A/AAAA) the addresses of its target
+    /// when the target is a service or endpoint of this zone.
+    fn alias(&mut self, owner: Name, svc: &ServiceState, qtype: RecordType, rotate: usize) {
+        let Some(target) = svc.spec.external_name.as_deref() else {
+            return;
+        };
+        let Ok(mut target) = Name::from_ascii(target) else {
+            return;
+        };
+        target.set_fqdn(true);
+        let cname = RData::CNAME(CNAME(target.clone()));
+        self.out
+            .answers
+            .push(Record::from_rdata(owner, self.ttl(), cname));
+        if !matches!(qtype, RecordType::A | RecordType::AAAA) {
+            return;
+        }
+        let Some(rel) = self.zone.relative(&target) else {
+            return;
+        };
+        let ips = match self.node(&rel) {
+            Some(Node::Service(t)) if t.spec.external_name.is_none() => match t.spec.vip {
+                Some(vip) => vec![vip],
+                None => t.serving().map(|e| e.endpoint.ip).collect(),
+            },
+            Some(Node::Endpoint(ep)) => vec![ep.endpoint.ip],
+            _ => return,
+        };
+        self.addresses(target, ips, qtype, rotate);
     }
 
     fn service(&self, ns: &[u8], name: &[u8]) -> Option<&'a ServiceState> {

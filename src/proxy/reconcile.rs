@@ -128,7 +128,7 @@ fn all_addrs(svc: &ServiceState) -> HashSet<SocketAddr> {
 
 /// The addresses the service serves (connections may go to them).
 fn serving_addrs(svc: &ServiceState) -> HashSet<SocketAddr> {
-    addrs(svc, svc.serving())
+    addrs(svc, svc.proxied())
 }
 
 // === impl Reconciler ===

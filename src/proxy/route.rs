@@ -147,8 +147,8 @@ impl ServiceMetrics {
     }
 }
 
-/// What a listener routes to: one service port's serving endpoints and
-/// their balancer, as of one snapshot.
+/// What a listener routes to: one service port's proxied endpoints (see
+/// [`ServiceState::proxied`]) and their balancer, as of one snapshot.
 pub(super) struct Route {
     pub(super) service: ServiceKey,
     pub(super) state: Arc<ServiceState>,
@@ -173,7 +173,7 @@ impl Route {
         let p = &state.spec.ports[port];
         let mut backends = Vec::new();
         let mut entries = Vec::new();
-        for ep in state.serving() {
+        for ep in state.proxied() {
             let addr = ep.endpoint.addr(p);
             let e = entry(addr);
             backends.push(Backend {

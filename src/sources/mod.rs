@@ -15,6 +15,7 @@ pub mod docker;
 pub mod etcd;
 pub mod file;
 mod file_watch;
+pub mod kubernetes;
 
 /// Why a source loop ended before shutdown. A source rides out a lost
 /// upstream (engine, API server, etcd) by itself, with backoff; it ends only

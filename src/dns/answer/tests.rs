@@ -547,3 +547,80 @@ fn outside_the_zone_or_class_is_not_ours() {
     q.query_class = DNSClass::CH;
     assert_eq!(answer(&snap, &zone(), &q, 0), Outcome::NotOurs);
 }
+
+fn alias(ns: &str, name: &str, target: &str) -> ServiceState {
+    let mut spec = ServiceSpec::new(ServiceKey::new(ns, name));
+    spec.external_name = Some(target.into());
+    ServiceState::new(Arc::new(spec), "test".into(), Vec::new())
+}
+
+fn cname_targets(records: &[Record]) -> Vec<String> {
+    records
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::CNAME(c) => Some(c.0.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_alias_answers_a_cname_and_follows_it_only_inside_the_zone() {
+    let mut services: Vec<ServiceState> = demo().services.values().map(|s| (**s).clone()).collect();
+    services.push(alias("prod", "mail", "mail.example.com"));
+    services.push(alias("prod", "front", "web.default.svc.cluster.local"));
+    services.push(alias("prod", "loop", "loop.prod.svc.cluster.local"));
+    let snap = snapshot(services);
+    for qtype in [
+        RecordType::A,
+        RecordType::AAAA,
+        RecordType::CNAME,
+        RecordType::TXT,
+    ] {
+        let za = zone_answer(ask(&snap, "mail.prod.svc.cluster.local.", qtype));
+        assert_eq!(za.rcode, ResponseCode::NoError);
+        assert_eq!(cname_targets(&za.answers), ["mail.example.com."], "{qtype}");
+        assert_eq!(za.answers.len(), 1, "the outside target is not chased");
+    }
+    let za = zone_answer(ask(&snap, "front.prod.svc.cluster.local.", RecordType::A));
+    assert_eq!(
+        cname_targets(&za.answers),
+        ["web.default.svc.cluster.local."]
+    );
+    assert_eq!(ips(&za.answers), [ip("10.96.0.10")]);
+    assert_eq!(
+        za.answers[1].name.to_string(),
+        "web.default.svc.cluster.local."
+    );
+    // A CNAME query is not chased; an alias to itself is one CNAME, no loop.
+    let za = zone_answer(ask(
+        &snap,
+        "front.prod.svc.cluster.local.",
+        RecordType::CNAME,
+    ));
+    assert_eq!(za.answers.len(), 1);
+    let za = zone_answer(ask(&snap, "loop.prod.svc.cluster.local.", RecordType::A));
+    assert_eq!(za.answers.len(), 1);
+    // The alias's namespace exists.
+    assert!(snap.index().namespaces.contains("prod"));
+}
+
+#[test]
+fn a_terminating_endpoint_is_never_in_dns() {
+    let mut spec = ServiceSpec::new(ServiceKey::new("prod", "app"));
+    let mut old = Endpoint::new(ip("10.3.0.1"));
+    old.ready = false;
+    old.terminating = true;
+    spec.endpoints = vec![old];
+    let spec = Arc::new(spec);
+    let states = spec
+        .endpoints
+        .iter()
+        .map(|e| EndpointState::new(e.clone(), Health::default(), &spec.health))
+        .collect();
+    let state = ServiceState::new(spec, "test".into(), states);
+    assert_eq!(state.proxied().count(), 1, "the proxy's fallback");
+    let snap = snapshot(vec![state]);
+    let za = zone_answer(ask(&snap, "app.prod.svc.cluster.local.", RecordType::A));
+    assert_negative(&za, ResponseCode::NXDomain);
+}

@@ -165,6 +165,7 @@ pub fn member(
             ready,
             port: None,
             via: None,
+            terminating: false,
         },
         ignored,
     }))

@@ -269,6 +269,7 @@ impl EndpointValue {
             ready: self.ready,
             port: self.port,
             via: Some(node.clone()),
+            terminating: false,
         }
     }
 }

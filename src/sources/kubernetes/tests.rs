@@ -1,0 +1,181 @@
+use super::*;
+use serde_json::json;
+
+fn svc(name: &str, ns: &str, ip: &str) -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80}]}
+    }))
+    .unwrap()
+}
+
+fn slice(name: &str, ns: &str, service: &str, ips: &[&str]) -> EndpointSlice {
+    let endpoints: Vec<_> = ips.iter().map(|ip| json!({"addresses": [ip]})).collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns,
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "endpoints": endpoints
+    }))
+    .unwrap()
+}
+
+fn list_services(store: &mut Store, scope: usize, items: Vec<Service>) -> Vec<Update> {
+    let mut out = store.apply(Tagged::service(scope, Ok(Event::Init)));
+    for s in items {
+        out.extend(store.apply(Tagged::service(scope, Ok(Event::InitApply(s)))));
+    }
+    out.extend(store.apply(Tagged::service(scope, Ok(Event::InitDone))));
+    out
+}
+
+fn list_slices(store: &mut Store, scope: usize, items: Vec<EndpointSlice>) -> Vec<Update> {
+    let mut out = store.apply(Tagged::slice(scope, Ok(Event::Init)));
+    for s in items {
+        out.extend(store.apply(Tagged::slice(scope, Ok(Event::InitApply(s)))));
+    }
+    out.extend(store.apply(Tagged::slice(scope, Ok(Event::InitDone))));
+    out
+}
+
+fn describe(updates: &[Update]) -> Vec<String> {
+    updates
+        .iter()
+        .map(|u| match u {
+            Update::Reset(all) => {
+                let mut names: Vec<String> = all
+                    .iter()
+                    .map(|s| format!("{}:{}", s.key, s.endpoints.len()))
+                    .collect();
+                names.sort();
+                format!("reset[{}]", names.join(","))
+            }
+            Update::Upsert(s) => format!("upsert {}:{}", s.key, s.endpoints.len()),
+            Update::Remove(k) => format!("remove {k}"),
+            Update::Connected(up) => format!("connected {up}"),
+            Update::Conflicts(c) => format!("conflicts {}", c.len()),
+        })
+        .collect()
+}
+
+fn synced_store() -> Store {
+    let mut store = Store::new(&[], ServiceDefaults::default());
+    assert!(list_services(&mut store, 0, vec![svc("web", "shop", "10.96.0.1")]).is_empty());
+    let out = list_slices(
+        &mut store,
+        0,
+        vec![slice("web-a", "shop", "web", &["10.0.0.1", "10.0.0.2"])],
+    );
+    assert_eq!(describe(&out), ["reset[web.shop:2]"]);
+    store
+}
+
+#[test]
+fn the_first_list_of_every_watch_is_one_reset() {
+    let mut store = Store::new(&[], ServiceDefaults::default());
+    // Events before every watch listed once send nothing.
+    assert!(
+        list_slices(
+            &mut store,
+            0,
+            vec![slice("web-a", "shop", "web", &["10.0.0.1"])]
+        )
+        .is_empty()
+    );
+    let late = slice("web-b", "shop", "web", &["10.0.0.3"]);
+    assert!(
+        store
+            .apply(Tagged::slice(0, Ok(Event::Apply(late))))
+            .is_empty()
+    );
+    let out = list_services(&mut store, 0, vec![svc("web", "shop", "10.96.0.1")]);
+    assert_eq!(describe(&out), ["reset[web.shop:2]"]);
+}
+
+#[test]
+fn later_events_upsert_or_remove_only_the_service_they_touch() {
+    let mut store = synced_store();
+    let out = store.apply(Tagged::service(
+        0,
+        Ok(Event::Apply(svc("api", "shop", "10.96.0.2"))),
+    ));
+    assert_eq!(describe(&out), ["upsert api.shop:0"]);
+    let out = store.apply(Tagged::slice(
+        0,
+        Ok(Event::Apply(slice("web-b", "shop", "web", &["10.0.0.3"]))),
+    ));
+    assert_eq!(describe(&out), ["upsert web.shop:3"]);
+    // The same object again changes nothing: nothing sent.
+    let out = store.apply(Tagged::slice(
+        0,
+        Ok(Event::Apply(slice("web-b", "shop", "web", &["10.0.0.3"]))),
+    ));
+    assert!(out.is_empty());
+    let out = store.apply(Tagged::slice(
+        0,
+        Ok(Event::Delete(slice("web-a", "shop", "web", &[]))),
+    ));
+    assert_eq!(describe(&out), ["upsert web.shop:1"]);
+    let out = store.apply(Tagged::service(
+        0,
+        Ok(Event::Delete(svc("web", "shop", "10.96.0.1"))),
+    ));
+    assert_eq!(describe(&out), ["remove web.shop"]);
+}
+
+#[test]
+fn a_relist_after_410_sends_only_the_difference() {
+    let mut store = synced_store();
+    // A 410 Gone makes the watcher list again: Init .. InitDone.
+    let out = list_slices(
+        &mut store,
+        0,
+        vec![slice("web-a", "shop", "web", &["10.0.0.1", "10.0.0.2"])],
+    );
+    assert!(out.is_empty(), "unchanged list: {:?}", describe(&out));
+    let out = list_slices(
+        &mut store,
+        0,
+        vec![slice("web-c", "shop", "web", &["10.0.0.7"])],
+    );
+    assert_eq!(describe(&out), ["upsert web.shop:1"]);
+    let out = list_services(&mut store, 0, vec![]);
+    assert_eq!(describe(&out), ["remove web.shop"]);
+}
+
+#[test]
+fn errors_change_nothing_and_the_last_state_stays() {
+    let mut store = synced_store();
+    let err = || watcher::Error::NoResourceVersion;
+    assert!(store.apply(Tagged::service(0, Err(err()))).is_empty());
+    assert!(store.apply(Tagged::slice(0, Err(err()))).is_empty());
+    assert_eq!(store.sent().len(), 1);
+    assert_eq!(store.sent().values().next().unwrap().endpoints.len(), 2);
+}
+
+#[test]
+fn a_relabeled_slice_moves_between_services() {
+    let mut store = synced_store();
+    store.apply(Tagged::service(
+        0,
+        Ok(Event::Apply(svc("api", "shop", "10.96.0.2"))),
+    ));
+    let moved = slice("web-a", "shop", "api", &["10.0.0.1", "10.0.0.2"]);
+    let mut out = describe(&store.apply(Tagged::slice(0, Ok(Event::Apply(moved)))));
+    out.sort();
+    assert_eq!(out, ["upsert api.shop:2", "upsert web.shop:0"]);
+}
+
+#[test]
+fn namespaces_are_separate_scopes() {
+    let mut store = Store::new(&["a".into(), "b".into()], ServiceDefaults::default());
+    list_services(&mut store, 0, vec![svc("web", "a", "10.96.0.1")]);
+    list_slices(&mut store, 0, vec![]);
+    list_services(&mut store, 1, vec![svc("web", "b", "10.96.0.2")]);
+    let out = list_slices(&mut store, 1, vec![]);
+    assert_eq!(describe(&out), ["reset[web.a:0,web.b:0]"]);
+    // A re-list of namespace b does not drop namespace a.
+    let out = list_services(&mut store, 1, vec![]);
+    assert_eq!(describe(&out), ["remove web.b"]);
+    assert!(store.sent().contains_key(&ServiceKey::new("a", "web")));
+}
