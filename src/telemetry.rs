@@ -18,8 +18,16 @@ pub enum LogFormat {
     Json,
 }
 
+static LOG_FORMAT: OnceLock<LogFormat> = OnceLock::new();
+
+/// The `--log-format` logging was started with (the access log follows it).
+pub fn log_format() -> LogFormat {
+    LOG_FORMAT.get().copied().unwrap_or_default()
+}
+
 /// Starts logging to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_logging(format: LogFormat) {
+    let _ = LOG_FORMAT.set(format);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -106,6 +114,7 @@ catalogue! {
     PROXY_SPLICE = ("beacon_proxy_splice_total", Counter, "Proxied directions by copy mode (splice or userspace)");
     PROXY_LISTENERS = ("beacon_proxy_listeners", Gauge, "Open proxy listeners");
     PROXY_LISTENER_ERRORS = ("beacon_proxy_listener_errors_total", Counter, "Proxy listeners that could not be opened, by service");
+    PROXY_ACCESS_LOG_DROPPED = ("beacon_proxy_access_log_dropped_total", Counter, "Access log lines dropped because the writer fell behind");
     PROXY_ACCEPT_ERRORS = ("beacon_proxy_accept_errors_total", Counter, "Failed accepts on proxy listeners, by kind");
     // Health
     ENDPOINTS = ("beacon_endpoints", Gauge, "Endpoints per service and state");

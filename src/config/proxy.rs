@@ -1,6 +1,7 @@
 //! `[proxy]` → [`ProxyConfig`], and the proxy keys a service inherits from
 //! it → [`ProxySpec`] (one function for both places).
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::model::{ProxyProtocol, ProxySpec};
@@ -18,6 +19,18 @@ pub struct ProxyConfig {
     pub defaults: ProxySpec,
     /// On shutdown, how long live connections may finish (default: the grace).
     pub drain_timeout: Option<Duration>,
+    /// One line per finished connection (None: off, the default).
+    pub access_log: Option<AccessLogTarget>,
+}
+
+/// Where the access log goes (`[proxy] access_log`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    /// `"stderr"`: beside the process log.
+    Stderr,
+    /// Any other text: a file, appended to (created when missing);
+    /// relative to the config file.
+    File(PathBuf),
 }
 
 impl Default for ProxyConfig {
@@ -27,11 +40,12 @@ impl Default for ProxyConfig {
             max_connections: 100_000,
             defaults: ProxySpec::default(),
             drain_timeout: None,
+            access_log: None,
         }
     }
 }
 
-pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawProxy) -> ProxyConfig {
+pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawProxy, base: &Path) -> ProxyConfig {
     let mut p = ProxyConfig::default();
     p.enabled = raw.own.enabled.unwrap_or(p.enabled);
     if let Some(v) = &raw.own.max_connections {
@@ -39,6 +53,21 @@ pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawProxy) -> ProxyConfig {
     }
     p.defaults = inherit(r, &raw.shared, &p.defaults);
     p.drain_timeout = raw.own.drain_timeout;
+    p.access_log = raw
+        .own
+        .access_log
+        .as_ref()
+        .and_then(|v| match v.get_ref().as_str() {
+            "stderr" => Some(AccessLogTarget::Stderr),
+            "" => {
+                r.error(
+                v.span(),
+                "access_log is `stderr` or a file path; leave it out to turn the access log off",
+            );
+                None
+            }
+            path => Some(AccessLogTarget::File(base.join(path))),
+        });
     p
 }
 

@@ -103,6 +103,8 @@ pub struct RawGlobalProxy {
     pub max_connections: Option<Spanned<i64>>,
     #[serde(default, with = "humantime_serde")]
     pub drain_timeout: Option<Duration>,
+    /// `"stderr"` or a file path; absent: no access log.
+    pub access_log: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

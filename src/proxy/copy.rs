@@ -119,11 +119,14 @@ impl Activity {
 pub struct Meter<'a> {
     pub bytes: &'a metrics::Counter,
     pub activity: &'a Activity,
+    /// This direction's bytes so far (also when the copy is cut short).
+    pub moved: &'a AtomicU64,
 }
 
 impl Meter<'_> {
     fn record(&self, n: usize, path: Path) {
         self.bytes.increment(n as u64);
+        self.moved.fetch_add(n as u64, Ordering::Relaxed);
         self.activity.touch();
         let global = match path {
             Path::Splice => &SPLICED_BYTES,
@@ -601,11 +604,13 @@ mod tests {
     async fn unmetered(a: &TcpStream, b: &TcpStream, mode: Mode) -> Result<Totals, Broken> {
         let counter = metrics::Counter::noop();
         let activity = Activity::default();
-        let meter = || Meter {
+        let moved = [AtomicU64::new(0), AtomicU64::new(0)];
+        let meter = |i: usize| Meter {
             bytes: &counter,
             activity: &activity,
+            moved: &moved[i],
         };
-        bidirectional(a, b, mode, meter(), meter()).await
+        bidirectional(a, b, mode, meter(0), meter(1)).await
     }
 
     /// client ⇄ [a | proxy copy | b] ⇄ server. Sends `len` bytes each way

@@ -25,6 +25,7 @@
 //! with `shared`, `error` and `copy` as leaves. This file is the facade:
 //! no child imports from it.
 
+mod access_log;
 pub mod balancer;
 mod conn;
 pub mod copy;
@@ -46,9 +47,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ProxyConfig;
+use crate::config::{AccessLogTarget, ProxyConfig};
 use crate::model::ConnectOutcome;
 use crate::registry::Reader;
+use access_log::AccessLog;
 use reconcile::Reconciler;
 use shared::Shared;
 
@@ -104,7 +106,23 @@ pub fn spawn_with(
     Proxy,
     impl Future<Output = Result<(), ProxyError>> + Send + 'static,
 ) {
-    let shared = Arc::new(Shared::new(cfg.max_connections, outcomes, opts.copy_mode));
+    let mut shared = Shared::new(cfg.max_connections, outcomes, opts.copy_mode);
+    let mut start_error = None;
+    if let Some(target) = cfg.access_log.as_ref().filter(|_| cfg.enabled) {
+        match AccessLog::start(target, crate::telemetry::log_format()) {
+            Ok(log) => shared.access_log = Some(log),
+            Err(source) => {
+                start_error = Some(ProxyError::AccessLog {
+                    target: match target {
+                        AccessLogTarget::Stderr => "stderr".into(),
+                        AccessLogTarget::File(path) => path.display().to_string(),
+                    },
+                    source,
+                })
+            }
+        }
+    }
+    let shared = Arc::new(shared);
     let stop = shutdown.child_token();
     let done = CancellationToken::new();
     let reconciler = cfg
@@ -117,6 +135,9 @@ pub fn spawn_with(
     let task = {
         let stop = stop.clone();
         async move {
+            if let Some(e) = start_error {
+                return Err(e);
+            }
             match reconciler {
                 Some(r) => r.run(reader).await,
                 None => {

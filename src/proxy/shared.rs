@@ -1,7 +1,7 @@
 //! What the reconcile loop, the accept loops, the connection tasks and the
 //! [`Proxy`](super::Proxy) handle share: flags, global counts and the
 //! drain signals, and the burst state of local connect errors. A leaf: it
-//! uses nothing of the proxy but `copy::Mode`.
+//! uses nothing of the proxy but `copy::Mode` and the access log.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::access_log::AccessLog;
 use super::copy;
 use crate::model::ConnectOutcome;
 
@@ -36,6 +37,8 @@ pub(super) struct Shared {
     pub(super) copy_mode: copy::Mode,
     pub(super) connect_duration: Histogram,
     pub(super) local_errors: LocalErrors,
+    /// One line per finished connection, when `[proxy] access_log` is set.
+    pub(super) access_log: Option<AccessLog>,
 }
 
 /// At most one warning per this long about connects that could not start.
@@ -110,6 +113,7 @@ impl Shared {
             copy_mode,
             connect_duration: metrics::histogram!(crate::telemetry::PROXY_CONNECT_DURATION),
             local_errors: LocalErrors::default(),
+            access_log: None,
         }
     }
 }

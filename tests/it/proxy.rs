@@ -227,3 +227,57 @@ fn emfile_under_low_ulimit_backs_off_and_recovers() {
     beacon.signal(15);
     assert!(beacon.wait_exit(Duration::from_secs(10)).success());
 }
+
+#[test]
+fn access_log_writes_json_lines_with_log_format_json() {
+    let backend = echo_backend("127.0.0.75");
+    let listen = free_addr();
+    let dead = free_addr();
+    let beacon = Beacon::start(Options {
+        extra: format!("[proxy]\naccess_log = \"access.log\"\n{FILE_SOURCE}"),
+        services: Some(format!(
+            "{}\n{}",
+            services(listen, &[backend], "[service.health]\nkind = \"none\""),
+            services(dead, &[], "").replace("\"web\"", "\"empty\"")
+        )),
+        args: vec!["--log-format".into(), "json".into()],
+        ..Options::default()
+    });
+    beacon.wait_ready();
+    let mut s = BufReader::new(TcpStream::connect(listen).unwrap());
+    assert_eq!(echo(&mut s, "hello"), "hello");
+    let client = s.get_ref().local_addr().unwrap();
+    s.get_ref().shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).unwrap();
+    drop(s);
+    // A service with no endpoint: refused.
+    let mut r = TcpStream::connect(dead).unwrap();
+    let _ = r.read(&mut [0u8; 8]);
+    let path = beacon.path("access.log");
+    let lines: Vec<serde_json::Value> = eventually(Duration::from_secs(5), "two lines", || {
+        let text = std::fs::read_to_string(&path).ok()?;
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        (lines.len() == 2).then_some(lines)
+    });
+    let fin = lines
+        .iter()
+        .find(|l| l["service"] == "web.default")
+        .unwrap();
+    assert_eq!(fin["end"], "fin");
+    assert_eq!(fin["client"], client.to_string());
+    assert_eq!(fin["endpoint"], backend.to_string());
+    assert_eq!(fin["to_upstream"], 6);
+    assert_eq!(fin["to_client"], 6);
+    assert!(fin["timestamp"].as_str().unwrap().ends_with('Z'));
+    let refused = lines
+        .iter()
+        .find(|l| l["service"] == "empty.default")
+        .unwrap();
+    assert_eq!(refused["end"], "refused");
+    assert_eq!(refused["detail"], "no_endpoints");
+    assert!(refused["endpoint"].is_null());
+}
