@@ -36,7 +36,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{Balance, EndpointState, Port, ServiceState, Snapshot};
+use crate::model::{Balance, EndpointState, Port, Ramps, ServiceState, Snapshot};
 use crate::registry::Reader;
 
 /// Admin clients served at once; beyond it a new connection is closed at
@@ -55,6 +55,8 @@ pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
 struct AdminState {
     reader: Reader,
     metrics: PrometheusHandle,
+    /// The proxy's slow-start shares (empty without a proxy).
+    ramps: Arc<Ramps>,
 }
 
 /// The server's bounds (the constants above by default; tests shrink them).
@@ -83,6 +85,7 @@ pub async fn bind(
     addr: SocketAddr,
     reader: Reader,
     metrics: PrometheusHandle,
+    ramps: Arc<Ramps>,
     shutdown: CancellationToken,
 ) -> io::Result<(
     SocketAddr,
@@ -90,7 +93,7 @@ pub async fn bind(
 )> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let app = router(reader, metrics);
+    let app = router_with(reader, metrics, ramps);
     Ok((local, serve(listener, app, Limits::default(), shutdown)))
 }
 
@@ -362,12 +365,21 @@ impl AsyncWrite for Watched {
 }
 
 pub fn router(reader: Reader, metrics: PrometheusHandle) -> Router {
+    router_with(reader, metrics, Arc::default())
+}
+
+/// [`router`] showing the proxy's slow-start shares in `/v1/services`.
+pub fn router_with(reader: Reader, metrics: PrometheusHandle, ramps: Arc<Ramps>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .route("/v1/services", get(services))
-        .with_state(AdminState { reader, metrics })
+        .with_state(AdminState {
+            reader,
+            metrics,
+            ramps,
+        })
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {
@@ -413,11 +425,20 @@ struct ServiceView<'a> {
     panic: bool,
     /// The proxy listen addresses this service holds.
     listeners: Vec<std::net::SocketAddr>,
-    endpoints: &'a [EndpointState],
+    endpoints: Vec<EndpointView<'a>>,
+}
+
+#[derive(Serialize)]
+struct EndpointView<'a> {
+    #[serde(flatten)]
+    state: &'a EndpointState,
+    /// The weight the proxy balances with now: 0 while not serving, below
+    /// `weight` while it ramps up under slow start.
+    effective_weight: f64,
 }
 
 impl<'a> ServiceView<'a> {
-    fn new(s: &'a ServiceState) -> Self {
+    fn new(s: &'a ServiceState, ramps: &Ramps) -> Self {
         Self {
             name: &s.spec.key.name,
             namespace: &s.spec.key.namespace,
@@ -429,19 +450,35 @@ impl<'a> ServiceView<'a> {
             fail_open: s.spec.fail_open,
             panic: s.panic,
             listeners: s.listeners.iter().map(|(a, _)| *a).collect(),
-            endpoints: &s.endpoints,
+            endpoints: s
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let serving = s.panic || e.healthy;
+                    let share = if serving {
+                        ramps.share(&s.spec.key, e.endpoint.ip)
+                    } else {
+                        0.0
+                    };
+                    let weight = f64::from(e.endpoint.weight) * share;
+                    EndpointView {
+                        state: e,
+                        effective_weight: (weight * 100.0).round() / 100.0,
+                    }
+                })
+                .collect(),
         }
     }
 }
 
-fn services_json(snap: &Snapshot) -> serde_json::Value {
+fn services_json(snap: &Snapshot, ramps: &Ramps) -> serde_json::Value {
     let view = ServicesView {
         version: snap.version,
         ready: snap.ready,
         services: snap
             .services
             .values()
-            .map(|s| ServiceView::new(s))
+            .map(|s| ServiceView::new(s, ramps))
             .collect(),
         conflicts: &snap.conflicts,
     };
@@ -450,7 +487,7 @@ fn services_json(snap: &Snapshot) -> serde_json::Value {
 
 async fn services(State(s): State<AdminState>) -> Json<serde_json::Value> {
     let snap: Arc<Snapshot> = s.reader.current();
-    Json(services_json(&snap))
+    Json(services_json(&snap, &s.ramps))
 }
 
 #[cfg(test)]
@@ -626,7 +663,8 @@ mod tests {
             spec.key.clone(),
             Arc::new(ServiceState::new(spec.clone(), "file:x".into(), eps)),
         );
-        let v = services_json(&snap);
+        let ramps = Ramps::default();
+        let v = services_json(&snap, &ramps);
         assert_eq!(v["version"], 7);
         let svc = &v["services"][0];
         assert_eq!(svc["name"], "web");
@@ -635,6 +673,11 @@ mod tests {
         assert_eq!(ep["ip"], "10.0.0.1");
         assert_eq!(ep["healthy"], true);
         assert_eq!(ep["reason"], "awaiting first probe");
+        assert_eq!(ep["effective_weight"], 1.0);
+        // Slow start: the share the proxy published.
+        ramps.set(&spec.key, "10.0.0.1".parse().unwrap(), Some(0.25));
+        let v = services_json(&snap, &ramps);
+        assert_eq!(v["services"][0]["endpoints"][0]["effective_weight"], 0.25);
         assert_eq!(v["conflicts"], serde_json::json!([]));
         snap.conflicts = vec![crate::model::Conflict {
             kind: "listen",
@@ -643,7 +686,7 @@ mod tests {
             winner: "web.default".into(),
         }]
         .into();
-        let v = services_json(&snap);
+        let v = services_json(&snap, &ramps);
         let c = &v["conflicts"][0];
         assert_eq!(
             (&c["kind"], &c["claim"], &c["winner"]),

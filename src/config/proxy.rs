@@ -99,6 +99,20 @@ pub(super) fn inherit(r: &mut Reporter<'_>, raw: &RawProxyKeys, base: &ProxySpec
         };
     }
     p.close_on_removal = raw.close_on_removal.unwrap_or(p.close_on_removal);
+    // `"0s"` turns an inherited value off.
+    let off_at_zero = |v: &toml::Spanned<super::raw::HumanDuration>| {
+        let d = **v.get_ref();
+        (!d.is_zero()).then_some(d)
+    };
+    if let Some(v) = &raw.slow_start {
+        p.slow_start = off_at_zero(v);
+    }
+    if let Some(v) = &raw.client_fin_timeout {
+        p.client_fin_timeout = off_at_zero(v);
+    }
+    if let Some(v) = &raw.server_fin_timeout {
+        p.server_fin_timeout = off_at_zero(v);
+    }
     p
 }
 

@@ -88,6 +88,9 @@ shared_keys! {
         idle_timeout: Spanned<HumanDuration>,
         proxy_protocol: Spanned<String>,
         close_on_removal: bool,
+        slow_start: Spanned<HumanDuration>,
+        client_fin_timeout: Spanned<HumanDuration>,
+        server_fin_timeout: Spanned<HumanDuration>,
     }
 }
 

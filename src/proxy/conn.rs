@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -20,7 +20,7 @@ use super::copy::{self, Activity, Meter};
 use super::error::ProxyError;
 use super::route::{ConnEnd, Route};
 use super::shared::Shared;
-use crate::model::{ConnectOutcome, ProxyProtocol, local_failure};
+use crate::model::{ConnectOutcome, ProxyProtocol, ProxySpec, local_failure};
 
 /// Admission: refuse (close at once) before readiness and beyond the
 /// global or per-service cap; otherwise start the connection task.
@@ -75,7 +75,9 @@ fn access_end(end: ConnEnd) -> End {
     match end {
         ConnEnd::Fin => End::Fin,
         ConnEnd::ClientReset | ConnEnd::UpstreamReset | ConnEnd::Removed => End::Reset,
-        ConnEnd::IdleTimeout => End::Timeout,
+        ConnEnd::IdleTimeout | ConnEnd::ClientFinTimeout | ConnEnd::ServerFinTimeout => {
+            End::Timeout
+        }
         ConnEnd::DrainDeadline => End::Drained,
     }
 }
@@ -376,7 +378,7 @@ async fn proxy(
                 end
             }
         },
-        _ = idle_expired(&activity, spec.idle_timeout) => ConnEnd::IdleTimeout,
+        end = quiet_expired(&activity, spec) => end,
         _ = removal.cancelled() => ConnEnd::Removed,
         _ = shared.kill.cancelled() => ConnEnd::DrainDeadline,
     };
@@ -397,12 +399,48 @@ async fn proxy(
 }
 
 /// Resolves once nothing moved for `idle`.
-pub(super) async fn idle_expired(activity: &Activity, idle: Duration) {
+#[cfg(test)]
+pub(super) async fn idle_expired(activity: &Activity, idle: std::time::Duration) {
+    let spec = ProxySpec {
+        idle_timeout: idle,
+        ..ProxySpec::default()
+    };
+    quiet_expired(activity, &spec).await;
+}
+
+/// Resolves once nothing moved for the limit in force, with that limit:
+/// the idle timeout, or a fin timeout (when shorter) once the client
+/// (side A) or the endpoint (side B) has closed its sending half.
+pub(super) async fn quiet_expired(activity: &Activity, spec: &ProxySpec) -> ConnEnd {
     loop {
-        let quiet = activity.idle_for();
-        if quiet >= idle {
-            return;
+        let changed = activity.half_closed_changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let (client_done, server_done) = activity.half_closed();
+        let mut limit = (spec.idle_timeout, ConnEnd::IdleTimeout);
+        for (done, fin, end) in [
+            (
+                client_done,
+                spec.client_fin_timeout,
+                ConnEnd::ClientFinTimeout,
+            ),
+            (
+                server_done,
+                spec.server_fin_timeout,
+                ConnEnd::ServerFinTimeout,
+            ),
+        ] {
+            if let Some(t) = fin.filter(|t| done && *t < limit.0) {
+                limit = (t, end);
+            }
         }
-        tokio::time::sleep(idle - quiet).await;
+        let quiet = activity.idle_for();
+        if quiet >= limit.0 {
+            return limit.1;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(limit.0 - quiet) => {}
+            _ = changed => {}
+        }
     }
 }

@@ -48,7 +48,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AccessLogTarget, ProxyConfig};
-use crate::model::ConnectOutcome;
+use crate::model::{ConnectOutcome, Ramps};
 use crate::registry::Reader;
 use access_log::AccessLog;
 use reconcile::Reconciler;
@@ -162,6 +162,11 @@ impl Proxy {
     /// Version of the last snapshot whose listeners and routes are in force.
     pub fn applied_version(&self) -> u64 {
         self.shared.applied.load(Ordering::Acquire)
+    }
+
+    /// The slow-start shares of ramping endpoints (for the admin API).
+    pub fn ramps(&self) -> Arc<Ramps> {
+        self.shared.ramps.clone()
     }
 
     /// Connections being connected or proxied right now.

@@ -5,6 +5,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use super::access_log::AccessLog;
 use super::copy;
-use crate::model::ConnectOutcome;
+use crate::model::{ConnectOutcome, Ramps};
 
 pub(super) struct Shared {
     /// The snapshot in force is ready (admission refuses until then).
@@ -39,6 +40,8 @@ pub(super) struct Shared {
     pub(super) local_errors: LocalErrors,
     /// One line per finished connection, when `[proxy] access_log` is set.
     pub(super) access_log: Option<AccessLog>,
+    /// Slow-start shares, for the admin API.
+    pub(super) ramps: Arc<Ramps>,
 }
 
 /// At most one warning per this long about connects that could not start.
@@ -114,6 +117,7 @@ impl Shared {
             connect_duration: metrics::histogram!(crate::telemetry::PROXY_CONNECT_DURATION),
             local_errors: LocalErrors::default(),
             access_log: None,
+            ramps: Arc::default(),
         }
     }
 }

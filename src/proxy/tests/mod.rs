@@ -15,6 +15,7 @@ mod conn;
 mod lifecycle;
 mod listener;
 mod reconcile;
+mod slow_start;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
