@@ -281,3 +281,42 @@ fn access_log_writes_json_lines_with_log_format_json() {
     assert_eq!(refused["detail"], "no_endpoints");
     assert!(refused["endpoint"].is_null());
 }
+
+#[test]
+fn slow_start_shows_a_growing_effective_weight_in_v1_services() {
+    let a = echo_backend("127.0.0.76");
+    let b = echo_backend("127.0.0.77");
+    let listen = free_addr();
+    let extra = "[service.health]\nkind = \"none\"";
+    let beacon = Beacon::start(Options {
+        extra: format!("[proxy]\nslow_start = \"3s\"\n{FILE_SOURCE}"),
+        services: Some(services(listen, &[a], extra)),
+        ..Options::default()
+    });
+    beacon.wait_ready();
+    let weight_of = |ip: &str| -> Option<f64> {
+        let v = beacon.services_json();
+        let eps = v["services"][0]["endpoints"].as_array()?.clone();
+        eps.iter()
+            .find(|e| e["ip"] == ip)
+            .and_then(|e| e["effective_weight"].as_f64())
+    };
+    // At start-up nothing ramps.
+    assert_eq!(weight_of("127.0.0.76"), Some(1.0));
+    let file = beacon.path("services.toml");
+    let tmp = file.with_extension("toml.tmp");
+    std::fs::write(&tmp, services(listen, &[a, b], extra)).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    let first = eventually(Duration::from_secs(5), "b listed", || {
+        weight_of("127.0.0.77")
+    });
+    assert!(first < 0.5, "b starts small: {first}");
+    let mid = eventually(Duration::from_secs(5), "b ramping", || {
+        weight_of("127.0.0.77").filter(|&w| w > first && w < 1.0)
+    });
+    eventually(Duration::from_secs(10), "b at full weight", || {
+        (weight_of("127.0.0.77")? == 1.0).then_some(())
+    });
+    assert!(mid > first);
+    assert_eq!(weight_of("127.0.0.76"), Some(1.0));
+}

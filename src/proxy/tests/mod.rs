@@ -12,6 +12,7 @@
 mod access_log;
 mod balancer;
 mod conn;
+mod ipv6;
 mod lifecycle;
 mod listener;
 mod reconcile;
