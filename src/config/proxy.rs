@@ -21,6 +21,9 @@ pub struct ProxyConfig {
     pub drain_timeout: Option<Duration>,
     /// One line per finished connection (None: off, the default).
     pub access_log: Option<AccessLogTarget>,
+    /// An interface beacon owns and keeps every served vip on (None: vips
+    /// are the operator's business).
+    pub vip_interface: Option<String>,
 }
 
 /// Where the access log goes (`[proxy] access_log`).
@@ -41,6 +44,7 @@ impl Default for ProxyConfig {
             defaults: ProxySpec::default(),
             drain_timeout: None,
             access_log: None,
+            vip_interface: None,
         }
     }
 }
@@ -68,6 +72,20 @@ pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawProxy, base: &Path) -> Pro
             }
             path => Some(AccessLogTarget::File(base.join(path))),
         });
+    p.vip_interface = raw.own.vip_interface.as_ref().and_then(|v| {
+        let name = v.get_ref();
+        let valid = (1..=15).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !valid {
+            r.error(
+                v.span(),
+                format!("vip_interface `{name}` is no interface name: 1 to 15 letters, digits, `-`, `_` or `.`"),
+            );
+        }
+        valid.then(|| name.clone())
+    });
     p
 }
 

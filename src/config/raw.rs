@@ -108,6 +108,8 @@ pub struct RawGlobalProxy {
     pub drain_timeout: Option<Duration>,
     /// `"stderr"` or a file path; absent: no access log.
     pub access_log: Option<Spanned<String>>,
+    /// The interface beacon keeps the vips on.
+    pub vip_interface: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

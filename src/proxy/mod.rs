@@ -34,6 +34,7 @@ mod listener;
 mod reconcile;
 mod route;
 mod shared;
+mod vips;
 
 #[cfg(test)]
 mod tests;
@@ -122,6 +123,7 @@ pub fn spawn_with(
             }
         }
     }
+    shared.vip_interface = cfg.vip_interface.clone();
     let shared = Arc::new(shared);
     let stop = shutdown.child_token();
     let done = CancellationToken::new();

@@ -30,6 +30,7 @@ use super::error::ProxyError;
 use super::listener;
 use super::route::{EndpointEntry, Route, ServiceEntry};
 use super::shared::Shared;
+use super::vips::VipInterface;
 use crate::model::{EndpointState, ServiceKey, ServiceState, Snapshot};
 use crate::registry::Reader;
 
@@ -72,6 +73,8 @@ pub(super) struct Reconciler {
     /// rebuilt next (with the grown shares).
     ramping: HashSet<ServiceKey>,
     next_ramp: Option<Instant>,
+    /// `[proxy] vip_interface`: told the vips served after each relisten.
+    vips: Option<VipInterface>,
     stop: CancellationToken,
     /// Tells `Proxy::drain` the loop is gone. The last field: it drops
     /// after `Drop` has closed the listeners.
@@ -152,6 +155,7 @@ impl Reconciler {
         done: CancellationToken,
     ) -> Self {
         Self {
+            vips: shared.vip_interface.as_deref().map(VipInterface::start),
             shared,
             listeners: HashMap::new(),
             served: Arc::new(Snapshot::default()),
@@ -328,6 +332,15 @@ impl Reconciler {
             failed |= !self.open(*addr, key, route);
         }
         metrics::gauge!(crate::telemetry::PROXY_LISTENERS).set(self.listeners.len() as f64);
+        if let Some(vips) = &mut self.vips {
+            // The vips whose listeners this proxy holds.
+            let served = wanted
+                .iter()
+                .filter(|(addr, (key, _))| snap.services[key].spec.vip == Some(addr.ip()))
+                .map(|(addr, _)| addr.ip())
+                .collect();
+            vips.want(served);
+        }
         self.owned.clear();
         for (addr, (key, _)) in &wanted {
             self.owned.entry(key.clone()).or_default().push(*addr);

@@ -42,6 +42,8 @@ pub(super) struct Shared {
     pub(super) access_log: Option<AccessLog>,
     /// Slow-start shares, for the admin API.
     pub(super) ramps: Arc<Ramps>,
+    /// `[proxy] vip_interface`.
+    pub(super) vip_interface: Option<String>,
 }
 
 /// At most one warning per this long about connects that could not start.
@@ -118,6 +120,7 @@ impl Shared {
             local_errors: LocalErrors::default(),
             access_log: None,
             ramps: Arc::default(),
+            vip_interface: None,
         }
     }
 }

@@ -146,6 +146,7 @@ fn proxy_config(max_connections: usize) -> ProxyConfig {
         defaults: Default::default(),
         drain_timeout: None,
         access_log: None,
+        vip_interface: None,
     }
 }
 
