@@ -188,6 +188,15 @@ impl Drop for LoadGuard {
     }
 }
 
+/// The pause before connect attempt `attempt` (1-based retries): 5 ms,
+/// doubling, at most 100 ms.
+pub(super) fn retry_backoff(attempt: usize) -> std::time::Duration {
+    let first = std::time::Duration::from_millis(5);
+    first
+        .saturating_mul(1 << (attempt.saturating_sub(1)).min(8))
+        .min(std::time::Duration::from_millis(100))
+}
+
 /// Tries the picks in order, up to the service's connect attempts. Err:
 /// why the connection was closed before any byte moved.
 async fn connect(
@@ -209,6 +218,17 @@ async fn connect(
         let Some(idx) = picks.attempt(attempt) else {
             break;
         };
+        if attempt > 0 {
+            // A short pause before a retry: endpoints that all refuse at
+            // once (a rollout) are not run through in microseconds.
+            tokio::select! {
+                _ = shared.kill.cancelled() => {
+                    let detail = ConnEnd::DrainDeadline.as_str();
+                    return Err(Outcome::before_bytes(last, End::Drained, detail));
+                }
+                _ = tokio::time::sleep(retry_backoff(attempt)) => {}
+            }
+        }
         let backend = &route.backends[idx];
         last = Some(backend.addr);
         let load = LoadGuard::new(&backend.load);

@@ -467,3 +467,84 @@ fn vip_interface_adds_and_removes_vips_in_a_network_namespace() {
     assert!(get("10.77.0.1").is_some_and(|b| b.contains("web-0")));
     assert!(log_text().contains("vip removed"), "{}", log_text());
 }
+
+#[test]
+fn vip_interface_without_cap_net_admin_warns_once_and_keeps_serving() {
+    let ns = Netns::new("nocap");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("beacon.toml");
+    std::fs::write(
+        &config,
+        "shutdown_grace = \"1s\"\n[dns]\nlisten = \"127.0.0.1:15353\"\n[admin]\nlisten = \"127.0.0.1:19153\"\n\
+         [proxy]\nvip_interface = \"beacon0\"\n[[source]]\ntype = \"file\"\npath = \"services.toml\"\n",
+    )
+    .unwrap();
+    let file = dir.path().join("services.toml");
+    let web = format!(
+        "{}\n  [[service.port]]\n  name = \"local\"\n  port = 81\n  target_port = 9001\n  listen = \"127.0.0.1:8081\"\n",
+        vip_service("web", "10.77.0.1", 9001)
+    );
+    std::fs::write(&file, &web).unwrap();
+    let _backend = Killed(
+        ns.command(&[
+            BIN,
+            "backend",
+            "--name",
+            "web-0",
+            "--listen",
+            "127.0.0.1:9001",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let log = std::fs::File::create(dir.path().join("beacon.log")).unwrap();
+    let _beacon = Killed(
+        ns.command(&[
+            "setpriv",
+            "--bounding-set",
+            "-net_admin",
+            BIN,
+            "run",
+            "--config",
+        ])
+        .arg(&config)
+        .env("RUST_LOG", "info,beacon=debug")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap(),
+    );
+    let log_text = || std::fs::read_to_string(dir.path().join("beacon.log")).unwrap_or_default();
+    let failures = || {
+        log_text()
+            .matches("setting up the interface failed")
+            .count()
+    };
+    eventually(Duration::from_secs(15), "the warning", || {
+        (failures() >= 1).then_some(())
+    });
+    // The proxy still serves (its explicit listener; the vip binds too, freebind).
+    let got = ns.run(&[BIN, "get", "http://127.0.0.1:8081/", "--wait", "5s"]);
+    assert!(got.contains("web-0"), "{got}");
+    let tmp = file.with_extension("toml.tmp");
+    std::fs::write(
+        &tmp,
+        format!("{web}\n{}", vip_service("api", "10.77.0.2", 9001)),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    eventually(Duration::from_secs(10), "a second attempt", || {
+        (failures() >= 2).then_some(())
+    });
+    let text = log_text();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("vip interface"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(warnings[0].contains("CAP_NET_ADMIN"), "{}", warnings[0]);
+    assert!(!ns.run(&["ip", "-o", "link"]).contains("beacon0"));
+}

@@ -1,4 +1,5 @@
-//! Slow start and the fin timeouts through the whole proxy.
+//! Slow start, the fin timeouts and the pause between connect retries
+//! through the whole proxy.
 
 use super::*;
 
@@ -180,4 +181,37 @@ async fn server_fin_timeout_resets_and_half_close_waits_without_one() {
     let mut buf = [0u8; 4];
     server.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"late");
+}
+
+#[test]
+fn retry_backoff_doubles_from_5ms_to_at_most_100ms() {
+    use crate::proxy::conn::retry_backoff;
+    let ms = |a| retry_backoff(a).as_millis();
+    assert_eq!(
+        (ms(1), ms(2), ms(3), ms(5), ms(6), ms(60)),
+        (5, 10, 20, 80, 100, 100)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_retries_pause_between_attempts() {
+    let h = harness();
+    let dead: Vec<SocketAddr> = ["127.0.3.61", "127.0.3.62", "127.0.3.63"]
+        .iter()
+        .map(|ip| refusing_addr(ip))
+        .collect();
+    h.set(vec![service(
+        "pause",
+        "127.0.3.60:0",
+        &dead,
+        Balance::RoundRobin,
+    )])
+    .await;
+    let addr = h.addr("127.0.3.60:0").await;
+    let started = Instant::now();
+    let (_s, name) = greet(addr).await;
+    assert_eq!(name, None, "every endpoint refuses");
+    // Three attempts: two pauses of 5 and 10 ms between them.
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(15), "{took:?}");
 }
