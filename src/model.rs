@@ -182,6 +182,10 @@ pub struct ProxySpec {
     /// The same once the endpoint has closed its sending half first.
     #[serde(with = "humantime_serde")]
     pub server_fin_timeout: Option<Duration>,
+    /// A UDP flow (client address → endpoint) ends after this long
+    /// without a datagram either way.
+    #[serde(with = "humantime_serde")]
+    pub udp_idle_timeout: Duration,
 }
 
 impl Default for ProxySpec {
@@ -196,6 +200,7 @@ impl Default for ProxySpec {
             slow_start: None,
             client_fin_timeout: None,
             server_fin_timeout: None,
+            udp_idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -407,9 +412,6 @@ pub fn wanted_listeners(spec: &ServiceSpec) -> Vec<(SocketAddr, usize)> {
 pub fn listeners_with_vip(spec: &ServiceSpec, vip: Option<IpAddr>) -> Vec<(SocketAddr, usize)> {
     let mut out = Vec::new();
     for (i, port) in spec.ports.iter().enumerate() {
-        if port.protocol != Protocol::Tcp {
-            continue;
-        }
         let vip = vip.map(|ip| SocketAddr::new(ip, port.port));
         for addr in vip.into_iter().chain(port.listen) {
             if !out.iter().any(|(a, _)| *a == addr) {

@@ -115,6 +115,8 @@ catalogue! {
     PROXY_LISTENERS = ("beacon_proxy_listeners", Gauge, "Open proxy listeners");
     PROXY_LISTENER_ERRORS = ("beacon_proxy_listener_errors_total", Counter, "Proxy listeners that could not be opened, by service");
     PROXY_ACCESS_LOG_DROPPED = ("beacon_proxy_access_log_dropped_total", Counter, "Access log lines dropped because the writer fell behind");
+    PROXY_UDP_FLOWS = ("beacon_proxy_udp_flows", Gauge, "Open UDP flows (client address to endpoint) by service");
+    PROXY_UDP_FLOWS_DROPPED = ("beacon_proxy_udp_flows_dropped_total", Counter, "Datagrams of new UDP clients dropped because the flow table was full, by service");
     PROXY_ACCEPT_ERRORS = ("beacon_proxy_accept_errors_total", Counter, "Failed accepts on proxy listeners, by kind");
     // Health
     ENDPOINTS = ("beacon_endpoints", Gauge, "Endpoints per service and state");

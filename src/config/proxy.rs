@@ -24,6 +24,8 @@ pub struct ProxyConfig {
     /// An interface beacon owns and keeps every served vip on (None: vips
     /// are the operator's business).
     pub vip_interface: Option<String>,
+    /// Cap on UDP flows (per UDP listener).
+    pub udp_max_flows: usize,
 }
 
 /// Where the access log goes (`[proxy] access_log`).
@@ -45,6 +47,7 @@ impl Default for ProxyConfig {
             drain_timeout: None,
             access_log: None,
             vip_interface: None,
+            udp_max_flows: 65_536,
         }
     }
 }
@@ -54,6 +57,9 @@ pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawProxy, base: &Path) -> Pro
     p.enabled = raw.own.enabled.unwrap_or(p.enabled);
     if let Some(v) = &raw.own.max_connections {
         p.max_connections = int_in(r, v, 1, 10_000_000, "max_connections").unwrap_or(1) as usize;
+    }
+    if let Some(v) = &raw.own.udp_max_flows {
+        p.udp_max_flows = int_in(r, v, 1, 10_000_000, "udp_max_flows").unwrap_or(1) as usize;
     }
     p.defaults = inherit(r, &raw.shared, &p.defaults);
     p.drain_timeout = raw.own.drain_timeout;
@@ -130,6 +136,9 @@ pub(super) fn inherit(r: &mut Reporter<'_>, raw: &RawProxyKeys, base: &ProxySpec
     }
     if let Some(v) = &raw.server_fin_timeout {
         p.server_fin_timeout = off_at_zero(v);
+    }
+    if let Some(v) = &raw.udp_idle_timeout {
+        p.udp_idle_timeout = positive(r, v, "udp_idle_timeout").unwrap_or(p.udp_idle_timeout);
     }
     p
 }

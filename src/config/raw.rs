@@ -91,6 +91,7 @@ shared_keys! {
         slow_start: Spanned<HumanDuration>,
         client_fin_timeout: Spanned<HumanDuration>,
         server_fin_timeout: Spanned<HumanDuration>,
+        udp_idle_timeout: Spanned<HumanDuration>,
     }
 }
 
@@ -108,6 +109,8 @@ pub struct RawGlobalProxy {
     pub drain_timeout: Option<Duration>,
     /// `"stderr"` or a file path; absent: no access log.
     pub access_log: Option<Spanned<String>>,
+    /// UDP flows across all services.
+    pub udp_max_flows: Option<Spanned<i64>>,
     /// The interface beacon keeps the vips on.
     pub vip_interface: Option<Spanned<String>>,
 }

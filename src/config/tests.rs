@@ -421,6 +421,8 @@ close_on_removal = true
 drain_timeout = "4s"
 slow_start = "30s"
 client_fin_timeout = "5s"
+udp_idle_timeout = "10s"
+udp_max_flows = 100
 access_log = "logs/access.log"
 "#,
         Path::new("b.toml"),
@@ -485,6 +487,8 @@ server_fin_timeout = "2s"
         Some(Duration::from_secs(2))
     );
     assert_eq!(inherits.proxy.server_fin_timeout, None);
+    assert_eq!(inherits.proxy.udp_idle_timeout, Duration::from_secs(10));
+    assert_eq!(config.proxy.udp_max_flows, 100);
     assert_eq!(
         overrides.health.probe,
         ProbeKind::Http {

@@ -34,6 +34,7 @@ mod listener;
 mod reconcile;
 mod route;
 mod shared;
+mod udp;
 mod vips;
 
 #[cfg(test)]
@@ -124,6 +125,7 @@ pub fn spawn_with(
         }
     }
     shared.vip_interface = cfg.vip_interface.clone();
+    shared.udp_max_flows = cfg.udp_max_flows;
     let shared = Arc::new(shared);
     let stop = shutdown.child_token();
     let done = CancellationToken::new();

@@ -30,8 +30,9 @@ use super::error::ProxyError;
 use super::listener;
 use super::route::{EndpointEntry, Route, ServiceEntry};
 use super::shared::Shared;
+use super::udp;
 use super::vips::VipInterface;
-use crate::model::{EndpointState, ServiceKey, ServiceState, Snapshot};
+use crate::model::{EndpointState, Protocol, ServiceKey, ServiceState, Snapshot};
 use crate::registry::Reader;
 
 /// How long a failed bind waits before it is tried again.
@@ -352,6 +353,9 @@ impl Reconciler {
     /// Binds `addr` and starts its accept loop over `route`. False (logged
     /// and counted) when the bind failed.
     fn open(&mut self, addr: SocketAddr, key: &ServiceKey, route: Arc<Route>) -> bool {
+        if route.state.spec.ports[route.port].protocol == Protocol::Udp {
+            return self.open_udp(addr, key, route);
+        }
         match listener::bind(addr) {
             Ok(tcp) => {
                 let local = tcp.local_addr().unwrap_or(addr);
@@ -378,6 +382,32 @@ impl Reconciler {
                 }
                 metrics::counter!(crate::telemetry::PROXY_LISTENER_ERRORS, "service" => key.to_string())
                     .increment(1);
+                false
+            }
+        }
+    }
+
+    /// [`Reconciler::open`] for a UDP port.
+    fn open_udp(&mut self, addr: SocketAddr, key: &ServiceKey, route: Arc<Route>) -> bool {
+        match udp::bind(addr) {
+            Ok(sock) => {
+                let local = sock.local_addr().unwrap_or(addr);
+                self.failing.remove(&addr);
+                tracing::info!(%addr, %local, service = %key, "proxy listening (udp)");
+                let (tx, rx) = watch::channel(route);
+                let stop = self.stop.child_token();
+                self.shared.bound.insert(addr, local);
+                self.shared
+                    .tracker
+                    .spawn(udp::serve(sock, rx, self.shared.clone(), stop.clone()));
+                self.listeners.insert(addr, Listener { routes: tx, stop });
+                true
+            }
+            Err(source) => {
+                let e = ProxyError::Bind { addr, source };
+                if self.failing.insert(addr) {
+                    tracing::warn!(service = %key, error = %e, "proxy udp listener not opened; retrying every {}s", BIND_RETRY.as_secs());
+                }
                 false
             }
         }

@@ -44,6 +44,8 @@ pub(super) struct Shared {
     pub(super) ramps: Arc<Ramps>,
     /// `[proxy] vip_interface`.
     pub(super) vip_interface: Option<String>,
+    /// `[proxy] udp_max_flows` (per UDP listener).
+    pub(super) udp_max_flows: usize,
 }
 
 /// At most one warning per this long about connects that could not start.
@@ -121,6 +123,7 @@ impl Shared {
             access_log: None,
             ramps: Arc::default(),
             vip_interface: None,
+            udp_max_flows: 65_536,
         }
     }
 }

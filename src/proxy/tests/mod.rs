@@ -17,6 +17,7 @@ mod lifecycle;
 mod listener;
 mod reconcile;
 mod slow_start;
+mod udp;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -147,6 +148,7 @@ fn proxy_config(max_connections: usize) -> ProxyConfig {
         drain_timeout: None,
         access_log: None,
         vip_interface: None,
+        udp_max_flows: 65_536,
     }
 }
 
