@@ -47,9 +47,11 @@ async fn one_transfer(listener: &TcpListener, mode: Mode) -> Path {
     });
     let counter = metrics::Counter::noop();
     let activity = Activity::default();
+    let moved = std::sync::atomic::AtomicU64::new(0);
     let meter = Meter {
         bytes: &counter,
         activity: &activity,
+        moved: &moved,
     };
     let moved = copy::one_way(&src, &dst, mode, &meter).await.unwrap();
     write.await.unwrap();

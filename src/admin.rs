@@ -36,7 +36,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::Snapshot;
+use crate::model::{Ramps, Snapshot};
 use crate::registry::Reader;
 
 mod page;
@@ -57,6 +57,8 @@ pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
 struct AdminState {
     reader: Reader,
     metrics: PrometheusHandle,
+    /// The proxy's slow-start shares (empty without a proxy).
+    ramps: Arc<Ramps>,
 }
 
 /// The server's bounds (the constants above by default; tests shrink them).
@@ -85,6 +87,7 @@ pub async fn bind(
     addr: SocketAddr,
     reader: Reader,
     metrics: PrometheusHandle,
+    ramps: Arc<Ramps>,
     shutdown: CancellationToken,
 ) -> io::Result<(
     SocketAddr,
@@ -92,7 +95,7 @@ pub async fn bind(
 )> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let app = router(reader, metrics);
+    let app = router_with(reader, metrics, ramps);
     Ok((local, serve(listener, app, Limits::default(), shutdown)))
 }
 
@@ -364,6 +367,11 @@ impl AsyncWrite for Watched {
 }
 
 pub fn router(reader: Reader, metrics: PrometheusHandle) -> Router {
+    router_with(reader, metrics, Arc::default())
+}
+
+/// [`router`] showing the proxy's slow-start shares in `/v1/services`.
+pub fn router_with(reader: Reader, metrics: PrometheusHandle, ramps: Arc<Ramps>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -371,7 +379,11 @@ pub fn router(reader: Reader, metrics: PrometheusHandle) -> Router {
         .route("/v1/services", get(services))
         .route("/v1/events", get(events))
         .route("/", get(status_page))
-        .with_state(AdminState { reader, metrics })
+        .with_state(AdminState {
+            reader,
+            metrics,
+            ramps,
+        })
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {
@@ -399,7 +411,7 @@ async fn services(
     Query(query): Query<page::ServicesQuery>,
 ) -> Json<serde_json::Value> {
     let snap: Arc<Snapshot> = s.reader.current();
-    Json(page::services_json(&snap, &query))
+    Json(page::services_json(&snap, &query, &s.ramps))
 }
 
 async fn events(
@@ -593,7 +605,8 @@ mod tests {
             spec.key.clone(),
             Arc::new(ServiceState::new(spec.clone(), "file:x".into(), eps)),
         );
-        let v = page::services_json(&snap, &Default::default());
+        let ramps = Ramps::default();
+        let v = page::services_json(&snap, &Default::default(), &ramps);
         assert_eq!(v["version"], 7);
         let svc = &v["services"][0];
         assert_eq!(svc["name"], "web");
@@ -602,6 +615,11 @@ mod tests {
         assert_eq!(ep["ip"], "10.0.0.1");
         assert_eq!(ep["healthy"], true);
         assert_eq!(ep["reason"], "awaiting first probe");
+        assert_eq!(ep["effective_weight"], 1.0);
+        // Slow start: the share the proxy published.
+        ramps.set(&spec.key, "10.0.0.1".parse().unwrap(), Some(0.25));
+        let v = page::services_json(&snap, &Default::default(), &ramps);
+        assert_eq!(v["services"][0]["endpoints"][0]["effective_weight"], 0.25);
         assert_eq!(v["conflicts"], serde_json::json!([]));
         snap.conflicts = vec![crate::model::Conflict {
             kind: "listen",
@@ -610,7 +628,7 @@ mod tests {
             winner: "web.default".into(),
         }]
         .into();
-        let v = page::services_json(&snap, &Default::default());
+        let v = page::services_json(&snap, &Default::default(), &ramps);
         let c = &v["conflicts"][0];
         assert_eq!(
             (&c["kind"], &c["claim"], &c["winner"]),

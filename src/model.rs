@@ -177,6 +177,22 @@ pub struct ProxySpec {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// Close open connections to an endpoint when it leaves the serving set.
     pub close_on_removal: bool,
+    /// An endpoint that appears or turns healthy ramps from a small share
+    /// of its weight to all of it over this window (None: at once).
+    #[serde(with = "humantime_serde")]
+    pub slow_start: Option<Duration>,
+    /// Once the client has closed its sending half, how long the other
+    /// direction may stay quiet before both sides are reset (None: the idle
+    /// timeout).
+    #[serde(with = "humantime_serde")]
+    pub client_fin_timeout: Option<Duration>,
+    /// The same once the endpoint has closed its sending half first.
+    #[serde(with = "humantime_serde")]
+    pub server_fin_timeout: Option<Duration>,
+    /// A UDP flow (client address → endpoint) ends after this long
+    /// without a datagram either way.
+    #[serde(with = "humantime_serde")]
+    pub udp_idle_timeout: Duration,
 }
 
 impl Default for ProxySpec {
@@ -188,7 +204,38 @@ impl Default for ProxySpec {
             max_connections: None,
             proxy_protocol: None,
             close_on_removal: false,
+            slow_start: None,
+            client_fin_timeout: None,
+            server_fin_timeout: None,
+            udp_idle_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+/// Endpoints ramping up under slow start: (service, endpoint IP) → the
+/// share of its weight it gets now (below 1). Written by the proxy as it
+/// rebuilds its balancers, read by the admin API; an endpoint not listed
+/// gets its whole weight.
+#[derive(Debug, Default)]
+pub struct Ramps(std::sync::RwLock<std::collections::HashMap<(ServiceKey, IpAddr), f64>>);
+
+impl Ramps {
+    pub fn set(&self, key: &ServiceKey, ip: IpAddr, share: Option<f64>) {
+        let mut m = self.0.write().unwrap_or_else(|e| e.into_inner());
+        match share {
+            Some(s) if s < 1.0 => {
+                m.insert((key.clone(), ip), s);
+            }
+            _ => {
+                m.remove(&(key.clone(), ip));
+            }
+        }
+    }
+
+    /// The share of its weight the endpoint gets now (1: all of it).
+    pub fn share(&self, key: &ServiceKey, ip: IpAddr) -> f64 {
+        let m = self.0.read().unwrap_or_else(|e| e.into_inner());
+        m.get(&(key.clone(), ip)).copied().unwrap_or(1.0)
     }
 }
 
@@ -419,9 +466,6 @@ pub fn listeners_with_vip(spec: &ServiceSpec, vip: Option<IpAddr>) -> Vec<(Socke
     let vip = vip.filter(|_| spec.listen_vip);
     let mut out = Vec::new();
     for (i, port) in spec.ports.iter().enumerate() {
-        if port.protocol != Protocol::Tcp {
-            continue;
-        }
         let vip = vip.map(|ip| SocketAddr::new(ip, port.port));
         for addr in vip.into_iter().chain(port.listen) {
             if !out.iter().any(|(a, _)| *a == addr) {

@@ -18,8 +18,16 @@ pub enum LogFormat {
     Json,
 }
 
+static LOG_FORMAT: OnceLock<LogFormat> = OnceLock::new();
+
+/// The `--log-format` logging was started with (the access log follows it).
+pub fn log_format() -> LogFormat {
+    LOG_FORMAT.get().copied().unwrap_or_default()
+}
+
 /// Starts logging to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_logging(format: LogFormat) {
+    let _ = LOG_FORMAT.set(format);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -102,10 +110,13 @@ catalogue! {
     PROXY_ACTIVE_CONNECTIONS = ("beacon_proxy_active_connections", Gauge, "Open proxied connections by service");
     PROXY_BYTES = ("beacon_proxy_bytes_total", Counter, "Proxied bytes by service and direction");
     PROXY_CONNECT_DURATION = ("beacon_proxy_connect_duration_seconds", Histogram, "Time to connect to an endpoint");
-    PROXY_CONNECTION_ENDS = ("beacon_proxy_connection_ends_total", Counter, "Proxied connections by service and how they ended (fin, client_reset, upstream_reset, idle_timeout, removed, drain_deadline)");
+    PROXY_CONNECTION_ENDS = ("beacon_proxy_connection_ends_total", Counter, "Proxied connections by service and how they ended (fin, client_reset, upstream_reset, idle_timeout, removed, drain_deadline, client_fin_timeout, server_fin_timeout)");
     PROXY_SPLICE = ("beacon_proxy_splice_total", Counter, "Proxied directions by copy mode (splice or userspace)");
     PROXY_LISTENERS = ("beacon_proxy_listeners", Gauge, "Open proxy listeners");
     PROXY_LISTENER_ERRORS = ("beacon_proxy_listener_errors_total", Counter, "Proxy listeners that could not be opened, by service");
+    PROXY_ACCESS_LOG_DROPPED = ("beacon_proxy_access_log_dropped_total", Counter, "Access log lines dropped because the writer fell behind");
+    PROXY_UDP_FLOWS = ("beacon_proxy_udp_flows", Gauge, "Open UDP flows (client address to endpoint) by service");
+    PROXY_UDP_FLOWS_DROPPED = ("beacon_proxy_udp_flows_dropped_total", Counter, "Datagrams of new UDP clients dropped because the flow table was full, by service");
     PROXY_ACCEPT_ERRORS = ("beacon_proxy_accept_errors_total", Counter, "Failed accepts on proxy listeners, by kind");
     // Health
     ENDPOINTS = ("beacon_endpoints", Gauge, "Endpoints per service and state");

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    Balance, ChangeEvent, Conflict, EndpointState, HealthSpec, Port, ServiceState, Snapshot,
+    Balance, ChangeEvent, Conflict, EndpointState, HealthSpec, Port, Ramps, ServiceState, Snapshot,
     SourceId, SourceStatus,
 };
 use crate::registry::events;
@@ -102,11 +102,35 @@ struct ServiceView<'a> {
     listeners: Vec<SocketAddr>,
     /// Endpoints DNS answers and the proxy uses right now.
     serving: usize,
-    endpoints: &'a [EndpointState],
+    endpoints: Vec<EndpointView<'a>>,
+}
+
+#[derive(Serialize)]
+struct EndpointView<'a> {
+    #[serde(flatten)]
+    state: &'a EndpointState,
+    /// The weight the proxy balances with now: 0 while not serving, below
+    /// `weight` while it ramps up under slow start.
+    effective_weight: f64,
+}
+
+impl<'a> EndpointView<'a> {
+    fn new(s: &ServiceState, e: &'a EndpointState, ramps: &Ramps) -> Self {
+        let share = if s.panic || e.healthy {
+            ramps.share(&s.spec.key, e.endpoint.ip)
+        } else {
+            0.0
+        };
+        let weight = f64::from(e.endpoint.weight) * share;
+        EndpointView {
+            state: e,
+            effective_weight: (weight * 100.0).round() / 100.0,
+        }
+    }
 }
 
 impl<'a> ServiceView<'a> {
-    fn new(s: &'a ServiceState) -> Self {
+    fn new(s: &'a ServiceState, ramps: &Ramps) -> Self {
         Self {
             name: &s.spec.key.name,
             namespace: &s.spec.key.namespace,
@@ -120,19 +144,23 @@ impl<'a> ServiceView<'a> {
             panic: s.panic,
             listeners: s.listeners.iter().map(|(a, _)| *a).collect(),
             serving: s.serving().count(),
-            endpoints: &s.endpoints,
+            endpoints: s
+                .endpoints
+                .iter()
+                .map(|e| EndpointView::new(s, e, ramps))
+                .collect(),
         }
     }
 }
 
 /// `/v1/services` for `query`: the matching services in key order, paged.
-pub fn services_json(snap: &Snapshot, query: &ServicesQuery) -> serde_json::Value {
+pub fn services_json(snap: &Snapshot, query: &ServicesQuery, ramps: &Ramps) -> serde_json::Value {
     let mut total = 0;
     let limit = query.limit.unwrap_or(usize::MAX);
     let mut services = Vec::new();
     for s in snap.services.values().filter(|s| query.matches(s)) {
         if total >= query.offset && services.len() < limit {
-            services.push(ServiceView::new(s));
+            services.push(ServiceView::new(s, ramps));
         }
         total += 1;
     }
@@ -240,26 +268,29 @@ mod tests {
     #[test]
     fn services_filter_and_page() {
         let snap = snapshot(20);
-        let all = services_json(&snap, &ServicesQuery::default());
+        let all = services_json(&snap, &ServicesQuery::default(), &Ramps::default());
         assert_eq!(all["total"], 20);
         assert_eq!(all["services"].as_array().unwrap().len(), 20);
         let q = ServicesQuery {
             namespace: Some("shop".into()),
             ..ServicesQuery::default()
         };
-        let v = services_json(&snap, &q);
+        let v = services_json(&snap, &q, &Ramps::default());
         assert_eq!(v["total"], 10);
         assert!(names(&v).iter().all(|n| n.ends_with(".shop")));
         let q = ServicesQuery {
             name: Some("SVC-03".into()),
             ..ServicesQuery::default()
         };
-        assert_eq!(names(&services_json(&snap, &q)), vec!["svc-03.shop"]);
+        assert_eq!(
+            names(&services_json(&snap, &q, &Ramps::default())),
+            vec!["svc-03.shop"]
+        );
         let q = ServicesQuery {
             unhealthy: true,
             ..ServicesQuery::default()
         };
-        let v = services_json(&snap, &q);
+        let v = services_json(&snap, &q, &Ramps::default());
         assert_eq!(
             names(&v),
             vec![
@@ -276,7 +307,7 @@ mod tests {
             limit: Some(3),
             ..ServicesQuery::default()
         };
-        let v = services_json(&snap, &q);
+        let v = services_json(&snap, &q, &Ramps::default());
         assert_eq!(v["total"], 10);
         assert_eq!(v["offset"], 2);
         assert_eq!(

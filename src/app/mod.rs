@@ -188,7 +188,10 @@ pub async fn start(
         None
     };
     let admin_addr = match config.admin.listen {
-        Some(addr) => Some(start_admin(addr, &reader, metrics, &shutdown, &mut loops).await?),
+        Some(addr) => {
+            let ramps = proxy.as_ref().map(|p| p.ramps()).unwrap_or_default();
+            Some(start_admin(addr, &reader, metrics, ramps, &shutdown, &mut loops).await?)
+        }
         None => None,
     };
     Ok(Running {
@@ -207,10 +210,11 @@ async fn start_admin(
     addr: std::net::SocketAddr,
     reader: &Reader,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    ramps: std::sync::Arc<crate::model::Ramps>,
     shutdown: &CancellationToken,
     loops: &mut Loops,
 ) -> Result<SocketAddr, StartError> {
-    let (local, serve) = crate::admin::bind(addr, reader.clone(), metrics, shutdown.clone())
+    let (local, serve) = crate::admin::bind(addr, reader.clone(), metrics, ramps, shutdown.clone())
         .await
         .map_err(|e| anyhow::anyhow!("admin: cannot listen on {addr}: {e}"))?;
     tracing::info!(addr = %local, "admin listening");

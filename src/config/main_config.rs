@@ -112,7 +112,7 @@ fn validate(r: &mut Reporter<'_>, raw: RawConfig, base: &Path) -> Config {
     c.dns = dns::validate(r, &raw.dns);
     c.admin = admin(r, &raw.admin, c.admin);
     c.health = health::inherit(r, &raw.health, &HealthSpec::default());
-    c.proxy = proxy::validate(r, &raw.proxy);
+    c.proxy = proxy::validate(r, &raw.proxy, base);
     c.startup_timeout = raw.startup_timeout.unwrap_or(c.startup_timeout);
     c.shutdown_grace = raw.shutdown_grace.unwrap_or(c.shutdown_grace);
     c.sources = sources::validate(r, &raw.sources, base);

@@ -1,6 +1,7 @@
 //! `[proxy]` → [`ProxyConfig`], and the proxy keys a service inherits from
 //! it → [`ProxySpec`] (one function for both places).
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::model::{ProxyProtocol, ProxySpec};
@@ -18,6 +19,23 @@ pub struct ProxyConfig {
     pub defaults: ProxySpec,
     /// On shutdown, how long live connections may finish (default: the grace).
     pub drain_timeout: Option<Duration>,
+    /// One line per finished connection (None: off, the default).
+    pub access_log: Option<AccessLogTarget>,
+    /// An interface beacon owns and keeps every served vip on (None: vips
+    /// are the operator's business).
+    pub vip_interface: Option<String>,
+    /// Cap on UDP flows (per UDP listener).
+    pub udp_max_flows: usize,
+}
+
+/// Where the access log goes (`[proxy] access_log`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    /// `"stderr"`: beside the process log.
+    Stderr,
+    /// Any other text: a file, appended to (created when missing);
+    /// relative to the config file.
+    File(PathBuf),
 }
 
 impl Default for ProxyConfig {
@@ -27,18 +45,53 @@ impl Default for ProxyConfig {
             max_connections: 100_000,
             defaults: ProxySpec::default(),
             drain_timeout: None,
+            access_log: None,
+            vip_interface: None,
+            udp_max_flows: 65_536,
         }
     }
 }
 
-pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawProxy) -> ProxyConfig {
+pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawProxy, base: &Path) -> ProxyConfig {
     let mut p = ProxyConfig::default();
     p.enabled = raw.own.enabled.unwrap_or(p.enabled);
     if let Some(v) = &raw.own.max_connections {
         p.max_connections = int_in(r, v, 1, 10_000_000, "max_connections").unwrap_or(1) as usize;
     }
+    if let Some(v) = &raw.own.udp_max_flows {
+        p.udp_max_flows = int_in(r, v, 1, 10_000_000, "udp_max_flows").unwrap_or(1) as usize;
+    }
     p.defaults = inherit(r, &raw.shared, &p.defaults);
     p.drain_timeout = raw.own.drain_timeout;
+    p.access_log = raw
+        .own
+        .access_log
+        .as_ref()
+        .and_then(|v| match v.get_ref().as_str() {
+            "stderr" => Some(AccessLogTarget::Stderr),
+            "" => {
+                r.error(
+                v.span(),
+                "access_log is `stderr` or a file path; leave it out to turn the access log off",
+            );
+                None
+            }
+            path => Some(AccessLogTarget::File(base.join(path))),
+        });
+    p.vip_interface = raw.own.vip_interface.as_ref().and_then(|v| {
+        let name = v.get_ref();
+        let valid = (1..=15).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !valid {
+            r.error(
+                v.span(),
+                format!("vip_interface `{name}` is no interface name: 1 to 15 letters, digits, `-`, `_` or `.`"),
+            );
+        }
+        valid.then(|| name.clone())
+    });
     p
 }
 
@@ -70,6 +123,23 @@ pub(super) fn inherit(r: &mut Reporter<'_>, raw: &RawProxyKeys, base: &ProxySpec
         };
     }
     p.close_on_removal = raw.close_on_removal.unwrap_or(p.close_on_removal);
+    // `"0s"` turns an inherited value off.
+    let off_at_zero = |v: &toml::Spanned<super::raw::HumanDuration>| {
+        let d = **v.get_ref();
+        (!d.is_zero()).then_some(d)
+    };
+    if let Some(v) = &raw.slow_start {
+        p.slow_start = off_at_zero(v);
+    }
+    if let Some(v) = &raw.client_fin_timeout {
+        p.client_fin_timeout = off_at_zero(v);
+    }
+    if let Some(v) = &raw.server_fin_timeout {
+        p.server_fin_timeout = off_at_zero(v);
+    }
+    if let Some(v) = &raw.udp_idle_timeout {
+        p.udp_idle_timeout = positive(r, v, "udp_idle_timeout").unwrap_or(p.udp_idle_timeout);
+    }
     p
 }
 

@@ -88,6 +88,10 @@ shared_keys! {
         idle_timeout: Spanned<HumanDuration>,
         proxy_protocol: Spanned<String>,
         close_on_removal: bool,
+        slow_start: Spanned<HumanDuration>,
+        client_fin_timeout: Spanned<HumanDuration>,
+        server_fin_timeout: Spanned<HumanDuration>,
+        udp_idle_timeout: Spanned<HumanDuration>,
     }
 }
 
@@ -103,6 +107,12 @@ pub struct RawGlobalProxy {
     pub max_connections: Option<Spanned<i64>>,
     #[serde(default, with = "humantime_serde")]
     pub drain_timeout: Option<Duration>,
+    /// `"stderr"` or a file path; absent: no access log.
+    pub access_log: Option<Spanned<String>>,
+    /// UDP flows across all services.
+    pub udp_max_flows: Option<Spanned<i64>>,
+    /// The interface beacon keeps the vips on.
+    pub vip_interface: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -451,11 +451,22 @@ idle_timeout = "10m"
 proxy_protocol = "v1"
 close_on_removal = true
 drain_timeout = "4s"
+slow_start = "30s"
+client_fin_timeout = "5s"
+udp_idle_timeout = "10s"
+udp_max_flows = 100
+access_log = "logs/access.log"
 "#,
         Path::new("b.toml"),
-        Path::new(""),
+        Path::new("/etc/beacon"),
     )
     .unwrap();
+    assert_eq!(
+        config.proxy.access_log,
+        Some(crate::config::AccessLogTarget::File(
+            "/etc/beacon/logs/access.log".into()
+        ))
+    );
     assert_eq!(config.proxy.max_connections, 500);
     assert_eq!(config.proxy.drain_timeout, Some(Duration::from_secs(4)));
     let defaults = config.service_defaults();
@@ -471,6 +482,8 @@ connect_attempts = 2
 proxy_protocol = "none"
 close_on_removal = false
 max_connections = 7
+slow_start = "0s"
+server_fin_timeout = "2s"
   [service.health]
   path = "/live"
   rise = 1
@@ -495,6 +508,19 @@ max_connections = 7
     assert_eq!(overrides.proxy.proxy_protocol, None);
     assert!(!overrides.proxy.close_on_removal);
     assert_eq!(overrides.proxy.max_connections, Some(7));
+    assert_eq!(inherits.proxy.slow_start, Some(Duration::from_secs(30)));
+    assert_eq!(overrides.proxy.slow_start, None, "0s turns it off");
+    assert_eq!(
+        overrides.proxy.client_fin_timeout,
+        Some(Duration::from_secs(5))
+    );
+    assert_eq!(
+        overrides.proxy.server_fin_timeout,
+        Some(Duration::from_secs(2))
+    );
+    assert_eq!(inherits.proxy.server_fin_timeout, None);
+    assert_eq!(inherits.proxy.udp_idle_timeout, Duration::from_secs(10));
+    assert_eq!(config.proxy.udp_max_flows, 100);
     assert_eq!(
         overrides.health.probe,
         ProbeKind::Http {

@@ -17,6 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use crate::model::Balance;
 
@@ -25,6 +26,40 @@ pub const MAX_PICKS: usize = 8;
 
 /// Size of a maglev lookup table (a prime, as the paper asks).
 pub const MAGLEV_TABLE_SIZE: usize = 65537;
+
+/// Slow start: the share of its weight a ramping endpoint starts with.
+pub const RAMP_MIN_SHARE: f64 = 0.05;
+
+/// While an endpoint of a set ramps, every weight is scaled by this, so
+/// that a small share of weight 1 is still a whole number.
+pub const RAMP_SCALE: u32 = 100;
+
+/// The share of its weight an endpoint gets `elapsed` into a slow start
+/// of `window`: linear from [`RAMP_MIN_SHARE`] to 1.
+pub fn ramp_share(elapsed: Duration, window: Duration) -> f64 {
+    if window.is_zero() {
+        return 1.0;
+    }
+    (elapsed.as_secs_f64() / window.as_secs_f64()).clamp(RAMP_MIN_SHARE, 1.0)
+}
+
+/// The weights the policies see: each `weights[i]` times `shares[i]`,
+/// scaled by [`RAMP_SCALE`] so they stay whole numbers; unchanged when no
+/// share is below 1. Every policy takes its weights from here, so slow
+/// start works the same in each.
+pub fn ramped_weights(weights: &[u32], shares: &[f64]) -> Vec<u32> {
+    if shares.iter().all(|&s| s >= 1.0) {
+        return weights.to_vec();
+    }
+    weights
+        .iter()
+        .zip(shares)
+        .map(|(&w, &s)| {
+            let scaled = f64::from(w.max(1)) * f64::from(RAMP_SCALE) * s.clamp(0.0, 1.0);
+            (scaled.round() as u32).max(1)
+        })
+        .collect()
+}
 
 /// What a policy may look at for one new connection.
 #[derive(Clone, Copy, Debug)]
@@ -736,6 +771,46 @@ mod tests {
         let share = moved_survivors as f64 / survivors as f64;
         // Perfect consistency would be 0; the paper reports a few percent.
         assert!(share < 0.05, "{share:.4} of surviving slots moved");
+    }
+
+    #[test]
+    fn ramp_share_grows_linearly_from_a_small_share() {
+        let w = Duration::from_secs(30);
+        assert_eq!(ramp_share(Duration::ZERO, w), RAMP_MIN_SHARE);
+        assert_eq!(ramp_share(Duration::from_secs(15), w), 0.5);
+        assert_eq!(ramp_share(Duration::from_secs(60), w), 1.0);
+        assert_eq!(ramp_share(Duration::ZERO, Duration::ZERO), 1.0);
+        assert_eq!(ramped_weights(&[3, 1], &[1.0, 1.0]), vec![3, 1]);
+        assert_eq!(ramped_weights(&[3, 1], &[1.0, 0.05]), vec![300, 5]);
+        assert_eq!(ramped_weights(&[1, 1], &[1.0, 0.001]), vec![100, 1]);
+    }
+
+    /// A ramping endpoint at 5% of weight 1 beside one at full weight gets
+    /// about 5/105 of the picks in every policy (least_conn: of the
+    /// connections that stay open).
+    #[test]
+    fn every_weighted_policy_follows_ramped_weights() {
+        fastrand::seed(5);
+        let weights = ramped_weights(&[1, 1], &[1.0, RAMP_MIN_SHARE]);
+        let bs = |w: &[u32]| backends(w);
+        let want = 5.0 / 105.0;
+        for policy in Balance::ALL.map(|(_, p)| p) {
+            let set = bs(&weights);
+            let b = build(policy, &set);
+            let share = if policy == Balance::LeastConn {
+                for i in 0..2100 {
+                    let k = b.pick(&conn(i)).first().unwrap();
+                    set[k].load.active.fetch_add(1, Ordering::Relaxed);
+                }
+                f64::from(set[1].load.active.load(Ordering::Relaxed)) / 2100.0
+            } else if policy == Balance::Maglev {
+                let Maglev { table, .. } = Maglev::new(&set);
+                table.iter().filter(|&&e| e == 1).count() as f64 / MAGLEV_TABLE_SIZE as f64
+            } else {
+                f64::from(counts(b.as_ref(), 2, 10_500)[1]) / 10_500.0
+            };
+            assert!((share - want).abs() < 0.02, "{policy:?}: share {share:.4}");
+        }
     }
 
     #[test]

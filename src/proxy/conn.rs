@@ -7,37 +7,109 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use super::access_log::{End, Record};
 use super::balancer::{ConnInfo, EndpointLoad};
 use super::copy::{self, Activity, Meter};
 use super::error::ProxyError;
 use super::route::{ConnEnd, Route};
 use super::shared::Shared;
-use crate::model::{ConnectOutcome, ProxyProtocol, local_failure};
+use crate::model::{ConnectOutcome, ProxyProtocol, ProxySpec, local_failure};
 
 /// Admission: refuse (close at once) before readiness and beyond the
 /// global or per-service cap; otherwise start the connection task.
 pub(super) fn admit(shared: &Arc<Shared>, route: Arc<Route>, stream: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
     if !shared.ready.load(Ordering::Acquire) {
         route.metrics().not_ready.increment(1);
         tracing::debug!(client.addr = %peer, service = %route.service, "not ready; connection refused");
+        log_refused(shared, &route, peer, started, "not_ready");
         return;
     }
     let Some(guard) = ActiveGuard::acquire(shared, route.clone()) else {
         route.metrics().over_limit.increment(1);
         tracing::debug!(client.addr = %peer, service = %route.service, "connection limit reached; refused");
+        log_refused(shared, &route, peer, started, "over_limit");
         return;
     };
     // TCP_NODELAY and SO_KEEPALIVE are inherited from the listener.
     shared
         .tracker
-        .spawn(serve(shared.clone(), route, stream, peer, guard));
+        .spawn(serve(shared.clone(), route, stream, peer, guard, started));
+}
+
+/// How one connection ended, for the access log.
+struct Outcome {
+    endpoint: Option<SocketAddr>,
+    to_upstream: u64,
+    to_client: u64,
+    end: End,
+    detail: &'static str,
+}
+
+impl Outcome {
+    fn refused(endpoint: Option<SocketAddr>, detail: &'static str) -> Self {
+        Self::before_bytes(endpoint, End::Refused, detail)
+    }
+
+    /// Closed before any byte moved.
+    fn before_bytes(endpoint: Option<SocketAddr>, end: End, detail: &'static str) -> Self {
+        Self {
+            endpoint,
+            to_upstream: 0,
+            to_client: 0,
+            end,
+            detail,
+        }
+    }
+}
+
+/// The access log's coarse kind of a proxied connection's end.
+fn access_end(end: ConnEnd) -> End {
+    match end {
+        ConnEnd::Fin => End::Fin,
+        ConnEnd::ClientReset | ConnEnd::UpstreamReset | ConnEnd::Removed => End::Reset,
+        ConnEnd::IdleTimeout | ConnEnd::ClientFinTimeout | ConnEnd::ServerFinTimeout => {
+            End::Timeout
+        }
+        ConnEnd::DrainDeadline => End::Drained,
+    }
+}
+
+/// Writes one access log line (when the log is on).
+fn log_end(shared: &Shared, route: &Route, peer: SocketAddr, started: Instant, o: Outcome) {
+    let Some(log) = &shared.access_log else {
+        return;
+    };
+    log.log(Record {
+        at: SystemTime::now(),
+        client: peer,
+        service: route.service.clone(),
+        endpoint: o.endpoint,
+        to_upstream: o.to_upstream,
+        to_client: o.to_client,
+        duration: started.elapsed(),
+        end: o.end,
+        detail: o.detail,
+    });
+}
+
+fn log_refused(
+    shared: &Shared,
+    route: &Route,
+    peer: SocketAddr,
+    started: Instant,
+    why: &'static str,
+) {
+    if shared.access_log.is_some() {
+        log_end(shared, route, peer, started, Outcome::refused(None, why));
+    }
 }
 
 /// One admitted connection in the global and per-service counts.
@@ -81,15 +153,19 @@ async fn serve(
     client: TcpStream,
     peer: SocketAddr,
     guard: ActiveGuard,
+    started: Instant,
 ) {
     let span = tracing::debug_span!("conn", service = %route.service, client.addr = %peer);
     async move {
         let _guard = guard;
-        let Some((upstream, idx, _load)) = connect(&shared, &route, peer).await else {
-            return;
+        let outcome = match connect(&shared, &route, peer).await {
+            Ok((upstream, idx, _load)) => {
+                route.metrics().ok.increment(1);
+                proxy(&shared, &route, client, upstream, idx, peer).await
+            }
+            Err(refused) => refused,
         };
-        route.metrics().ok.increment(1);
-        proxy(&shared, &route, client, upstream, idx, peer).await;
+        log_end(&shared, &route, peer, started, outcome);
     }
     .instrument(span)
     .await
@@ -112,28 +188,56 @@ impl Drop for LoadGuard {
     }
 }
 
-/// Tries the picks in order, up to the service's connect attempts.
+/// The pause before connect attempt `attempt` (1-based retries): 5 ms,
+/// doubling, at most 100 ms.
+pub(super) fn retry_backoff(attempt: usize) -> std::time::Duration {
+    let first = std::time::Duration::from_millis(5);
+    first
+        .saturating_mul(1 << (attempt.saturating_sub(1)).min(8))
+        .min(std::time::Duration::from_millis(100))
+}
+
+/// Tries the picks in order, up to the service's connect attempts. Err:
+/// why the connection was closed before any byte moved.
 async fn connect(
     shared: &Shared,
     route: &Route,
     peer: SocketAddr,
-) -> Option<(TcpStream, usize, LoadGuard)> {
+) -> Result<(TcpStream, usize, LoadGuard), Outcome> {
     let picks = route.balancer.pick(&ConnInfo { client: peer });
     if picks.is_empty() {
         route.metrics().no_endpoints.increment(1);
         tracing::debug!("no serving endpoint; connection closed");
-        return None;
+        return Err(Outcome::refused(None, "no_endpoints"));
     }
+    let mut last = None;
     let spec = &route.state.spec.proxy;
     // Every attempt failed here, not at an endpoint (out of descriptors...).
     let mut only_local = true;
     for attempt in 0..spec.connect_attempts.max(1) as usize {
-        let idx = picks.attempt(attempt)?;
+        let Some(idx) = picks.attempt(attempt) else {
+            break;
+        };
+        if attempt > 0 {
+            // A short pause before a retry: endpoints that all refuse at
+            // once (a rollout) are not run through in microseconds.
+            tokio::select! {
+                _ = shared.kill.cancelled() => {
+                    let detail = ConnEnd::DrainDeadline.as_str();
+                    return Err(Outcome::before_bytes(last, End::Drained, detail));
+                }
+                _ = tokio::time::sleep(retry_backoff(attempt)) => {}
+            }
+        }
         let backend = &route.backends[idx];
+        last = Some(backend.addr);
         let load = LoadGuard::new(&backend.load);
         let started = Instant::now();
         let result = tokio::select! {
-            _ = shared.kill.cancelled() => return None,
+            _ = shared.kill.cancelled() => {
+                let detail = ConnEnd::DrainDeadline.as_str();
+                return Err(Outcome::before_bytes(last, End::Drained, detail));
+            }
             r = tokio::time::timeout(spec.connect_timeout, TcpStream::connect(backend.addr)) => r,
         };
         match result {
@@ -147,7 +251,7 @@ async fn connect(
             Ok(Ok(stream)) => {
                 shared.local_errors.ended();
                 record(shared, route, idx, started, true);
-                return Some((stream, idx, load));
+                return Ok((stream, idx, load));
             }
             Ok(Err(e)) => {
                 record(shared, route, idx, started, false);
@@ -160,13 +264,15 @@ async fn connect(
         }
         only_local = false;
     }
-    if only_local {
+    let why = if only_local {
         route.metrics().local_error.increment(1);
+        "local_error"
     } else {
         route.metrics().connect_failed.increment(1);
-    }
+        "connect_failed"
+    };
     tracing::debug!("every connect attempt failed; connection closed");
-    None
+    Err(Outcome::refused(last, why))
 }
 
 /// Records a connect attempt that reached (or timed out on) an endpoint.
@@ -222,6 +328,20 @@ pub(super) fn proxy_header(
     }
 }
 
+async fn send_proxy_header(
+    version: ProxyProtocol,
+    client: &TcpStream,
+    upstream: &mut TcpStream,
+    peer: SocketAddr,
+) -> Result<(), ProxyError> {
+    let local = client.local_addr().unwrap_or(peer);
+    let header = proxy_header(version, peer, local)?;
+    upstream
+        .write_all(&header)
+        .await
+        .map_err(ProxyError::ProxyHeader)
+}
+
 async fn proxy(
     shared: &Shared,
     route: &Route,
@@ -229,29 +349,23 @@ async fn proxy(
     mut upstream: TcpStream,
     idx: usize,
     peer: SocketAddr,
-) {
+) -> Outcome {
     let _ = upstream.set_nodelay(true);
+    let endpoint = route.backends[idx].addr;
     let spec = &route.state.spec.proxy;
     // Taken before any byte moves, so a removal from now on closes it.
     let removal = route.entries[idx].removal();
-    if let Some(version) = spec.proxy_protocol {
-        let local = client.local_addr().unwrap_or(peer);
-        let sent = match proxy_header(version, peer, local) {
-            Ok(h) => upstream
-                .write_all(&h)
-                .await
-                .map_err(ProxyError::ProxyHeader),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = sent {
-            tracing::debug!(error = %e, "PROXY header not sent; connection reset");
-            copy::reset_on_close(&client);
-            route.metrics().ended(ConnEnd::UpstreamReset).increment(1);
-            return;
-        }
+    if let Some(version) = spec.proxy_protocol
+        && let Err(e) = send_proxy_header(version, &client, &mut upstream, peer).await
+    {
+        tracing::debug!(error = %e, "PROXY header not sent; connection reset");
+        copy::reset_on_close(&client);
+        route.metrics().ended(ConnEnd::UpstreamReset).increment(1);
+        return Outcome::before_bytes(Some(endpoint), End::Reset, "proxy_header");
     }
     let activity = Activity::default();
     activity.touch();
+    let moved = [AtomicU64::new(0), AtomicU64::new(0)];
     let copy = copy::bidirectional(
         &client,
         &upstream,
@@ -259,13 +373,14 @@ async fn proxy(
         Meter {
             bytes: &route.metrics().to_upstream,
             activity: &activity,
+            moved: &moved[0],
         },
         Meter {
             bytes: &route.metrics().to_client,
             activity: &activity,
+            moved: &moved[1],
         },
     );
-    let endpoint = route.backends[idx].addr;
     let end = tokio::select! {
         r = copy => match r {
             Ok(t) => {
@@ -283,7 +398,7 @@ async fn proxy(
                 end
             }
         },
-        _ = idle_expired(&activity, spec.idle_timeout) => ConnEnd::IdleTimeout,
+        end = quiet_expired(&activity, spec) => end,
         _ = removal.cancelled() => ConnEnd::Removed,
         _ = shared.kill.cancelled() => ConnEnd::DrainDeadline,
     };
@@ -294,15 +409,58 @@ async fn proxy(
         copy::reset_on_close(&upstream);
     }
     route.metrics().ended(end).increment(1);
+    Outcome {
+        endpoint: Some(endpoint),
+        to_upstream: moved[0].load(Ordering::Relaxed),
+        to_client: moved[1].load(Ordering::Relaxed),
+        end: access_end(end),
+        detail: end.as_str(),
+    }
 }
 
 /// Resolves once nothing moved for `idle`.
-pub(super) async fn idle_expired(activity: &Activity, idle: Duration) {
+#[cfg(test)]
+pub(super) async fn idle_expired(activity: &Activity, idle: std::time::Duration) {
+    let spec = ProxySpec {
+        idle_timeout: idle,
+        ..ProxySpec::default()
+    };
+    quiet_expired(activity, &spec).await;
+}
+
+/// Resolves once nothing moved for the limit in force, with that limit:
+/// the idle timeout, or a fin timeout (when shorter) once the client
+/// (side A) or the endpoint (side B) has closed its sending half.
+pub(super) async fn quiet_expired(activity: &Activity, spec: &ProxySpec) -> ConnEnd {
     loop {
-        let quiet = activity.idle_for();
-        if quiet >= idle {
-            return;
+        let changed = activity.half_closed_changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let (client_done, server_done) = activity.half_closed();
+        let mut limit = (spec.idle_timeout, ConnEnd::IdleTimeout);
+        for (done, fin, end) in [
+            (
+                client_done,
+                spec.client_fin_timeout,
+                ConnEnd::ClientFinTimeout,
+            ),
+            (
+                server_done,
+                spec.server_fin_timeout,
+                ConnEnd::ServerFinTimeout,
+            ),
+        ] {
+            if let Some(t) = fin.filter(|t| done && *t < limit.0) {
+                limit = (t, end);
+            }
         }
-        tokio::time::sleep(idle - quiet).await;
+        let quiet = activity.idle_for();
+        if quiet >= limit.0 {
+            return limit.1;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(limit.0 - quiet) => {}
+            _ = changed => {}
+        }
     }
 }

@@ -34,10 +34,12 @@
 use std::io;
 use std::net::Shutdown;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
 /// Userspace copy buffer per direction (only when falling back).
@@ -86,12 +88,16 @@ pub fn copied_bytes() -> u64 {
     COPIED_BYTES.load(Ordering::Relaxed)
 }
 
-/// Last time any byte moved on a connection, for the idle timeout. On
+/// Last time any byte moved on a connection, for the idle timeout, and
+/// which side has closed its sending half, for the fin timeouts. On
 /// tokio's clock, so paused-time tests can move it.
 #[derive(Debug)]
 pub struct Activity {
     epoch: Instant,
     last_ms: AtomicU64,
+    /// Bit 0: A's FIN was forwarded; bit 1: B's.
+    closed: AtomicU8,
+    closed_changed: Notify,
 }
 
 impl Default for Activity {
@@ -99,11 +105,34 @@ impl Default for Activity {
         Self {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
+            closed: AtomicU8::new(0),
+            closed_changed: Notify::new(),
         }
     }
 }
 
 impl Activity {
+    /// Whether A and B have closed their sending half (their FIN forwarded).
+    pub fn half_closed(&self) -> (bool, bool) {
+        let c = self.closed.load(Ordering::Acquire);
+        (c & 1 != 0, c & 2 != 0)
+    }
+
+    /// Resolves after the next change of [`Activity::half_closed`] (enable
+    /// it before reading the state, as `Notify` asks).
+    pub fn half_closed_changed(&self) -> Notified<'_> {
+        self.closed_changed.notified()
+    }
+
+    fn mark_closed(&self, side: Side) {
+        let bit = match side {
+            Side::A => 1,
+            Side::B => 2,
+        };
+        self.closed.fetch_or(bit, Ordering::AcqRel);
+        self.closed_changed.notify_waiters();
+    }
+
     pub fn touch(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
@@ -119,11 +148,14 @@ impl Activity {
 pub struct Meter<'a> {
     pub bytes: &'a metrics::Counter,
     pub activity: &'a Activity,
+    /// This direction's bytes so far (also when the copy is cut short).
+    pub moved: &'a AtomicU64,
 }
 
 impl Meter<'_> {
     fn record(&self, n: usize, path: Path) {
         self.bytes.increment(n as u64);
+        self.moved.fetch_add(n as u64, Ordering::Relaxed);
         self.activity.touch();
         let global = match path {
             Path::Splice => &SPLICED_BYTES,
@@ -208,6 +240,14 @@ pub async fn bidirectional(
             r = &mut up, if up_end.is_none() => (Side::A, Side::B, up_end.insert(r)),
             r = &mut down, if down_end.is_none() => (Side::B, Side::A, down_end.insert(r)),
         };
+        if end.is_ok() {
+            let meter = if side_src == Side::A {
+                &a_to_b
+            } else {
+                &b_to_a
+            };
+            meter.activity.mark_closed(side_src);
+        }
         if first.is_none() {
             match end {
                 Ok(_) => {}
@@ -601,11 +641,13 @@ mod tests {
     async fn unmetered(a: &TcpStream, b: &TcpStream, mode: Mode) -> Result<Totals, Broken> {
         let counter = metrics::Counter::noop();
         let activity = Activity::default();
-        let meter = || Meter {
+        let moved = [AtomicU64::new(0), AtomicU64::new(0)];
+        let meter = |i: usize| Meter {
             bytes: &counter,
             activity: &activity,
+            moved: &moved[i],
         };
-        bidirectional(a, b, mode, meter(), meter()).await
+        bidirectional(a, b, mode, meter(0), meter(1)).await
     }
 
     /// client ⇄ [a | proxy copy | b] ⇄ server. Sends `len` bytes each way

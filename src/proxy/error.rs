@@ -11,6 +11,13 @@ pub enum ProxyError {
         #[source]
         source: io::Error,
     },
+    /// `[proxy] access_log` names a file that cannot be opened.
+    #[error("cannot open the access log {target}: {source}")]
+    AccessLog {
+        target: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("PROXY protocol header: {0}")]
     ProxyHeader(#[source] io::Error),
     /// The registry's snapshot channel closed while the proxy was not

@@ -23,7 +23,8 @@ pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(5);
 pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Binds a listening socket: SO_REUSEADDR (restart without waiting for
-/// TIME_WAIT), SO_REUSEPORT (a second process may take over), keepalive
+/// TIME_WAIT), SO_REUSEPORT (a second process may take over), IP_FREEBIND
+/// (the address may come later), keepalive
 /// and no-delay inherited by accepted sockets.
 pub(super) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let sock = Socket::new(
@@ -36,6 +37,14 @@ pub(super) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     sock.set_reuse_port(true)?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
+    }
+    // A vip need not be a local address yet (`vip_interface` adds it, or
+    // an operator does): bind anyway and serve once it arrives.
+    #[cfg(target_os = "linux")]
+    if addr.is_ipv6() {
+        sock.set_freebind_v6(true)?;
+    } else {
+        sock.set_freebind_v4(true)?;
     }
     sock.set_keepalive(true)?;
     sock.set_tcp_nodelay(true)?;

@@ -25,6 +25,7 @@
 //! with `shared`, `error` and `copy` as leaves. This file is the facade:
 //! no child imports from it.
 
+mod access_log;
 pub mod balancer;
 mod conn;
 pub mod copy;
@@ -33,6 +34,8 @@ mod listener;
 mod reconcile;
 mod route;
 mod shared;
+mod udp;
+mod vips;
 
 #[cfg(test)]
 mod tests;
@@ -46,9 +49,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ProxyConfig;
-use crate::model::ConnectOutcome;
+use crate::config::{AccessLogTarget, ProxyConfig};
+use crate::model::{ConnectOutcome, Ramps};
 use crate::registry::Reader;
+use access_log::AccessLog;
 use reconcile::Reconciler;
 use shared::Shared;
 
@@ -104,7 +108,25 @@ pub fn spawn_with(
     Proxy,
     impl Future<Output = Result<(), ProxyError>> + Send + 'static,
 ) {
-    let shared = Arc::new(Shared::new(cfg.max_connections, outcomes, opts.copy_mode));
+    let mut shared = Shared::new(cfg.max_connections, outcomes, opts.copy_mode);
+    let mut start_error = None;
+    if let Some(target) = cfg.access_log.as_ref().filter(|_| cfg.enabled) {
+        match AccessLog::start(target, crate::telemetry::log_format()) {
+            Ok(log) => shared.access_log = Some(log),
+            Err(source) => {
+                start_error = Some(ProxyError::AccessLog {
+                    target: match target {
+                        AccessLogTarget::Stderr => "stderr".into(),
+                        AccessLogTarget::File(path) => path.display().to_string(),
+                    },
+                    source,
+                })
+            }
+        }
+    }
+    shared.vip_interface = cfg.vip_interface.clone();
+    shared.udp_max_flows = cfg.udp_max_flows;
+    let shared = Arc::new(shared);
     let stop = shutdown.child_token();
     let done = CancellationToken::new();
     let reconciler = cfg
@@ -117,6 +139,9 @@ pub fn spawn_with(
     let task = {
         let stop = stop.clone();
         async move {
+            if let Some(e) = start_error {
+                return Err(e);
+            }
             match reconciler {
                 Some(r) => r.run(reader).await,
                 None => {
@@ -141,6 +166,11 @@ impl Proxy {
     /// Version of the last snapshot whose listeners and routes are in force.
     pub fn applied_version(&self) -> u64 {
         self.shared.applied.load(Ordering::Acquire)
+    }
+
+    /// The slow-start shares of ramping endpoints (for the admin API).
+    pub fn ramps(&self) -> Arc<Ramps> {
+        self.shared.ramps.clone()
     }
 
     /// Connections being connected or proxied right now.

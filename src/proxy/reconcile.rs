@@ -23,17 +23,25 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::error::ProxyError;
 use super::listener;
 use super::route::{EndpointEntry, Route, ServiceEntry};
 use super::shared::Shared;
-use crate::model::{EndpointState, ServiceKey, ServiceState, Snapshot};
+use super::udp;
+use super::vips::VipInterface;
+use crate::model::{EndpointState, Protocol, ServiceKey, ServiceState, Snapshot};
 use crate::registry::Reader;
 
 /// How long a failed bind waits before it is tried again.
 pub(super) const BIND_RETRY: Duration = Duration::from_secs(5);
+
+/// Slow start moves the weights this many times per window...
+const RAMP_STEPS: u32 = 20;
+/// ...but not more often than this.
+const RAMP_STEP_MIN: Duration = Duration::from_millis(50);
 
 /// One endpoint of one service.
 type EndpointKey = (ServiceKey, SocketAddr);
@@ -62,6 +70,12 @@ pub(super) struct Reconciler {
     lingering: HashSet<EndpointKey>,
     /// Listen addresses whose bind failed (warned once, then retried quietly).
     failing: HashSet<SocketAddr>,
+    /// Services with an endpoint in slow start, and when their routes are
+    /// rebuilt next (with the grown shares).
+    ramping: HashSet<ServiceKey>,
+    next_ramp: Option<Instant>,
+    /// `[proxy] vip_interface`: told the vips served after each relisten.
+    vips: Option<VipInterface>,
     stop: CancellationToken,
     /// Tells `Proxy::drain` the loop is gone. The last field: it drops
     /// after `Drop` has closed the listeners.
@@ -142,6 +156,7 @@ impl Reconciler {
         done: CancellationToken,
     ) -> Self {
         Self {
+            vips: shared.vip_interface.as_deref().map(VipInterface::start),
             shared,
             listeners: HashMap::new(),
             served: Arc::new(Snapshot::default()),
@@ -151,6 +166,8 @@ impl Reconciler {
             services: HashMap::new(),
             lingering: HashSet::new(),
             failing: HashSet::new(),
+            ramping: HashSet::new(),
+            next_ramp: None,
             stop,
             _done: done.drop_guard(),
         }
@@ -173,6 +190,8 @@ impl Reconciler {
                     None => return Err(ProxyError::RegistryClosed),
                 },
                 _ = tokio::time::sleep(BIND_RETRY), if retry => {}
+                _ = tokio::time::sleep_until(self.next_ramp.unwrap_or_else(Instant::now)),
+                    if self.next_ramp.is_some() => {}
             }
         }
     }
@@ -182,6 +201,7 @@ impl Reconciler {
     pub(super) fn apply(&mut self, snap: &Arc<Snapshot>) -> bool {
         self.shared.ready.store(snap.ready, Ordering::Release);
         let changed = changed_services(&self.served, snap);
+        self.start_ramps(snap, &changed);
         let claims_moved = changed.iter().any(|k| {
             self.served.services.get(k).map(|s| claims(s))
                 != snap.services.get(k).map(|s| claims(s))
@@ -194,9 +214,72 @@ impl Reconciler {
         };
         self.close_removed(snap, &changed);
         self.prune(snap, &changed);
+        self.step_ramps(snap);
         self.served = snap.clone();
         self.shared.applied.store(snap.version, Ordering::Release);
         failed
+    }
+
+    /// Slow start: endpoints that joined the serving set of a service that
+    /// was served before (not at start-up, not a new service: then every
+    /// endpoint is new) start ramping now.
+    fn start_ramps(&mut self, snap: &Snapshot, changed: &[ServiceKey]) {
+        let now = Instant::now();
+        for key in changed {
+            let (Some(before), Some(state)) =
+                (self.served.services.get(key), snap.services.get(key))
+            else {
+                continue;
+            };
+            if state.spec.proxy.slow_start.is_none() {
+                continue;
+            }
+            let was = serving_addrs(before);
+            for addr in serving_addrs(state).difference(&was) {
+                let entry = self.endpoints.entry((key.clone(), *addr)).or_default();
+                entry.start_ramp(now);
+                tracing::debug!(service = %key, endpoint = %addr, "slow start");
+                self.ramping.insert(key.clone());
+            }
+        }
+    }
+
+    /// Rebuilds the routes of ramping services when a step is due, and
+    /// forgets the services whose endpoints all reached their full weight.
+    fn step_ramps(&mut self, snap: &Snapshot) {
+        if self.ramping.is_empty() {
+            self.next_ramp = None;
+            return;
+        }
+        let now = Instant::now();
+        if self.next_ramp.is_some_and(|t| now < t) {
+            return;
+        }
+        let keys: Vec<ServiceKey> = self.ramping.iter().cloned().collect();
+        self.reroute(snap, &keys);
+        let mut step: Option<Duration> = None;
+        for key in keys {
+            let window = snap
+                .services
+                .get(&key)
+                .and_then(|s| s.spec.proxy.slow_start);
+            let still = window.is_some()
+                && self.owned.get(&key).into_iter().flatten().any(|addr| {
+                    self.listeners
+                        .get(addr)
+                        .is_some_and(|l| l.routes.borrow().ramping)
+                });
+            match window {
+                Some(w) if still => {
+                    let s = (w / RAMP_STEPS).max(RAMP_STEP_MIN);
+                    step = Some(step.map_or(s, |x| x.min(s)));
+                }
+                _ => {
+                    self.ramping.remove(&key);
+                }
+            }
+        }
+        self.next_ramp = step.map(|s| now + s);
     }
 
     /// Same listeners: only the changed services' routes move.
@@ -250,6 +333,15 @@ impl Reconciler {
             failed |= !self.open(*addr, key, route);
         }
         metrics::gauge!(crate::telemetry::PROXY_LISTENERS).set(self.listeners.len() as f64);
+        if let Some(vips) = &mut self.vips {
+            // The vips whose listeners this proxy holds.
+            let served = wanted
+                .iter()
+                .filter(|(addr, (key, _))| snap.services[key].spec.vip == Some(addr.ip()))
+                .map(|(addr, _)| addr.ip())
+                .collect();
+            vips.want(served);
+        }
         self.owned.clear();
         for (addr, (key, _)) in &wanted {
             self.owned.entry(key.clone()).or_default().push(*addr);
@@ -261,6 +353,9 @@ impl Reconciler {
     /// Binds `addr` and starts its accept loop over `route`. False (logged
     /// and counted) when the bind failed.
     fn open(&mut self, addr: SocketAddr, key: &ServiceKey, route: Arc<Route>) -> bool {
+        if route.state.spec.ports[route.port].protocol == Protocol::Udp {
+            return self.open_udp(addr, key, route);
+        }
         match listener::bind(addr) {
             Ok(tcp) => {
                 let local = tcp.local_addr().unwrap_or(addr);
@@ -292,6 +387,32 @@ impl Reconciler {
         }
     }
 
+    /// [`Reconciler::open`] for a UDP port.
+    fn open_udp(&mut self, addr: SocketAddr, key: &ServiceKey, route: Arc<Route>) -> bool {
+        match udp::bind(addr) {
+            Ok(sock) => {
+                let local = sock.local_addr().unwrap_or(addr);
+                self.failing.remove(&addr);
+                tracing::info!(%addr, %local, service = %key, "proxy listening (udp)");
+                let (tx, rx) = watch::channel(route);
+                let stop = self.stop.child_token();
+                self.shared.bound.insert(addr, local);
+                self.shared
+                    .tracker
+                    .spawn(udp::serve(sock, rx, self.shared.clone(), stop.clone()));
+                self.listeners.insert(addr, Listener { routes: tx, stop });
+                true
+            }
+            Err(source) => {
+                let e = ProxyError::Bind { addr, source };
+                if self.failing.insert(addr) {
+                    tracing::warn!(service = %key, error = %e, "proxy udp listener not opened; retrying every {}s", BIND_RETRY.as_secs());
+                }
+                false
+            }
+        }
+    }
+
     /// The route of one service port, over the live entries of the service
     /// and its serving endpoints (made on first use).
     pub(super) fn route(&mut self, state: &Arc<ServiceState>, port: usize) -> Route {
@@ -302,7 +423,7 @@ impl Reconciler {
             .or_insert_with(|| Arc::new(ServiceEntry::new(key)))
             .clone();
         let endpoints = &mut self.endpoints;
-        Route::build(state, port, live, |addr| {
+        Route::build(state, port, live, &self.shared.ramps, |addr| {
             endpoints.entry((key.clone(), addr)).or_default().clone()
         })
     }
@@ -376,6 +497,7 @@ impl Reconciler {
             if busy {
                 self.lingering.insert((key, addr));
             } else {
+                self.shared.ramps.set(&key, addr.ip(), None);
                 self.endpoints.remove(&(key, addr));
             }
         }

@@ -9,12 +9,14 @@
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use metrics::{Counter, Gauge};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::balancer::{self, Backend, Balancer, EndpointLoad};
-use crate::model::{ServiceKey, ServiceState};
+use crate::model::{Ramps, ServiceKey, ServiceState};
 
 /// Live counts of one endpoint and the signal that closes its connections
 /// when it leaves a `close_on_removal` service.
@@ -22,9 +24,25 @@ use crate::model::{ServiceKey, ServiceState};
 pub(super) struct EndpointEntry {
     pub(super) load: Arc<EndpointLoad>,
     removal: Mutex<CancellationToken>,
+    /// When its slow start began (it appeared or turned healthy).
+    ramp_since: Mutex<Option<Instant>>,
 }
 
 impl EndpointEntry {
+    pub(super) fn start_ramp(&self, now: Instant) {
+        *self.ramp_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+    }
+
+    /// The share of its weight it gets at `now` under a slow start of
+    /// `window` (1: all of it).
+    pub(super) fn ramp_share(&self, window: Option<Duration>, now: Instant) -> f64 {
+        let since = *self.ramp_since.lock().unwrap_or_else(|e| e.into_inner());
+        match (window, since) {
+            (Some(w), Some(t)) => balancer::ramp_share(now.saturating_duration_since(t), w),
+            _ => 1.0,
+        }
+    }
+
     pub(super) fn removal(&self) -> CancellationToken {
         self.removal
             .lock()
@@ -72,16 +90,22 @@ pub(super) enum ConnEnd {
     IdleTimeout,
     Removed,
     DrainDeadline,
+    /// Half-closed (the client's FIN, or the endpoint's, came first) and
+    /// quiet for longer than the service's fin timeout.
+    ClientFinTimeout,
+    ServerFinTimeout,
 }
 
 impl ConnEnd {
-    const ALL: [ConnEnd; 6] = [
+    const ALL: [ConnEnd; 8] = [
         ConnEnd::Fin,
         ConnEnd::ClientReset,
         ConnEnd::UpstreamReset,
         ConnEnd::IdleTimeout,
         ConnEnd::Removed,
         ConnEnd::DrainDeadline,
+        ConnEnd::ClientFinTimeout,
+        ConnEnd::ServerFinTimeout,
     ];
 
     pub(super) fn as_str(self) -> &'static str {
@@ -92,6 +116,8 @@ impl ConnEnd {
             ConnEnd::IdleTimeout => "idle_timeout",
             ConnEnd::Removed => "removed",
             ConnEnd::DrainDeadline => "drain_deadline",
+            ConnEnd::ClientFinTimeout => "client_fin_timeout",
+            ConnEnd::ServerFinTimeout => "server_fin_timeout",
         }
     }
 
@@ -99,7 +125,11 @@ impl ConnEnd {
     pub(super) fn forced(self) -> bool {
         matches!(
             self,
-            ConnEnd::IdleTimeout | ConnEnd::Removed | ConnEnd::DrainDeadline
+            ConnEnd::IdleTimeout
+                | ConnEnd::Removed
+                | ConnEnd::DrainDeadline
+                | ConnEnd::ClientFinTimeout
+                | ConnEnd::ServerFinTimeout
         )
     }
 }
@@ -116,7 +146,7 @@ pub(super) struct ServiceMetrics {
     pub(super) to_upstream: Counter,
     pub(super) to_client: Counter,
     /// By [`ConnEnd`], in the order of `ConnEnd::ALL`.
-    ends: [Counter; 6],
+    ends: [Counter; 8],
 }
 
 impl ServiceMetrics {
@@ -158,24 +188,34 @@ pub(super) struct Route {
     pub(super) entries: Vec<Arc<EndpointEntry>>,
     pub(super) balancer: Box<dyn Balancer>,
     pub(super) live: Arc<ServiceEntry>,
+    /// An endpoint is in slow start: rebuild as its share grows.
+    pub(super) ramping: bool,
 }
 
 impl Route {
     /// The route of port `port` of `state`; `entry` gives the live entry
-    /// of each serving endpoint address.
+    /// of each serving endpoint address. Weights are the slow-start ones
+    /// as of now (also published in `ramps`).
     pub(super) fn build(
         state: &Arc<ServiceState>,
         port: usize,
         live: Arc<ServiceEntry>,
+        ramps: &Ramps,
         mut entry: impl FnMut(SocketAddr) -> Arc<EndpointEntry>,
     ) -> Self {
         let key = state.key();
         let p = &state.spec.ports[port];
+        let window = state.spec.proxy.slow_start;
+        let now = Instant::now();
         let mut backends = Vec::new();
         let mut entries = Vec::new();
+        let mut shares = Vec::new();
         for ep in state.proxied() {
             let addr = ep.endpoint.addr(p);
             let e = entry(addr);
+            let share = e.ramp_share(window, now);
+            ramps.set(key, ep.endpoint.ip, Some(share));
+            shares.push(share);
             backends.push(Backend {
                 addr,
                 weight: ep.endpoint.weight,
@@ -183,6 +223,14 @@ impl Route {
             });
             entries.push(e);
         }
+        let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+        for (b, w) in backends
+            .iter_mut()
+            .zip(balancer::ramped_weights(&weights, &shares))
+        {
+            b.weight = w;
+        }
+        let ramping = shares.iter().any(|&s| s < 1.0);
         let balancer = balancer::build(state.spec.balance, &backends);
         tracing::debug!(service = %key, port = %p.port, endpoints = backends.len(),
             policy = ?state.spec.balance, "proxy route built");
@@ -194,6 +242,7 @@ impl Route {
             entries,
             balancer,
             live,
+            ramping,
         }
     }
 

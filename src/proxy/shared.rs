@@ -1,10 +1,11 @@
 //! What the reconcile loop, the accept loops, the connection tasks and the
 //! [`Proxy`](super::Proxy) handle share: flags, global counts and the
 //! drain signals, and the burst state of local connect errors. A leaf: it
-//! uses nothing of the proxy but `copy::Mode`.
+//! uses nothing of the proxy but `copy::Mode` and the access log.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -14,8 +15,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::access_log::AccessLog;
 use super::copy;
-use crate::model::ConnectOutcome;
+use crate::model::{ConnectOutcome, Ramps};
 
 pub(super) struct Shared {
     /// The snapshot in force is ready (admission refuses until then).
@@ -36,6 +38,14 @@ pub(super) struct Shared {
     pub(super) copy_mode: copy::Mode,
     pub(super) connect_duration: Histogram,
     pub(super) local_errors: LocalErrors,
+    /// One line per finished connection, when `[proxy] access_log` is set.
+    pub(super) access_log: Option<AccessLog>,
+    /// Slow-start shares, for the admin API.
+    pub(super) ramps: Arc<Ramps>,
+    /// `[proxy] vip_interface`.
+    pub(super) vip_interface: Option<String>,
+    /// `[proxy] udp_max_flows` (per UDP listener).
+    pub(super) udp_max_flows: usize,
 }
 
 /// At most one warning per this long about connects that could not start.
@@ -110,6 +120,10 @@ impl Shared {
             copy_mode,
             connect_duration: metrics::histogram!(crate::telemetry::PROXY_CONNECT_DURATION),
             local_errors: LocalErrors::default(),
+            access_log: None,
+            ramps: Arc::default(),
+            vip_interface: None,
+            udp_max_flows: 65_536,
         }
     }
 }

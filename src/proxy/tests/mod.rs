@@ -9,11 +9,15 @@
 //! of its tasks, so a test whose deadline races real traffic (the idle
 //! timeout of a busy connection, a drain that ends early) keeps real time.
 
+mod access_log;
 mod balancer;
 mod conn;
+mod ipv6;
 mod lifecycle;
 mod listener;
 mod reconcile;
+mod slow_start;
+mod udp;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -142,12 +146,20 @@ fn proxy_config(max_connections: usize) -> ProxyConfig {
         max_connections,
         defaults: Default::default(),
         drain_timeout: None,
+        access_log: None,
+        vip_interface: None,
+        udp_max_flows: 65_536,
     }
 }
 
 /// A registry (ready once every one of `sources` has synced; none: at
 /// once) and a proxy reading it.
 fn harness_with(max_connections: usize, mode: copy::Mode, sources: &[&str]) -> Harness {
+    harness_config(&proxy_config(max_connections), mode, sources)
+}
+
+/// [`harness_with`] over a whole proxy config.
+fn harness_config(cfg: &ProxyConfig, mode: copy::Mode, sources: &[&str]) -> Harness {
     let shutdown = CancellationToken::new();
     let (handle, reader, _task) = registry::spawn(
         sources.iter().map(|s| (*s).into()).collect(),
@@ -156,7 +168,7 @@ fn harness_with(max_connections: usize, mode: copy::Mode, sources: &[&str]) -> H
     );
     let (tx, outcomes) = mpsc::channel(1024);
     let (proxy, task) = spawn_with(
-        &proxy_config(max_connections),
+        cfg,
         reader.clone(),
         tx,
         shutdown.clone(),
