@@ -55,6 +55,8 @@ pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
 struct AdminState {
     reader: Reader,
     metrics: PrometheusHandle,
+    /// Cancelled at shutdown: `/readyz` says 503 from then on.
+    draining: CancellationToken,
 }
 
 /// The server's bounds (the constants above by default; tests shrink them).
@@ -78,11 +80,13 @@ impl Default for Limits {
 }
 
 /// Binds `addr`. Returns the bound address and the server loop, which
-/// serves until `shutdown` (then `Ok`).
+/// serves until `shutdown` (then `Ok`); `/readyz` says 503 once `draining`
+/// is cancelled.
 pub async fn bind(
     addr: SocketAddr,
     reader: Reader,
     metrics: PrometheusHandle,
+    draining: CancellationToken,
     shutdown: CancellationToken,
 ) -> io::Result<(
     SocketAddr,
@@ -90,7 +94,7 @@ pub async fn bind(
 )> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let app = router(reader, metrics);
+    let app = router_draining(reader, metrics, draining);
     Ok((local, serve(listener, app, Limits::default(), shutdown)))
 }
 
@@ -362,16 +366,36 @@ impl AsyncWrite for Watched {
 }
 
 pub fn router(reader: Reader, metrics: PrometheusHandle) -> Router {
+    router_draining(reader, metrics, CancellationToken::new())
+}
+
+/// [`router`] whose `/readyz` says 503 once `draining` is cancelled (the
+/// lameduck after SIGTERM).
+pub fn router_draining(
+    reader: Reader,
+    metrics: PrometheusHandle,
+    draining: CancellationToken,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .route("/v1/services", get(services))
-        .with_state(AdminState { reader, metrics })
+        .with_state(AdminState {
+            reader,
+            metrics,
+            draining,
+        })
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {
-    if s.reader.current().ready {
+    if s.draining.is_cancelled() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n",
+        )
+            .into_response()
+    } else if s.reader.current().ready {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (

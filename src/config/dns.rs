@@ -24,6 +24,9 @@ pub struct DnsConfig {
     pub forward_timeout: Duration,
     pub tcp_idle_timeout: Duration,
     pub tcp_max_connections: usize,
+    /// After SIGTERM: how long DNS keeps answering (with `/readyz` at 503)
+    /// before it stops, as CoreDNS's `health lameduck`. Zero: stop at once.
+    pub lameduck: Duration,
 }
 
 impl Default for DnsConfig {
@@ -40,6 +43,7 @@ impl Default for DnsConfig {
             forward_timeout: Duration::from_secs(2),
             tcp_idle_timeout: Duration::from_secs(10),
             tcp_max_connections: 1024,
+            lameduck: Duration::from_secs(5),
         }
     }
 }
@@ -84,6 +88,9 @@ pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawDns) -> DnsConfig {
     if let Some(v) = &raw.tcp_max_connections {
         d.tcp_max_connections =
             int_in(r, v, 1, 1_000_000, "tcp_max_connections").unwrap_or(1) as usize;
+    }
+    if let Some(v) = &raw.lameduck {
+        d.lameduck = **v.get_ref();
     }
     d
 }

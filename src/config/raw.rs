@@ -48,6 +48,7 @@ pub struct RawDns {
     pub forward_timeout: Option<Spanned<HumanDuration>>,
     pub tcp_idle_timeout: Option<Spanned<HumanDuration>>,
     pub tcp_max_connections: Option<Spanned<i64>>,
+    pub lameduck: Option<Spanned<HumanDuration>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

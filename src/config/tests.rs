@@ -707,3 +707,23 @@ fn parsing_grows_linearly_with_the_number_of_services() {
         "2,500 services {ts:?}, 10,000 {tl:?}: {ratio:.1}x"
     );
 }
+
+#[test]
+fn the_lameduck_defaults_to_5s_and_may_be_zero() {
+    let c = Config::parse("", Path::new("b.toml"), Path::new("")).unwrap();
+    assert_eq!(c.dns.lameduck, std::time::Duration::from_secs(5));
+    let c = Config::parse(
+        "[dns]\nlameduck = \"0s\"\n",
+        Path::new("b.toml"),
+        Path::new(""),
+    )
+    .unwrap();
+    assert_eq!(c.dns.lameduck, std::time::Duration::ZERO);
+    let c = Config::parse(
+        "[dns]\nlameduck = \"1500ms\"\n",
+        Path::new("b.toml"),
+        Path::new(""),
+    )
+    .unwrap();
+    assert_eq!(c.dns.lameduck, std::time::Duration::from_millis(1500));
+}

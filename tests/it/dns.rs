@@ -317,3 +317,56 @@ fn distinct_nxdomain_floods_leave_memory_bounded() {
         vec!["127.0.0.20"]
     );
 }
+
+/// SIGTERM starts the lameduck: `/readyz` says 503 at once, while a client
+/// asking continuously over UDP and TCP gets every answer until the
+/// lameduck is over; then the process exits.
+#[test]
+fn the_lameduck_answers_every_query_through_the_drain() {
+    let lameduck = Duration::from_millis(2000);
+    // Several UDP threads: the ones that saw no query before SIGTERM must
+    // still serve the latest snapshot once the registry has stopped.
+    let mut b = start("lameduck = \"2s\"\nudp_sockets = 4\n");
+    let name = "web.default.svc.cluster.local";
+    assert_eq!(query_a(b.dns, name), Some(vec!["127.0.0.20".to_string()]));
+    let term = std::time::Instant::now();
+    b.signal(15);
+    eventually(Duration::from_millis(500), "/readyz 503 at once", || {
+        let (status, _) = http_get(b.admin, "/readyz").expect("admin serves in the lameduck");
+        (status == 503).then_some(())
+    });
+    // Ask until shortly before the lameduck ends: every query answered.
+    let (mut udp, mut tcp) = (0, 0);
+    while term.elapsed() < lameduck - Duration::from_millis(300) {
+        let got = query_a(b.dns, name);
+        if got != Some(vec!["127.0.0.20".to_string()]) {
+            panic!(
+                "UDP query {udp} at {:?} after SIGTERM: {got:?}; dig now:\n{}\nlog:\n{}",
+                term.elapsed(),
+                dig_full(b.dns, &[name]),
+                b.log_text()
+            );
+        }
+        udp += 1;
+        if udp % 10 == 0 {
+            let out = dig_norm(b.dns, &["+tcp", "+short", name]);
+            assert_eq!(out, "127.0.0.20", "TCP query at {:?}", term.elapsed());
+            tcp += 1;
+        }
+    }
+    assert!(
+        udp >= 100 && tcp >= 10,
+        "asked {udp} over UDP, {tcp} over TCP"
+    );
+    assert!(
+        b.child.try_wait().unwrap().is_none(),
+        "still in the lameduck"
+    );
+    let status = b.wait_exit(Duration::from_secs(4));
+    let took = term.elapsed();
+    assert!(status.success(), "{status}; log:\n{}", b.log_text());
+    assert!(
+        took >= lameduck && took < lameduck + Duration::from_secs(3),
+        "exited {took:?} after SIGTERM"
+    );
+}
