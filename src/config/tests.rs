@@ -727,3 +727,29 @@ fn the_lameduck_defaults_to_5s_and_may_be_zero() {
     .unwrap();
     assert_eq!(c.dns.lameduck, std::time::Duration::from_millis(1500));
 }
+
+#[test]
+fn dot_and_doh_need_a_cert_and_a_key_relative_to_the_config() {
+    let errs = main_errors("[dns]\ntls_listen = \"127.0.0.1:853\"\n");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("b.toml:2:14") && errs[0].contains("`cert` and `key`"),
+        "{errs:?}"
+    );
+    let c = Config::parse(
+        "[dns]\nhttps_listen = \"127.0.0.1:8443\"\ncert = \"tls/c.pem\"\nkey = \"tls/k.pem\"\n",
+        Path::new("/etc/beacon/beacon.toml"),
+        Path::new("/etc/beacon"),
+    )
+    .unwrap();
+    assert_eq!(c.dns.https_listen, Some("127.0.0.1:8443".parse().unwrap()));
+    assert_eq!(c.dns.tls_listen, None);
+    assert_eq!(
+        c.dns.cert.as_deref(),
+        Some(Path::new("/etc/beacon/tls/c.pem"))
+    );
+    assert_eq!(
+        c.dns.key.as_deref(),
+        Some(Path::new("/etc/beacon/tls/k.pem"))
+    );
+}

@@ -64,14 +64,16 @@ fn proto_index(proto: Proto) -> usize {
     match proto {
         Proto::Udp => 0,
         Proto::Tcp => 1,
+        Proto::Dot => 2,
+        Proto::Doh => 3,
     }
 }
 
 /// The metric handles of one server, shared by all its loops.
 #[derive(Debug, Default)]
 pub struct DnsMetrics {
-    /// By proto (udp, tcp), then qtype slot.
-    requests: [[OnceLock<Counter>; QTYPE_SLOTS]; 2],
+    /// By proto (udp, tcp, dot, doh), then qtype slot.
+    requests: [[OnceLock<Counter>; QTYPE_SLOTS]; 4],
     responses: [OnceLock<Counter>; RCODE_SLOTS],
     duration: OnceLock<Histogram>,
 }
