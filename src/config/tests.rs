@@ -753,3 +753,23 @@ fn dot_and_doh_need_a_cert_and_a_key_relative_to_the_config() {
         Some(Path::new("/etc/beacon/tls/k.pem"))
     );
 }
+
+/// The resolver recipe forwards, only for loopback clients, on loopback.
+#[test]
+fn the_resolver_recipe_forwards_for_loopback_only() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/resolver.toml");
+    let (config, _) = check(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.dns.listen.ip().is_loopback());
+    assert!(!config.dns.forward.is_empty());
+    assert!(config.dns.cache_size > 0);
+    assert!(
+        config
+            .dns
+            .forward_allow
+            .iter()
+            .all(|net| net.network().is_loopback() && net.prefix_len() > 0),
+        "{:?}",
+        config.dns.forward_allow
+    );
+    assert!(!config.proxy.enabled);
+}
