@@ -56,6 +56,11 @@ fn rcode_index(rcode: ResponseCode) -> usize {
     }
 }
 
+/// The `rcode` label value of `rcode` (`other` beyond the common ones).
+pub fn rcode_label(rcode: ResponseCode) -> &'static str {
+    label(&RCODES, rcode_index(rcode))
+}
+
 fn label(values: &[&'static str], i: usize) -> &'static str {
     values.get(i).copied().unwrap_or("other")
 }

@@ -211,6 +211,26 @@ fn the_binary_forwards_through_dnsmasq_for_allowed_clients_only() {
         dig(b.dns, "web.default.svc.cluster.local", "A", false),
         vec!["127.0.0.20"]
     );
+    // Per-upstream metrics and the forward-cache lookups.
+    let metrics = b.metrics();
+    let line = |prefix: &str, needle: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix) && l.contains(needle))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} with {needle}:\n{metrics}"))
+    };
+    let upstream = format!("upstream=\"{up}\"");
+    assert!(line("beacon_dns_upstream_requests_total", &upstream) >= 1.0);
+    assert!(line("beacon_dns_upstream_requests_total", "result=\"NOERROR\"") >= 1.0);
+    assert!(line("beacon_dns_upstream_duration_seconds_count", &upstream) >= 1.0);
+    // dnsmasq's own answers have TTL 0: never cached, each one a miss.
+    let hits = line("beacon_dns_forward_cache_total", "result=\"hit\"");
+    let misses = line("beacon_dns_forward_cache_total", "result=\"miss\"");
+    assert!(
+        hits + misses >= 3.0 && misses >= 1.0,
+        "hits {hits}, misses {misses}"
+    );
     drop(b);
     let b = start(&format!(
         "forward = [\"{up}\"]\nforward_allow = [\"10.0.0.0/8\"]"
