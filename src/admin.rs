@@ -59,6 +59,8 @@ struct AdminState {
     metrics: PrometheusHandle,
     /// The proxy's slow-start shares (empty without a proxy).
     ramps: Arc<Ramps>,
+    /// Cancelled at shutdown: `/readyz` says 503 from then on.
+    draining: CancellationToken,
 }
 
 /// The server's bounds (the constants above by default; tests shrink them).
@@ -82,12 +84,14 @@ impl Default for Limits {
 }
 
 /// Binds `addr`. Returns the bound address and the server loop, which
-/// serves until `shutdown` (then `Ok`).
+/// serves until `shutdown` (then `Ok`); `/readyz` says 503 once `draining`
+/// is cancelled.
 pub async fn bind(
     addr: SocketAddr,
     reader: Reader,
     metrics: PrometheusHandle,
     ramps: Arc<Ramps>,
+    draining: CancellationToken,
     shutdown: CancellationToken,
 ) -> io::Result<(
     SocketAddr,
@@ -95,7 +99,7 @@ pub async fn bind(
 )> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let app = router_with(reader, metrics, ramps);
+    let app = router_with(reader, metrics, ramps, draining);
     Ok((local, serve(listener, app, Limits::default(), shutdown)))
 }
 
@@ -367,11 +371,18 @@ impl AsyncWrite for Watched {
 }
 
 pub fn router(reader: Reader, metrics: PrometheusHandle) -> Router {
-    router_with(reader, metrics, Arc::default())
+    router_with(reader, metrics, Arc::default(), CancellationToken::new())
 }
 
-/// [`router`] showing the proxy's slow-start shares in `/v1/services`.
-pub fn router_with(reader: Reader, metrics: PrometheusHandle, ramps: Arc<Ramps>) -> Router {
+/// [`router`] showing the proxy's slow-start shares in `/v1/services`, whose
+/// `/readyz` says 503 once `draining` is cancelled (the lameduck after
+/// SIGTERM).
+pub fn router_with(
+    reader: Reader,
+    metrics: PrometheusHandle,
+    ramps: Arc<Ramps>,
+    draining: CancellationToken,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -383,11 +394,18 @@ pub fn router_with(reader: Reader, metrics: PrometheusHandle, ramps: Arc<Ramps>)
             reader,
             metrics,
             ramps,
+            draining,
         })
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {
-    if s.reader.current().ready {
+    if s.draining.is_cancelled() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n",
+        )
+            .into_response()
+    } else if s.reader.current().ready {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (

@@ -28,7 +28,11 @@ pub fn log_format() -> LogFormat {
 /// Starts logging to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_logging(format: LogFormat) {
     let _ = LOG_FORMAT.set(format);
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // hickory-server logs every DoT/DoH request at info: quiet unless asked.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("hickory")) {
+        filter = filter.add_directive("hickory_server=warn".parse().expect("a directive"));
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -105,6 +109,9 @@ catalogue! {
     DNS_REQUESTS = ("beacon_dns_requests_total", Counter, "DNS requests by transport and query type");
     DNS_RESPONSES = ("beacon_dns_responses_total", Counter, "DNS responses by rcode");
     DNS_REQUEST_DURATION = ("beacon_dns_request_duration_seconds", Histogram, "DNS request handling time");
+    DNS_FORWARD_CACHE = ("beacon_dns_forward_cache_total", Counter, "Forward cache lookups by result (hit, miss)");
+    DNS_UPSTREAM_REQUESTS = ("beacon_dns_upstream_requests_total", Counter, "Queries sent to each upstream, by upstream and result (the reply's rcode, timeout or error)");
+    DNS_UPSTREAM_DURATION = ("beacon_dns_upstream_duration_seconds", Histogram, "Time each upstream took to reply, by upstream");
     // Proxy
     PROXY_CONNECTIONS = ("beacon_proxy_connections_total", Counter, "Proxied connections by service and result");
     PROXY_ACTIVE_CONNECTIONS = ("beacon_proxy_active_connections", Gauge, "Open proxied connections by service");

@@ -104,6 +104,9 @@ server:
     outgoing-range: 8192
     msg-cache-size: 64m
     rrset-cache-size: 128m
+    # test. is an RFC 6761 local zone unbound answers itself (NXDOMAIN)
+    # unless told not to: without this the forward row never forwarded.
+    local-zone: "test." nodefault
 include: "$DATA/unbound-local.conf"
 forward-zone:
     name: "."
@@ -190,6 +193,12 @@ for server in $SERVERS; do
     run_dnsperf "$server" srv "$port" "$DATA/q-srv.txt"
     run_latency "$server" "$port"
     if [ "$server" = beacon ] || [ "$server" = unbound ]; then
+        # Only the upstream knows upstream.test: an address proves a real forward.
+        fwd=$(dig +short +time=2 +tries=1 @127.0.0.1 -p "$port" host-1.upstream.test A)
+        if [ -z "$fwd" ]; then
+            log "dns: $server does not forward host-1.upstream.test to the upstream"
+            exit 1
+        fi
         dnsperf -s 127.0.0.1 -p "$port" -d "$DATA/q-fwd.txt" -n 2 -q 100 >/dev/null 2>&1 || true
         run_dnsperf "$server" forward "$port" "$DATA/q-fwd.txt"
     fi

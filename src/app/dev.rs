@@ -43,6 +43,8 @@ pub async fn prepare(
     )
     .expect("the embedded dev config is valid (a test checks it)");
     config.dns.listen = opts.dns;
+    // A demo in a terminal stops at Ctrl-C, without the lameduck.
+    config.dns.lameduck = std::time::Duration::ZERO;
     config.admin.listen = Some(opts.admin);
     let mut web = ServiceSpec::new(ServiceKey::new("default", "web"));
     web.health = config.health.clone();

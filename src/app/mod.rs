@@ -41,6 +41,10 @@ pub struct Running {
     pub outcomes: tokio::sync::mpsc::Sender<crate::model::ConnectOutcome>,
     proxy: Option<crate::proxy::Proxy>,
     drain_timeout: Duration,
+    /// DNS and admin keep serving this long after shutdown (`[dns] lameduck`).
+    lameduck: Duration,
+    /// Cancelled once the lameduck is over: DNS and admin stop then.
+    serve_stop: CancellationToken,
     loops: Loops,
 }
 
@@ -165,16 +169,10 @@ pub async fn start(
             shutdown.clone(),
         ),
     );
-    let dns_addr = if config.dns.enabled {
-        let dns = crate::dns::spawn(&config.dns, reader.clone(), shutdown.clone())
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
-        let addr = dns.local_addr;
-        loops.spawn("dns", dns.join());
-        Some(addr)
-    } else {
-        None
-    };
+    // DNS and admin outlive `shutdown` by the lameduck: DNS answers on,
+    // and `/readyz` says 503 so that clients move away first.
+    let serve_stop = CancellationToken::new();
+    let (dns_addr, lameduck) = start_dns(&config, &reader, &serve_stop, &mut loops).await?;
     let proxy = if config.proxy.enabled {
         let (proxy, reconcile) = crate::proxy::spawn(
             &config.proxy,
@@ -190,7 +188,8 @@ pub async fn start(
     let admin_addr = match config.admin.listen {
         Some(addr) => {
             let ramps = proxy.as_ref().map(|p| p.ramps()).unwrap_or_default();
-            Some(start_admin(addr, &reader, metrics, ramps, &shutdown, &mut loops).await?)
+            let stops = (shutdown.clone(), serve_stop.clone());
+            Some(start_admin(addr, &reader, metrics, ramps, stops, &mut loops).await?)
         }
         None => None,
     };
@@ -201,22 +200,46 @@ pub async fn start(
         outcomes: outcomes_tx,
         proxy,
         drain_timeout: config.proxy.drain_timeout.unwrap_or(config.shutdown_grace),
+        lameduck,
+        serve_stop,
         loops,
     })
 }
 
-/// Binds the admin listener and supervises its loop.
+/// Starts DNS (when enabled) until `serve_stop`; its address and lameduck.
+async fn start_dns(
+    config: &Config,
+    reader: &Reader,
+    serve_stop: &CancellationToken,
+    loops: &mut Loops,
+) -> Result<(Option<SocketAddr>, Duration), StartError> {
+    if !config.dns.enabled {
+        return Ok((None, Duration::ZERO));
+    }
+    let dns = crate::dns::spawn(&config.dns, reader.clone(), serve_stop.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let addr = dns.local_addr;
+    loops.spawn("dns", dns.join());
+    Ok((Some(addr), config.dns.lameduck))
+}
+
+/// Binds the admin listener and supervises its loop. `stops`: the
+/// shutdown (from then on `/readyz` says 503) and the end of the lameduck
+/// (the listener closes then).
 async fn start_admin(
     addr: std::net::SocketAddr,
     reader: &Reader,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     ramps: std::sync::Arc<crate::model::Ramps>,
-    shutdown: &CancellationToken,
+    stops: (CancellationToken, CancellationToken),
     loops: &mut Loops,
 ) -> Result<SocketAddr, StartError> {
-    let (local, serve) = crate::admin::bind(addr, reader.clone(), metrics, ramps, shutdown.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("admin: cannot listen on {addr}: {e}"))?;
+    let (draining, serve_stop) = stops;
+    let (local, serve) =
+        crate::admin::bind(addr, reader.clone(), metrics, ramps, draining, serve_stop)
+            .await
+            .map_err(|e| anyhow::anyhow!("admin: cannot listen on {addr}: {e}"))?;
     tracing::info!(addr = %local, "admin listening");
     loops.spawn("admin", serve);
     Ok(local)
@@ -249,25 +272,39 @@ impl Running {
         ended
     }
 
-    /// After `shutdown` was cancelled: waits up to `grace` for every loop.
+    /// After `shutdown` was cancelled: DNS answers on for the lameduck,
+    /// then every loop gets up to `grace` (counted after the lameduck).
     /// `force` (a second SIGTERM/SIGINT) cuts the wait short: what was still
     /// running is logged and aborted, and the result is `Cut`.
     pub async fn stop(mut self, grace: Duration, force: &CancellationToken) -> Stopped {
         let drain = self.drain_timeout.min(grace);
         let proxy = self.proxy.take();
         let loops = &mut self.loops;
+        let (lameduck, serve_stop) = (self.lameduck, self.serve_stop.clone());
+        if !lameduck.is_zero() {
+            tracing::info!(?lameduck, "lameduck: DNS answers on, /readyz says 503");
+        }
+        let lame = async move {
+            tokio::select! {
+                _ = tokio::time::sleep(lameduck) => {}
+                _ = force.cancelled() => {}
+            }
+            serve_stop.cancel();
+        };
         let all = async {
-            // Live connections drain while the other loops finish.
-            let drained = async {
-                if let Some(p) = &proxy {
-                    p.drain(drain).await;
-                }
-            };
-            tokio::join!(drained, loops.drain());
+            tokio::join!(lame, async {
+                // Live connections drain while the other loops finish.
+                let drained = async {
+                    if let Some(p) = &proxy {
+                        p.drain(drain).await;
+                    }
+                };
+                tokio::join!(drained, loops.drain());
+            });
         };
         let stopped = tokio::select! {
             _ = all => Stopped::Clean,
-            _ = tokio::time::sleep(grace) => Stopped::GraceOver,
+            _ = tokio::time::sleep(lameduck + grace) => Stopped::GraceOver,
             _ = force.cancelled() => Stopped::Cut,
         };
         if stopped != Stopped::Clean {

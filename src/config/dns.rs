@@ -1,6 +1,7 @@
 //! `[dns]` → [`DnsConfig`].
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -24,6 +25,17 @@ pub struct DnsConfig {
     pub forward_timeout: Duration,
     pub tcp_idle_timeout: Duration,
     pub tcp_max_connections: usize,
+    /// After SIGTERM: how long DNS keeps answering (with `/readyz` at 503)
+    /// before it stops, as CoreDNS's `health lameduck`. Zero: stop at once.
+    pub lameduck: Duration,
+    /// DNS over TLS (RFC 7858) on this address; needs `cert` and `key`.
+    pub tls_listen: Option<SocketAddr>,
+    /// DNS over HTTPS (RFC 8484, `/dns-query`) on this address.
+    pub https_listen: Option<SocketAddr>,
+    /// PEM certificate chain and private key of DoT and DoH (relative to
+    /// the config file); re-read when they change.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 impl Default for DnsConfig {
@@ -40,11 +52,16 @@ impl Default for DnsConfig {
             forward_timeout: Duration::from_secs(2),
             tcp_idle_timeout: Duration::from_secs(10),
             tcp_max_connections: 1024,
+            lameduck: Duration::from_secs(5),
+            tls_listen: None,
+            https_listen: None,
+            cert: None,
+            key: None,
         }
     }
 }
 
-pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawDns) -> DnsConfig {
+pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawDns, base: &Path) -> DnsConfig {
     let mut d = DnsConfig::default();
     d.enabled = raw.enabled.unwrap_or(d.enabled);
     if let Some(v) = &raw.listen {
@@ -85,7 +102,33 @@ pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawDns) -> DnsConfig {
         d.tcp_max_connections =
             int_in(r, v, 1, 1_000_000, "tcp_max_connections").unwrap_or(1) as usize;
     }
+    if let Some(v) = &raw.lameduck {
+        d.lameduck = **v.get_ref();
+    }
+    encrypted(r, raw, base, &mut d);
     d
+}
+
+/// `tls_listen`, `https_listen`, `cert`, `key`: a listener needs both files.
+fn encrypted(r: &mut Reporter<'_>, raw: &RawDns, base: &Path, d: &mut DnsConfig) {
+    d.tls_listen = raw
+        .tls_listen
+        .as_ref()
+        .and_then(|v| socket_addr(r, v, None));
+    d.https_listen = raw
+        .https_listen
+        .as_ref()
+        .and_then(|v| socket_addr(r, v, None));
+    d.cert = raw.cert.as_ref().map(|v| base.join(v.get_ref()));
+    d.key = raw.key.as_ref().map(|v| base.join(v.get_ref()));
+    for v in [&raw.tls_listen, &raw.https_listen].into_iter().flatten() {
+        if d.cert.is_none() || d.key.is_none() {
+            r.error(
+                v.span(),
+                "DNS over TLS/HTTPS needs `cert` and `key` (PEM files) in [dns]",
+            );
+        }
+    }
 }
 
 /// Forwarding for every client on an address others can reach makes an

@@ -109,7 +109,7 @@ impl Config {
 /// Every table in file order; errors are collected, not stopped at.
 fn validate(r: &mut Reporter<'_>, raw: RawConfig, base: &Path) -> Config {
     let mut c = Config::default_values();
-    c.dns = dns::validate(r, &raw.dns);
+    c.dns = dns::validate(r, &raw.dns, base);
     c.admin = admin(r, &raw.admin, c.admin);
     c.health = health::inherit(r, &raw.health, &HealthSpec::default());
     c.proxy = proxy::validate(r, &raw.proxy, base);

@@ -48,6 +48,11 @@ pub struct RawDns {
     pub forward_timeout: Option<Spanned<HumanDuration>>,
     pub tcp_idle_timeout: Option<Spanned<HumanDuration>>,
     pub tcp_max_connections: Option<Spanned<i64>>,
+    pub lameduck: Option<Spanned<HumanDuration>>,
+    pub tls_listen: Option<Spanned<String>>,
+    pub https_listen: Option<Spanned<String>>,
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

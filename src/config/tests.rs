@@ -765,3 +765,69 @@ fn parsing_grows_linearly_with_the_number_of_services() {
         "2,500 services {ts:?}, 10,000 {tl:?}: {ratio:.1}x"
     );
 }
+
+#[test]
+fn the_lameduck_defaults_to_5s_and_may_be_zero() {
+    let c = Config::parse("", Path::new("b.toml"), Path::new("")).unwrap();
+    assert_eq!(c.dns.lameduck, std::time::Duration::from_secs(5));
+    let c = Config::parse(
+        "[dns]\nlameduck = \"0s\"\n",
+        Path::new("b.toml"),
+        Path::new(""),
+    )
+    .unwrap();
+    assert_eq!(c.dns.lameduck, std::time::Duration::ZERO);
+    let c = Config::parse(
+        "[dns]\nlameduck = \"1500ms\"\n",
+        Path::new("b.toml"),
+        Path::new(""),
+    )
+    .unwrap();
+    assert_eq!(c.dns.lameduck, std::time::Duration::from_millis(1500));
+}
+
+#[test]
+fn dot_and_doh_need_a_cert_and_a_key_relative_to_the_config() {
+    let errs = main_errors("[dns]\ntls_listen = \"127.0.0.1:853\"\n");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("b.toml:2:14") && errs[0].contains("`cert` and `key`"),
+        "{errs:?}"
+    );
+    let c = Config::parse(
+        "[dns]\nhttps_listen = \"127.0.0.1:8443\"\ncert = \"tls/c.pem\"\nkey = \"tls/k.pem\"\n",
+        Path::new("/etc/beacon/beacon.toml"),
+        Path::new("/etc/beacon"),
+    )
+    .unwrap();
+    assert_eq!(c.dns.https_listen, Some("127.0.0.1:8443".parse().unwrap()));
+    assert_eq!(c.dns.tls_listen, None);
+    assert_eq!(
+        c.dns.cert.as_deref(),
+        Some(Path::new("/etc/beacon/tls/c.pem"))
+    );
+    assert_eq!(
+        c.dns.key.as_deref(),
+        Some(Path::new("/etc/beacon/tls/k.pem"))
+    );
+}
+
+/// The resolver recipe forwards, only for loopback clients, on loopback.
+#[test]
+fn the_resolver_recipe_forwards_for_loopback_only() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/resolver.toml");
+    let (config, _) = check(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.dns.listen.ip().is_loopback());
+    assert!(!config.dns.forward.is_empty());
+    assert!(config.dns.cache_size > 0);
+    assert!(
+        config
+            .dns
+            .forward_allow
+            .iter()
+            .all(|net| net.network().is_loopback() && net.prefix_len() > 0),
+        "{:?}",
+        config.dns.forward_allow
+    );
+    assert!(!config.proxy.enabled);
+}

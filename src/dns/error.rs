@@ -17,6 +17,9 @@ pub enum DnsError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The DoT/DoH certificate or key does not load at start.
+    #[error("dns: {0}")]
+    Cert(String),
     /// A serving loop stopped outside shutdown (or panicked at any time).
     #[error("dns: the {task} {end}")]
     Died { task: String, end: String },

@@ -77,6 +77,9 @@ pub struct Forwarder {
     /// Questions being asked upstream now: later identical questions wait
     /// for the first one's result instead of asking again.
     inflight: Mutex<HashMap<Key, watch::Receiver<Option<Resolved>>>>,
+    /// `beacon_dns_forward_cache_total{result="hit"|"miss"}`.
+    hits: metrics::Counter,
+    misses: metrics::Counter,
 }
 
 /// What one upstream round gave: the cached entry, or why it failed.
@@ -127,6 +130,8 @@ impl Forwarder {
             capacity: capacity.max(1),
             cache: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
+            hits: metrics::counter!(crate::telemetry::DNS_FORWARD_CACHE, "result" => "hit"),
+            misses: metrics::counter!(crate::telemetry::DNS_FORWARD_CACHE, "result" => "miss"),
         }
     }
 
@@ -152,7 +157,12 @@ impl Forwarder {
             .cache()
             .get(&key)
             .filter(|e| e.expires() > now)
-            .cloned()?;
+            .cloned();
+        let Some(entry) = entry else {
+            self.misses.increment(1);
+            return None;
+        };
+        self.hits.increment(1);
         let age = now.duration_since(entry.stored).as_secs() as u32;
         Some(self.render(req, entry.rcode, Some(&entry), age, limit))
     }
@@ -316,7 +326,10 @@ impl Forwarder {
         let per_try = (self.timeout / n).max(Duration::from_millis(200));
         let mut last = ForwardError::NoUpstream;
         for &upstream in &self.upstreams {
-            match tokio::time::timeout(per_try, ask(upstream, query)).await {
+            let started = Instant::now();
+            let asked = tokio::time::timeout(per_try, ask(upstream, query)).await;
+            count_upstream(upstream, &asked, started);
+            match asked {
                 Ok(Ok(reply))
                     if matches!(
                         reply.metadata.response_code,
@@ -333,6 +346,27 @@ impl Forwarder {
         }
         Err(last)
     }
+}
+
+/// `beacon_dns_upstream_requests_total{upstream,result}` and the
+/// upstream's reply time.
+fn count_upstream(
+    upstream: SocketAddr,
+    asked: &Result<Result<Message, ForwardError>, tokio::time::error::Elapsed>,
+    started: Instant,
+) {
+    let result = match asked {
+        Ok(Ok(reply)) => super::tally::rcode_label(reply.metadata.response_code),
+        Ok(Err(_)) => "error",
+        Err(_) => "timeout",
+    };
+    let upstream = upstream.to_string();
+    if matches!(asked, Ok(Ok(_))) {
+        metrics::histogram!(crate::telemetry::DNS_UPSTREAM_DURATION, "upstream" => upstream.clone())
+            .record(started.elapsed().as_secs_f64());
+    }
+    metrics::counter!(crate::telemetry::DNS_UPSTREAM_REQUESTS, "upstream" => upstream, "result" => result)
+        .increment(1);
 }
 
 fn key_of(q: &Query) -> Key {

@@ -26,6 +26,7 @@
 
 pub mod answer;
 pub mod bind;
+pub mod encrypted;
 pub mod error;
 pub mod fast;
 pub mod forward;
@@ -34,6 +35,7 @@ pub mod server;
 mod slots;
 pub mod tally;
 pub mod tcp;
+pub mod tls;
 pub mod udp;
 pub mod wire;
 
@@ -103,8 +105,52 @@ pub async fn spawn(
         max_connections: cfg.tcp_max_connections.max(1),
     };
     server.set_tcp_task(tokio::spawn(tcp::tcp_accept_loop(
-        bound.tcp, shared, reader, settings, shutdown,
+        bound.tcp,
+        shared.clone(),
+        reader.clone(),
+        settings,
+        shutdown.clone(),
     )));
+    if let Some(listeners) = encrypted_listeners(cfg)? {
+        let (tls, https) = (listeners.tls_addr(), listeners.https_addr());
+        let serve = encrypted::serve(listeners, shared, reader, shutdown);
+        server.add_task(
+            "DoT/DoH listeners",
+            tokio::spawn(async move {
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "dns: DoT/DoH listeners");
+                }
+            }),
+        );
+        tracing::info!(dot = ?tls, doh = ?https, "dns over TLS/HTTPS serving");
+    }
     tracing::info!(addr = %local_addr, zone = %cfg.zone, "dns serving");
     Ok(server)
+}
+
+/// Loads the certificate and binds DoT and DoH when configured.
+fn encrypted_listeners(cfg: &DnsConfig) -> Result<Option<encrypted::Listeners>, DnsError> {
+    if cfg.tls_listen.is_none() && cfg.https_listen.is_none() {
+        return Ok(None);
+    }
+    let (Some(cert), Some(key)) = (&cfg.cert, &cfg.key) else {
+        return Err(DnsError::Cert("DoT/DoH need `cert` and `key`".into()));
+    };
+    let certs = tls::CertStore::load(cert, key).map_err(DnsError::Cert)?;
+    let bind = |addr: Option<std::net::SocketAddr>, proto| {
+        addr.map(|addr| {
+            encrypted::bind(addr).map_err(|source| DnsError::Bind {
+                proto,
+                addr,
+                source,
+            })
+        })
+        .transpose()
+    };
+    Ok(Some(encrypted::Listeners {
+        tls: bind(cfg.tls_listen, "dot")?,
+        https: bind(cfg.https_listen, "doh")?,
+        certs,
+        timeout: cfg.tcp_idle_timeout,
+    }))
 }

@@ -92,6 +92,8 @@ pub struct DnsServer {
     shutdown: CancellationToken,
     udp: Vec<UdpThread>,
     tcp: Option<JoinHandle<()>>,
+    /// Other loops (DoT and DoH), by name.
+    tasks: Vec<(String, JoinHandle<()>)>,
     #[cfg(test)]
     pub(crate) shared: Arc<Shared>,
 }
@@ -105,6 +107,7 @@ impl DnsServer {
             shutdown,
             udp: Vec::new(),
             tcp: None,
+            tasks: Vec::new(),
             #[cfg(test)]
             shared: shared.clone(),
         }
@@ -135,6 +138,11 @@ impl DnsServer {
         self.tcp = Some(task);
     }
 
+    /// Another loop (DoT, DoH) named `name`, watched by [`join`](Self::join).
+    pub fn add_task(&mut self, name: &str, task: JoinHandle<()>) {
+        self.tasks.push((name.to_string(), task));
+    }
+
     /// Waits for every loop. `Ok` once all of them ended after the shutdown
     /// token was cancelled (open TCP connections finish the query they are
     /// reading; UDP threads notice within `udp::UDP_POLL`). An error, as
@@ -147,14 +155,15 @@ impl DnsServer {
                 (format!("UDP loop {}", t.name), end)
             });
         }
-        if let Some(tcp) = self.tcp {
+        let tcp = self.tcp.map(|t| ("TCP accept loop".to_string(), t));
+        for (name, task) in tcp.into_iter().chain(self.tasks) {
             loops.spawn(async move {
-                let end = match tcp.await {
+                let end = match task.await {
                     Ok(()) => Ended::Returned,
                     Err(e) if e.is_panic() => Ended::Panicked(panic_message(e.into_panic())),
                     Err(e) => Ended::Lost(e.to_string()),
                 };
-                ("TCP accept loop".to_string(), end)
+                (name, end)
             });
         }
         while let Some(done) = loops.join_next().await {

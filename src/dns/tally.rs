@@ -56,6 +56,11 @@ fn rcode_index(rcode: ResponseCode) -> usize {
     }
 }
 
+/// The `rcode` label value of `rcode` (`other` beyond the common ones).
+pub fn rcode_label(rcode: ResponseCode) -> &'static str {
+    label(&RCODES, rcode_index(rcode))
+}
+
 fn label(values: &[&'static str], i: usize) -> &'static str {
     values.get(i).copied().unwrap_or("other")
 }
@@ -64,14 +69,16 @@ fn proto_index(proto: Proto) -> usize {
     match proto {
         Proto::Udp => 0,
         Proto::Tcp => 1,
+        Proto::Dot => 2,
+        Proto::Doh => 3,
     }
 }
 
 /// The metric handles of one server, shared by all its loops.
 #[derive(Debug, Default)]
 pub struct DnsMetrics {
-    /// By proto (udp, tcp), then qtype slot.
-    requests: [[OnceLock<Counter>; QTYPE_SLOTS]; 2],
+    /// By proto (udp, tcp, dot, doh), then qtype slot.
+    requests: [[OnceLock<Counter>; QTYPE_SLOTS]; 4],
     responses: [OnceLock<Counter>; RCODE_SLOTS],
     duration: OnceLock<Histogram>,
 }

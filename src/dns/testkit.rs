@@ -33,6 +33,7 @@ pub(crate) fn cfg() -> DnsConfig {
         forward_timeout: Duration::from_millis(600),
         tcp_idle_timeout: Duration::from_secs(5),
         tcp_max_connections: 64,
+        ..DnsConfig::default()
     }
 }
 

@@ -26,6 +26,10 @@ pub const HEADER_LEN: usize = 12;
 pub enum Proto {
     Udp,
     Tcp,
+    /// DNS over TLS (RFC 7858).
+    Dot,
+    /// DNS over HTTPS (RFC 8484).
+    Doh,
 }
 
 impl Proto {
@@ -33,6 +37,8 @@ impl Proto {
         match self {
             Proto::Udp => "udp",
             Proto::Tcp => "tcp",
+            Proto::Dot => "dot",
+            Proto::Doh => "doh",
         }
     }
 }
@@ -63,7 +69,7 @@ pub fn our_edns() -> Edns {
 /// any) advertises `edns_payload`.
 pub fn limit(proto: Proto, edns_payload: Option<u16>) -> usize {
     match (proto, edns_payload) {
-        (Proto::Tcp, _) => TCP_LIMIT,
+        (Proto::Tcp | Proto::Dot | Proto::Doh, _) => TCP_LIMIT,
         (Proto::Udp, None) => PLAIN_UDP_LIMIT,
         (Proto::Udp, Some(p)) => usize::from(p.clamp(512, EDNS_PAYLOAD)),
     }

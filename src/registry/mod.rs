@@ -431,8 +431,11 @@ impl Reader {
 
     /// True when a snapshot newer than the last one seen by this reader was
     /// published. One atomic load: cheap enough for a per-packet check.
+    /// Also true once the registry has stopped (the DNS lameduck): the
+    /// channel cannot say then whether the last snapshot was seen, and a
+    /// reader that had not seen it must not serve an older one.
     pub fn has_changed(&self) -> bool {
-        self.rx.has_changed().unwrap_or(false)
+        self.rx.has_changed().unwrap_or(true)
     }
 
     /// Marks the current snapshot as seen and returns it.

@@ -191,6 +191,25 @@ async fn task_publishes_versions_and_coalesces() {
         .expect("the registry loop ends Ok on shutdown");
 }
 
+/// After the registry stopped (shutdown, the DNS lameduck), a reader that
+/// had not looked since the last publish still gets that snapshot.
+#[tokio::test]
+async fn a_reader_that_missed_the_last_snapshot_gets_it_after_the_registry_stopped() {
+    let shutdown = CancellationToken::new();
+    let (handle, mut reader, task) =
+        spawn(vec![src("a")], Duration::from_secs(60), shutdown.clone());
+    let mut behind = reader.clone();
+    let _ = behind.latest();
+    handle
+        .source(&src("a"), Update::Reset(vec![spec("web", &["10.0.0.1"])]))
+        .await;
+    let published = reader.ready().await.unwrap().version;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert!(behind.has_changed(), "closed: the reader must look again");
+    assert_eq!(behind.latest().version, published);
+}
+
 #[test]
 fn panic_mode_is_counted_on_entry() {
     use metrics_exporter_prometheus::PrometheusBuilder;

@@ -211,6 +211,26 @@ fn the_binary_forwards_through_dnsmasq_for_allowed_clients_only() {
         dig(b.dns, "web.default.svc.cluster.local", "A", false),
         vec!["127.0.0.20"]
     );
+    // Per-upstream metrics and the forward-cache lookups.
+    let metrics = b.metrics();
+    let line = |prefix: &str, needle: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix) && l.contains(needle))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} with {needle}:\n{metrics}"))
+    };
+    let upstream = format!("upstream=\"{up}\"");
+    assert!(line("beacon_dns_upstream_requests_total", &upstream) >= 1.0);
+    assert!(line("beacon_dns_upstream_requests_total", "result=\"NOERROR\"") >= 1.0);
+    assert!(line("beacon_dns_upstream_duration_seconds_count", &upstream) >= 1.0);
+    // dnsmasq's own answers have TTL 0: never cached, each one a miss.
+    let hits = line("beacon_dns_forward_cache_total", "result=\"hit\"");
+    let misses = line("beacon_dns_forward_cache_total", "result=\"miss\"");
+    assert!(
+        hits + misses >= 3.0 && misses >= 1.0,
+        "hits {hits}, misses {misses}"
+    );
     drop(b);
     let b = start(&format!(
         "forward = [\"{up}\"]\nforward_allow = [\"10.0.0.0/8\"]"
@@ -315,5 +335,58 @@ fn distinct_nxdomain_floods_leave_memory_bounded() {
     assert_eq!(
         dig(b.dns, "web.default.svc.cluster.local", "A", false),
         vec!["127.0.0.20"]
+    );
+}
+
+/// SIGTERM starts the lameduck: `/readyz` says 503 at once, while a client
+/// asking continuously over UDP and TCP gets every answer until the
+/// lameduck is over; then the process exits.
+#[test]
+fn the_lameduck_answers_every_query_through_the_drain() {
+    let lameduck = Duration::from_millis(2000);
+    // Several UDP threads: the ones that saw no query before SIGTERM must
+    // still serve the latest snapshot once the registry has stopped.
+    let mut b = start("lameduck = \"2s\"\nudp_sockets = 4\n");
+    let name = "web.default.svc.cluster.local";
+    assert_eq!(query_a(b.dns, name), Some(vec!["127.0.0.20".to_string()]));
+    let term = std::time::Instant::now();
+    b.signal(15);
+    eventually(Duration::from_millis(500), "/readyz 503 at once", || {
+        let (status, _) = http_get(b.admin, "/readyz").expect("admin serves in the lameduck");
+        (status == 503).then_some(())
+    });
+    // Ask until shortly before the lameduck ends: every query answered.
+    let (mut udp, mut tcp) = (0, 0);
+    while term.elapsed() < lameduck - Duration::from_millis(300) {
+        let got = query_a(b.dns, name);
+        if got != Some(vec!["127.0.0.20".to_string()]) {
+            panic!(
+                "UDP query {udp} at {:?} after SIGTERM: {got:?}; dig now:\n{}\nlog:\n{}",
+                term.elapsed(),
+                dig_full(b.dns, &[name]),
+                b.log_text()
+            );
+        }
+        udp += 1;
+        if udp % 10 == 0 {
+            let out = dig_norm(b.dns, &["+tcp", "+short", name]);
+            assert_eq!(out, "127.0.0.20", "TCP query at {:?}", term.elapsed());
+            tcp += 1;
+        }
+    }
+    assert!(
+        udp >= 100 && tcp >= 10,
+        "asked {udp} over UDP, {tcp} over TCP"
+    );
+    assert!(
+        b.child.try_wait().unwrap().is_none(),
+        "still in the lameduck"
+    );
+    let status = b.wait_exit(Duration::from_secs(4));
+    let took = term.elapsed();
+    assert!(status.success(), "{status}; log:\n{}", b.log_text());
+    assert!(
+        took >= lameduck && took < lameduck + Duration::from_secs(3),
+        "exited {took:?} after SIGTERM"
     );
 }

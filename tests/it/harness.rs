@@ -91,8 +91,14 @@ impl Beacon {
         let dir = tempfile::tempdir().unwrap();
         let admin = free_addr();
         let dns = free_addr();
+        // No lameduck unless the test asks: SIGTERM tests time the exit.
+        let lameduck = if opts.dns_extra.contains("lameduck") {
+            ""
+        } else {
+            "lameduck = \"0s\"\n"
+        };
         let config = format!(
-            "shutdown_grace = \"3s\"\nstartup_timeout = \"5s\"\n[dns]\nlisten = \"{dns}\"\n{}\n[admin]\nlisten = \"{admin}\"\n{}\n",
+            "shutdown_grace = \"3s\"\nstartup_timeout = \"5s\"\n[dns]\nlisten = \"{dns}\"\n{lameduck}{}\n[admin]\nlisten = \"{admin}\"\n{}\n",
             opts.dns_extra, opts.extra
         );
         std::fs::write(dir.path().join("beacon.toml"), config).unwrap();

@@ -2,6 +2,7 @@
 //! `beacon` on free loopback ports and stops it on drop.
 
 mod dns;
+mod dns_tls;
 mod dns_wire;
 mod docker;
 mod etcd;

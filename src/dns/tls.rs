@@ -1,0 +1,125 @@
+//! The certificate of DoT and DoH: a PEM chain and key read at start (a
+//! bad pair is an error then), re-read when either file changes. A pair
+//! that does not load later keeps the last good one in force and is logged.
+//!
+//! A leaf: rustls (ring) and the standard library, nothing else of `dns/`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio_util::sync::CancellationToken;
+
+/// How often the files are looked at for a change.
+pub const CERT_POLL: Duration = Duration::from_secs(1);
+
+/// The crypto of every TLS listener: rustls with ring.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// What the files looked like when last read: modification time and length.
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// The certificate served now, swapped when the files change.
+#[derive(Debug)]
+pub struct CertStore {
+    cert: PathBuf,
+    key: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl CertStore {
+    /// Reads the pair once: an error when it does not load.
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<CertStore>, String> {
+        let pair = load_pair(cert, key)?;
+        Ok(Arc::new(CertStore {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            current: RwLock::new(Arc::new(pair)),
+        }))
+    }
+
+    /// The certificate chain served now (its leaf first).
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        self.now().cert.clone()
+    }
+
+    fn now(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the pair: true when it loaded and is served from now on;
+    /// false (logged, the last good pair kept) when it did not.
+    pub fn reload(&self) -> bool {
+        match load_pair(&self.cert, &self.key) {
+            Ok(pair) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(pair);
+                tracing::info!(cert = %self.cert.display(), "dns tls: certificate reloaded");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    cert = %self.cert.display(), key = %self.key.display(), error = %e,
+                    "dns tls: cannot load the new certificate; the last good one stays in force"
+                );
+                false
+            }
+        }
+    }
+
+    /// Re-reads the pair whenever either file changes, until `shutdown`.
+    pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut seen = (stamp(&self.cert), stamp(&self.key));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(CERT_POLL) => {}
+            }
+            let now = (stamp(&self.cert), stamp(&self.key));
+            if now != seen {
+                seen = now;
+                self.reload();
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.now())
+    }
+}
+
+/// Reads a PEM chain and a PEM private key and checks that they match.
+fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate in the file", cert.display()));
+    }
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| format!("{}: {e}", key.display()))?;
+    let pair = CertifiedKey::new(chain, signing);
+    pair.keys_match()
+        .map_err(|e| format!("{} and {}: {e}", cert.display(), key.display()))?;
+    Ok(pair)
+}
