@@ -31,6 +31,7 @@ fn fixture() -> &'static (Handler, Snapshot) {
             forward_timeout: Duration::from_millis(100),
             tcp_idle_timeout: Duration::from_secs(1),
             tcp_max_connections: 1,
+            ..DnsConfig::default()
         };
         let mut services = BTreeMap::new();
         for (name, vip, n) in [("web", Some("10.96.0.1"), 3), ("db", None, 2), ("big", None, 60)] {
