@@ -770,7 +770,7 @@ mod with_fake_engine {
         assert_eq!(fake.engine.lock().unwrap().inspects, before + 1);
 
         // The engine goes away: the last state stays.
-        let version = reader.current().version;
+        let away = reader.current();
         fake.down();
         fake.set(
             "c1",
@@ -783,7 +783,20 @@ mod with_fake_engine {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
         let s = reader.current();
-        assert_eq!(s.version, version, "nothing sent while the engine is away");
+        // Only the lost connection (and its reason) is sent: no service
+        // was rebuilt.
+        assert!(
+            s.services.len() == away.services.len()
+                && s.services.iter().all(|(k, v)| away
+                    .services
+                    .get(k)
+                    .is_some_and(|w| std::sync::Arc::ptr_eq(v, w))),
+            "nothing but the connection sent while the engine is away"
+        );
+        assert!(
+            s.sources.values().any(|st| !st.connected),
+            "the source shows as lost"
+        );
         assert_eq!(serving(&s, "web"), ["10.0.0.3"]);
 
         // It comes back: a fresh list replaces everything.
