@@ -827,7 +827,7 @@ fn beacon_with(ulimit: &str, grace: &str, config: &str, services: &str) -> Beaco
     std::fs::write(
         dir.path().join("beacon.toml"),
         format!(
-            "shutdown_grace = \"{grace}\"\n[dns]\nlisten = \"{dns}\"\nudp_sockets = 1\n[admin]\nlisten = \"{admin}\"\n\
+            "shutdown_grace = \"{grace}\"\n[dns]\nlisten = \"{dns}\"\nudp_sockets = 1\nlameduck = \"0s\"\n[admin]\nlisten = \"{admin}\"\n\
              [[source]]\ntype = \"file\"\npath = \"services.toml\"\n{config}"
         ),
     )
