@@ -117,7 +117,19 @@ impl ApiServer {
     /// Listens again on the same address.
     pub fn resume(&mut self) {
         assert!(self.running.is_none(), "already running");
-        let listener = TcpListener::bind(self.addr).expect("bind the fake API server");
+        // The stopped accept thread may still hold the old listener for a
+        // moment: retry the bind for up to 5 s.
+        let started = std::time::Instant::now();
+        let listener = loop {
+            match TcpListener::bind(self.addr) {
+                Ok(l) => break l,
+                Err(e) if started.elapsed() < std::time::Duration::from_secs(5) => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("bind the fake API server on {}: {e}", self.addr),
+            }
+        };
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let (state, stats, flag) = (self.state.clone(), self.stats.clone(), stop.clone());
