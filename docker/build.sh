@@ -16,13 +16,15 @@ target=x86_64-unknown-linux-gnu
 target_dir=${CARGO_TARGET_DIR:-$root/target}
 
 cd "$root"
-# etcd-client compiles etcd's protobufs at build time: it needs protoc.
-if ! command -v protoc >/dev/null 2>&1; then
-    echo "build.sh: installing protobuf-compiler (protoc)" >&2
+# etcd-client compiles etcd's protobufs at build time: it needs protoc and
+# the well-known types (google/protobuf/*.proto, in libprotobuf-dev, which
+# --no-install-recommends leaves out).
+if ! command -v protoc >/dev/null 2>&1 || [ ! -e /usr/include/google/protobuf/descriptor.proto ]; then
+    echo "build.sh: installing protobuf-compiler and libprotobuf-dev (protoc)" >&2
     sudo_cmd=""
     [ "$(id -u)" -eq 0 ] || sudo_cmd=sudo
     $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends protobuf-compiler >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends protobuf-compiler libprotobuf-dev >/dev/null
 fi
 # --target keeps build scripts and proc macros dynamic (RUSTFLAGS only reach
 # the target crates), and puts the static build in its own directory.
