@@ -36,7 +36,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{Ramps, Snapshot};
+use crate::model::{ProxyLive, Snapshot};
 use crate::registry::Reader;
 
 mod page;
@@ -58,7 +58,7 @@ struct AdminState {
     reader: Reader,
     metrics: PrometheusHandle,
     /// The proxy's slow-start shares (empty without a proxy).
-    ramps: Arc<Ramps>,
+    live: Arc<ProxyLive>,
     /// Cancelled at shutdown: `/readyz` says 503 from then on.
     draining: CancellationToken,
 }
@@ -90,7 +90,7 @@ pub async fn bind(
     addr: SocketAddr,
     reader: Reader,
     metrics: PrometheusHandle,
-    ramps: Arc<Ramps>,
+    live: Arc<ProxyLive>,
     draining: CancellationToken,
     shutdown: CancellationToken,
 ) -> io::Result<(
@@ -99,7 +99,7 @@ pub async fn bind(
 )> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let app = router_with(reader, metrics, ramps, draining);
+    let app = router_with(reader, metrics, live, draining);
     Ok((local, serve(listener, app, Limits::default(), shutdown)))
 }
 
@@ -380,7 +380,7 @@ pub fn router(reader: Reader, metrics: PrometheusHandle) -> Router {
 pub fn router_with(
     reader: Reader,
     metrics: PrometheusHandle,
-    ramps: Arc<Ramps>,
+    live: Arc<ProxyLive>,
     draining: CancellationToken,
 ) -> Router {
     Router::new()
@@ -393,7 +393,7 @@ pub fn router_with(
         .with_state(AdminState {
             reader,
             metrics,
-            ramps,
+            live,
             draining,
         })
 }
@@ -429,7 +429,7 @@ async fn services(
     Query(query): Query<page::ServicesQuery>,
 ) -> Json<serde_json::Value> {
     let snap: Arc<Snapshot> = s.reader.current();
-    Json(page::services_json(&snap, &query, &s.ramps))
+    Json(page::services_json(&snap, &query, &s.live))
 }
 
 async fn events(
@@ -623,8 +623,8 @@ mod tests {
             spec.key.clone(),
             Arc::new(ServiceState::new(spec.clone(), "file:x".into(), eps)),
         );
-        let ramps = Ramps::default();
-        let v = page::services_json(&snap, &Default::default(), &ramps);
+        let live = ProxyLive::default();
+        let v = page::services_json(&snap, &Default::default(), &live);
         assert_eq!(v["version"], 7);
         let svc = &v["services"][0];
         assert_eq!(svc["name"], "web");
@@ -635,8 +635,8 @@ mod tests {
         assert_eq!(ep["reason"], "awaiting first probe");
         assert_eq!(ep["effective_weight"], 1.0);
         // Slow start: the share the proxy published.
-        ramps.set(&spec.key, "10.0.0.1".parse().unwrap(), Some(0.25));
-        let v = page::services_json(&snap, &Default::default(), &ramps);
+        live.set_share(&spec.key, "10.0.0.1".parse().unwrap(), Some(0.25));
+        let v = page::services_json(&snap, &Default::default(), &live);
         assert_eq!(v["services"][0]["endpoints"][0]["effective_weight"], 0.25);
         assert_eq!(v["conflicts"], serde_json::json!([]));
         snap.conflicts = vec![crate::model::Conflict {
@@ -646,7 +646,7 @@ mod tests {
             winner: "web.default".into(),
         }]
         .into();
-        let v = page::services_json(&snap, &Default::default(), &ramps);
+        let v = page::services_json(&snap, &Default::default(), &live);
         let c = &v["conflicts"][0];
         assert_eq!(
             (&c["kind"], &c["claim"], &c["winner"]),

@@ -212,16 +212,34 @@ impl Default for ProxySpec {
     }
 }
 
-/// Endpoints ramping up under slow start: (service, endpoint IP) → the
-/// share of its weight it gets now (below 1). Written by the proxy as it
-/// rebuilds its balancers, read by the admin API; an endpoint not listed
-/// gets its whole weight.
+/// Live counts of one endpoint (per service and endpoint address), kept
+/// across snapshots by the proxy and read by its balancers and the admin API.
 #[derive(Debug, Default)]
-pub struct Ramps(std::sync::RwLock<std::collections::HashMap<(ServiceKey, IpAddr), f64>>);
+pub struct EndpointLoad {
+    /// Connections being established or proxied to this endpoint.
+    pub active: std::sync::atomic::AtomicU32,
+    /// Consecutive connect failures (reset by a success).
+    pub failures: std::sync::atomic::AtomicU32,
+}
 
-impl Ramps {
-    pub fn set(&self, key: &ServiceKey, ip: IpAddr, share: Option<f64>) {
-        let mut m = self.0.write().unwrap_or_else(|e| e.into_inner());
+/// What the proxy knows live about endpoints, for the admin API. Written
+/// by the proxy's reconcile loop as it rebuilds its balancers (never on a
+/// connection's path), read by `/v1/services`:
+/// - endpoints ramping up under slow start: (service, endpoint IP) → the
+///   share of its weight it gets now (below 1); one not listed gets its
+///   whole weight;
+/// - the live load of every endpoint address a route was built over, so
+///   the page shows each endpoint's open connections.
+#[derive(Debug, Default)]
+pub struct ProxyLive {
+    shares: std::sync::RwLock<HashMap<(ServiceKey, IpAddr), f64>>,
+    loads:
+        std::sync::RwLock<std::collections::BTreeMap<(ServiceKey, IpAddr, u16), Arc<EndpointLoad>>>,
+}
+
+impl ProxyLive {
+    pub fn set_share(&self, key: &ServiceKey, ip: IpAddr, share: Option<f64>) {
+        let mut m = self.shares.write().unwrap_or_else(|e| e.into_inner());
         match share {
             Some(s) if s < 1.0 => {
                 m.insert((key.clone(), ip), s);
@@ -234,8 +252,28 @@ impl Ramps {
 
     /// The share of its weight the endpoint gets now (1: all of it).
     pub fn share(&self, key: &ServiceKey, ip: IpAddr) -> f64 {
-        let m = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let m = self.shares.read().unwrap_or_else(|e| e.into_inner());
         m.get(&(key.clone(), ip)).copied().unwrap_or(1.0)
+    }
+
+    /// The proxy routes to `addr` of `key` with this load.
+    pub fn track(&self, key: &ServiceKey, addr: SocketAddr, load: Arc<EndpointLoad>) {
+        let mut m = self.loads.write().unwrap_or_else(|e| e.into_inner());
+        m.insert((key.clone(), addr.ip(), addr.port()), load);
+    }
+
+    /// The proxy forgot `addr` of `key` (gone, no connection left).
+    pub fn forget(&self, key: &ServiceKey, addr: SocketAddr) {
+        let mut m = self.loads.write().unwrap_or_else(|e| e.into_inner());
+        m.remove(&(key.clone(), addr.ip(), addr.port()));
+    }
+
+    /// Connections open (or connecting) to `ip` for `key`, over every port.
+    pub fn connections(&self, key: &ServiceKey, ip: IpAddr) -> u32 {
+        let m = self.loads.read().unwrap_or_else(|e| e.into_inner());
+        m.range((key.clone(), ip, 0)..=(key.clone(), ip, u16::MAX))
+            .map(|(_, l)| l.active.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
     }
 }
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    Balance, ChangeEvent, Conflict, EndpointState, HealthSpec, Port, Ramps, ServiceState, Snapshot,
-    SourceId, SourceStatus,
+    Balance, ChangeEvent, Conflict, EndpointState, HealthSpec, Port, ProxyLive, ServiceState,
+    Snapshot, SourceId, SourceStatus,
 };
 use crate::registry::events;
 
@@ -112,12 +112,15 @@ struct EndpointView<'a> {
     /// The weight the proxy balances with now: 0 while not serving, below
     /// `weight` while it ramps up under slow start.
     effective_weight: f64,
+    /// Connections the proxy has open (or is opening) to it, over every
+    /// port of the service.
+    connections: u32,
 }
 
 impl<'a> EndpointView<'a> {
-    fn new(s: &ServiceState, e: &'a EndpointState, ramps: &Ramps) -> Self {
+    fn new(s: &ServiceState, e: &'a EndpointState, live: &ProxyLive) -> Self {
         let share = if s.panic || e.healthy {
-            ramps.share(&s.spec.key, e.endpoint.ip)
+            live.share(&s.spec.key, e.endpoint.ip)
         } else {
             0.0
         };
@@ -125,12 +128,13 @@ impl<'a> EndpointView<'a> {
         EndpointView {
             state: e,
             effective_weight: (weight * 100.0).round() / 100.0,
+            connections: live.connections(&s.spec.key, e.endpoint.ip),
         }
     }
 }
 
 impl<'a> ServiceView<'a> {
-    fn new(s: &'a ServiceState, ramps: &Ramps) -> Self {
+    fn new(s: &'a ServiceState, live: &ProxyLive) -> Self {
         Self {
             name: &s.spec.key.name,
             namespace: &s.spec.key.namespace,
@@ -147,20 +151,24 @@ impl<'a> ServiceView<'a> {
             endpoints: s
                 .endpoints
                 .iter()
-                .map(|e| EndpointView::new(s, e, ramps))
+                .map(|e| EndpointView::new(s, e, live))
                 .collect(),
         }
     }
 }
 
 /// `/v1/services` for `query`: the matching services in key order, paged.
-pub fn services_json(snap: &Snapshot, query: &ServicesQuery, ramps: &Ramps) -> serde_json::Value {
+pub fn services_json(
+    snap: &Snapshot,
+    query: &ServicesQuery,
+    live: &ProxyLive,
+) -> serde_json::Value {
     let mut total = 0;
     let limit = query.limit.unwrap_or(usize::MAX);
     let mut services = Vec::new();
     for s in snap.services.values().filter(|s| query.matches(s)) {
         if total >= query.offset && services.len() < limit {
-            services.push(ServiceView::new(s, ramps));
+            services.push(ServiceView::new(s, live));
         }
         total += 1;
     }
@@ -268,14 +276,14 @@ mod tests {
     #[test]
     fn services_filter_and_page() {
         let snap = snapshot(20);
-        let all = services_json(&snap, &ServicesQuery::default(), &Ramps::default());
+        let all = services_json(&snap, &ServicesQuery::default(), &ProxyLive::default());
         assert_eq!(all["total"], 20);
         assert_eq!(all["services"].as_array().unwrap().len(), 20);
         let q = ServicesQuery {
             namespace: Some("shop".into()),
             ..ServicesQuery::default()
         };
-        let v = services_json(&snap, &q, &Ramps::default());
+        let v = services_json(&snap, &q, &ProxyLive::default());
         assert_eq!(v["total"], 10);
         assert!(names(&v).iter().all(|n| n.ends_with(".shop")));
         let q = ServicesQuery {
@@ -283,14 +291,14 @@ mod tests {
             ..ServicesQuery::default()
         };
         assert_eq!(
-            names(&services_json(&snap, &q, &Ramps::default())),
+            names(&services_json(&snap, &q, &ProxyLive::default())),
             vec!["svc-03.shop"]
         );
         let q = ServicesQuery {
             unhealthy: true,
             ..ServicesQuery::default()
         };
-        let v = services_json(&snap, &q, &Ramps::default());
+        let v = services_json(&snap, &q, &ProxyLive::default());
         assert_eq!(
             names(&v),
             vec![
@@ -307,7 +315,7 @@ mod tests {
             limit: Some(3),
             ..ServicesQuery::default()
         };
-        let v = services_json(&snap, &q, &Ramps::default());
+        let v = services_json(&snap, &q, &ProxyLive::default());
         assert_eq!(v["total"], 10);
         assert_eq!(v["offset"], 2);
         assert_eq!(

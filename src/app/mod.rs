@@ -187,9 +187,9 @@ pub async fn start(
     };
     let admin_addr = match config.admin.listen {
         Some(addr) => {
-            let ramps = proxy.as_ref().map(|p| p.ramps()).unwrap_or_default();
+            let live = proxy.as_ref().map(|p| p.live()).unwrap_or_default();
             let stops = (shutdown.clone(), serve_stop.clone());
-            Some(start_admin(addr, &reader, metrics, ramps, stops, &mut loops).await?)
+            Some(start_admin(addr, &reader, metrics, live, stops, &mut loops).await?)
         }
         None => None,
     };
@@ -231,13 +231,13 @@ async fn start_admin(
     addr: std::net::SocketAddr,
     reader: &Reader,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
-    ramps: std::sync::Arc<crate::model::Ramps>,
+    live: std::sync::Arc<crate::model::ProxyLive>,
     stops: (CancellationToken, CancellationToken),
     loops: &mut Loops,
 ) -> Result<SocketAddr, StartError> {
     let (draining, serve_stop) = stops;
     let (local, serve) =
-        crate::admin::bind(addr, reader.clone(), metrics, ramps, draining, serve_stop)
+        crate::admin::bind(addr, reader.clone(), metrics, live, draining, serve_stop)
             .await
             .map_err(|e| anyhow::anyhow!("admin: cannot listen on {addr}: {e}"))?;
     tracing::info!(addr = %local, "admin listening");

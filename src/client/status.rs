@@ -4,7 +4,6 @@
 //! `--output json` passes the API's JSON through. Exit 1 when a listed
 //! service has no serving endpoint, so scripts can use it.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -107,8 +106,7 @@ async fn once(
     if req.output == Output::Json {
         return Ok((format!("{services}\n"), exit));
     }
-    let (_, metrics) = http_get(req.admin, &req.admin.to_string(), "/metrics", timeout).await?;
-    let mut text = table(&list, &active_connections(&metrics), color);
+    let mut text = table(&list, color);
     if missing {
         let _ = writeln!(text, "no service {}", req.service.as_deref().unwrap_or(""));
     }
@@ -125,19 +123,6 @@ async fn once(
     Ok((text, exit))
 }
 
-/// `beacon_proxy_active_connections{service="…"}` by service.
-pub fn active_connections(metrics: &str) -> HashMap<String, f64> {
-    let prefix = "beacon_proxy_active_connections{service=\"";
-    metrics
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(prefix)?;
-            let (service, value) = rest.split_once("\"} ")?;
-            Some((service.to_string(), value.trim().parse().ok()?))
-        })
-        .collect()
-}
-
 fn str_of(v: &Value) -> &str {
     v.as_str().unwrap_or("")
 }
@@ -147,14 +132,34 @@ struct Row {
     endpoint: String,
     verdict: &'static str,
     reason: String,
+    /// The weight the proxy balances with now (`3 of 10` while it ramps).
+    weight: String,
     conns: String,
 }
 
-fn rows(services: &[Value], active: &HashMap<String, f64>) -> Vec<Row> {
+fn verdict(e: &Value, panic: bool) -> &'static str {
+    match (e["healthy"].as_bool(), e["health"]["ejected"].is_string()) {
+        (_, true) => "ejected",
+        (Some(true), _) => "healthy",
+        _ if panic => "panic",
+        _ => "unhealthy",
+    }
+}
+
+fn weight(e: &Value) -> String {
+    let now = e["effective_weight"].as_f64();
+    let full = e["weight"].as_f64();
+    match (now, full) {
+        (Some(n), Some(f)) if n != f => format!("{n} of {f}"),
+        (_, Some(f)) => f.to_string(),
+        _ => "-".into(),
+    }
+}
+
+fn rows(services: &[Value]) -> Vec<Row> {
     let mut out = Vec::new();
     for s in services {
         let key = format!("{}.{}", str_of(&s["name"]), str_of(&s["namespace"]));
-        let conns = active.get(&key).copied().unwrap_or(0.0).to_string();
         let eps = s["endpoints"].as_array().cloned().unwrap_or_default();
         let panic = s["panic"].as_bool() == Some(true);
         if eps.is_empty() {
@@ -163,16 +168,11 @@ fn rows(services: &[Value], active: &HashMap<String, f64>) -> Vec<Row> {
                 endpoint: "-".into(),
                 verdict: "none",
                 reason: "no endpoints".into(),
-                conns: conns.clone(),
+                weight: "-".into(),
+                conns: "-".into(),
             });
         }
         for (i, e) in eps.iter().enumerate() {
-            let verdict = match (e["healthy"].as_bool(), e["health"]["ejected"].is_string()) {
-                (_, true) => "ejected",
-                (Some(true), _) => "healthy",
-                _ if panic => "panic",
-                _ => "unhealthy",
-            };
             let endpoint = match e["port"].as_u64() {
                 Some(p) => format!("{}:{p}", str_of(&e["ip"])),
                 None => str_of(&e["ip"]).to_string(),
@@ -180,66 +180,63 @@ fn rows(services: &[Value], active: &HashMap<String, f64>) -> Vec<Row> {
             out.push(Row {
                 service: if i == 0 { key.clone() } else { String::new() },
                 endpoint,
-                verdict,
+                verdict: verdict(e, panic),
                 reason: str_of(&e["reason"]).to_string(),
-                conns: if i == 0 { conns.clone() } else { String::new() },
+                weight: weight(e),
+                conns: e["connections"].as_u64().unwrap_or(0).to_string(),
             });
         }
     }
     out
 }
 
-/// The table: one row per endpoint, the service and its open connections
-/// on its first row.
-pub fn table(services: &[Value], active: &HashMap<String, f64>, color: bool) -> String {
-    let rows = rows(services, active);
-    let head = ["SERVICE", "ENDPOINT", "VERDICT", "REASON", "CONNECTIONS"];
-    let width = |f: fn(&Row) -> &str, h: &str| {
-        rows.iter()
-            .map(|r| f(r).len())
-            .chain([h.len()])
-            .max()
-            .unwrap_or(0)
+const HEAD: [&str; 6] = [
+    "SERVICE",
+    "ENDPOINT",
+    "VERDICT",
+    "REASON",
+    "WEIGHT",
+    "CONNECTIONS",
+];
+
+/// The table: one row per endpoint (the service named on its first row),
+/// with the endpoint's weight now and its open proxy connections.
+pub fn table(services: &[Value], color: bool) -> String {
+    let rows = rows(services);
+    let cells = |r: &Row| -> [String; 6] {
+        [
+            r.service.clone(),
+            r.endpoint.clone(),
+            r.verdict.to_string(),
+            r.reason.clone(),
+            r.weight.clone(),
+            r.conns.clone(),
+        ]
     };
-    let w = [
-        width(|r| &r.service, head[0]),
-        width(|r| &r.endpoint, head[1]),
-        width(|r| r.verdict, head[2]),
-        width(|r| &r.reason, head[3]),
-    ];
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:w0$}  {:w1$}  {:w2$}  {:w3$}  {}",
-        head[0],
-        head[1],
-        head[2],
-        head[3],
-        head[4],
-        w0 = w[0],
-        w1 = w[1],
-        w2 = w[2],
-        w3 = w[3]
-    );
+    let mut w = HEAD.map(str::len);
     for r in &rows {
-        let verdict = format!("{:w$}", r.verdict, w = w[2]);
-        let verdict = match (color, r.verdict) {
-            (false, _) => verdict,
-            (true, "healthy") => format!("\x1b[32m{verdict}\x1b[0m"),
-            (true, "panic") => format!("\x1b[33m{verdict}\x1b[0m"),
-            (true, _) => format!("\x1b[31m{verdict}\x1b[0m"),
-        };
-        let line = format!(
-            "{:w0$}  {:w1$}  {verdict}  {:w3$}  {}",
-            r.service,
-            r.endpoint,
-            r.reason,
-            r.conns,
-            w0 = w[0],
-            w1 = w[1],
-            w3 = w[3]
-        );
-        let _ = writeln!(out, "{}", line.trim_end());
+        for (w, c) in w.iter_mut().zip(cells(r)) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: [String; 6], verdict: Option<&str>| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let padded = format!("{c:w$}  ", w = w[i]);
+            let painted = match (i, verdict) {
+                (2, Some("healthy")) => format!("\x1b[32m{padded}\x1b[0m"),
+                (2, Some("panic")) => format!("\x1b[33m{padded}\x1b[0m"),
+                (2, Some(_)) => format!("\x1b[31m{padded}\x1b[0m"),
+                _ => padded,
+            };
+            l += &painted;
+        }
+        l.trim_end().to_string()
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", line(HEAD.map(String::from), None));
+    for r in &rows {
+        let _ = writeln!(out, "{}", line(cells(r), color.then_some(r.verdict)));
     }
     out
 }
@@ -274,24 +271,25 @@ mod tests {
     fn the_table_has_one_row_per_endpoint_and_no_color_when_asked() {
         let services = vec![
             json!({"name": "web", "namespace": "default", "panic": false, "serving": 1, "endpoints": [
-                {"ip": "10.0.0.1", "port": 9001, "healthy": true, "reason": "probe passing", "health": {"ejected": null}},
-                {"ip": "10.0.0.2", "healthy": false, "reason": "probe failed: refused", "health": {"ejected": null}},
+                {"ip": "10.0.0.1", "port": 9001, "healthy": true, "reason": "probe passing", "health": {"ejected": null},
+                 "weight": 10, "effective_weight": 10.0, "connections": 3},
+                {"ip": "10.0.0.2", "weight": 5, "effective_weight": 0.0, "healthy": false, "reason": "probe failed: refused", "health": {"ejected": null}},
                 {"ip": "10.0.0.3", "healthy": false, "reason": "ejected: 5 connect failures", "health": {"ejected": "ejected: 5 connect failures"}}
             ]}),
             json!({"name": "db", "namespace": "shop", "serving": 0, "endpoints": []}),
         ];
-        let metrics =
-            "# TYPE x gauge\nbeacon_proxy_active_connections{service=\"web.default\"} 3\n";
-        let active = active_connections(metrics);
-        assert_eq!(active["web.default"], 3.0);
-        let t = table(&services, &active, false);
+        let t = table(&services, false);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("SERVICE"), "{t}");
         assert!(
             lines[1].starts_with("web.default  10.0.0.1:9001  healthy"),
             "{t}"
         );
-        assert!(lines[1].ends_with("probe passing                3"), "{t}");
+        assert!(
+            lines[1].ends_with("probe passing                10      3"),
+            "{t}"
+        );
+        assert!(lines[2].ends_with("refused        0 of 5  0"), "{t}");
         assert!(
             lines[2].contains("10.0.0.2") && lines[2].contains("unhealthy  probe failed: refused"),
             "{t}"
@@ -302,7 +300,7 @@ mod tests {
             "{t}"
         );
         assert!(!t.contains('\x1b'));
-        assert!(table(&services, &active, true).contains("\x1b[31munhealthy"));
+        assert!(table(&services, true).contains("\x1b[31munhealthy"));
     }
 
     #[test]

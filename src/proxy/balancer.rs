@@ -16,7 +16,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::model::Balance;
@@ -67,15 +67,7 @@ pub struct ConnInfo {
     pub client: SocketAddr,
 }
 
-/// Live counts of one endpoint (per service and endpoint address), kept
-/// across snapshots.
-#[derive(Debug, Default)]
-pub struct EndpointLoad {
-    /// Connections being established or proxied to this endpoint.
-    pub active: AtomicU32,
-    /// Consecutive connect failures (reset by a success).
-    pub failures: AtomicU32,
-}
+pub use crate::model::EndpointLoad;
 
 /// One endpoint as a balancer sees it.
 #[derive(Clone, Debug)]

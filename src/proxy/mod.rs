@@ -50,7 +50,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AccessLogTarget, ProxyConfig};
-use crate::model::{ConnectOutcome, Ramps};
+use crate::model::{ConnectOutcome, ProxyLive};
 use crate::registry::Reader;
 use access_log::AccessLog;
 use reconcile::Reconciler;
@@ -169,8 +169,8 @@ impl Proxy {
     }
 
     /// The slow-start shares of ramping endpoints (for the admin API).
-    pub fn ramps(&self) -> Arc<Ramps> {
-        self.shared.ramps.clone()
+    pub fn live(&self) -> Arc<ProxyLive> {
+        self.shared.live.clone()
     }
 
     /// Connections being connected or proxied right now.

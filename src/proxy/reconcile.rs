@@ -32,7 +32,7 @@ use super::route::{EndpointEntry, Route, ServiceEntry};
 use super::shared::Shared;
 use super::udp;
 use super::vips::VipInterface;
-use crate::model::{EndpointState, Protocol, ServiceKey, ServiceState, Snapshot};
+use crate::model::{EndpointState, Protocol, ProxyLive, ServiceKey, ServiceState, Snapshot};
 use crate::registry::Reader;
 
 /// How long a failed bind waits before it is tried again.
@@ -136,6 +136,24 @@ fn addrs<'a>(
 }
 
 /// Every endpoint address of every port of a service.
+/// The live entry of `addr` of `key`, made (and shown to the admin API)
+/// on first use.
+fn entry_of(
+    endpoints: &mut HashMap<EndpointKey, Arc<EndpointEntry>>,
+    proxy_live: &ProxyLive,
+    key: &ServiceKey,
+    addr: SocketAddr,
+) -> Arc<EndpointEntry> {
+    endpoints
+        .entry((key.clone(), addr))
+        .or_insert_with(|| {
+            let e = Arc::new(EndpointEntry::default());
+            proxy_live.track(key, addr, e.load.clone());
+            e
+        })
+        .clone()
+}
+
 fn all_addrs(svc: &ServiceState) -> HashSet<SocketAddr> {
     addrs(svc, svc.endpoints.iter())
 }
@@ -236,8 +254,7 @@ impl Reconciler {
             }
             let was = serving_addrs(before);
             for addr in serving_addrs(state).difference(&was) {
-                let entry = self.endpoints.entry((key.clone(), *addr)).or_default();
-                entry.start_ramp(now);
+                entry_of(&mut self.endpoints, &self.shared.live, key, *addr).start_ramp(now);
                 tracing::debug!(service = %key, endpoint = %addr, "slow start");
                 self.ramping.insert(key.clone());
             }
@@ -423,8 +440,9 @@ impl Reconciler {
             .or_insert_with(|| Arc::new(ServiceEntry::new(key)))
             .clone();
         let endpoints = &mut self.endpoints;
-        Route::build(state, port, live, &self.shared.ramps, |addr| {
-            endpoints.entry((key.clone(), addr)).or_default().clone()
+        let proxy_live = &self.shared.live;
+        Route::build(state, port, live, proxy_live, |addr| {
+            entry_of(endpoints, proxy_live, key, addr)
         })
     }
 
@@ -497,7 +515,8 @@ impl Reconciler {
             if busy {
                 self.lingering.insert((key, addr));
             } else {
-                self.shared.ramps.set(&key, addr.ip(), None);
+                self.shared.live.set_share(&key, addr.ip(), None);
+                self.shared.live.forget(&key, addr);
                 self.endpoints.remove(&(key, addr));
             }
         }

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::balancer::{self, Backend, Balancer, EndpointLoad};
-use crate::model::{Ramps, ServiceKey, ServiceState};
+use crate::model::{ProxyLive, ServiceKey, ServiceState};
 
 /// Live counts of one endpoint and the signal that closes its connections
 /// when it leaves a `close_on_removal` service.
@@ -195,12 +195,12 @@ pub(super) struct Route {
 impl Route {
     /// The route of port `port` of `state`; `entry` gives the live entry
     /// of each serving endpoint address. Weights are the slow-start ones
-    /// as of now (also published in `ramps`).
+    /// as of now (also published in `proxy_live`).
     pub(super) fn build(
         state: &Arc<ServiceState>,
         port: usize,
         live: Arc<ServiceEntry>,
-        ramps: &Ramps,
+        proxy_live: &ProxyLive,
         mut entry: impl FnMut(SocketAddr) -> Arc<EndpointEntry>,
     ) -> Self {
         let key = state.key();
@@ -214,7 +214,7 @@ impl Route {
             let addr = ep.endpoint.addr(p);
             let e = entry(addr);
             let share = e.ramp_share(window, now);
-            ramps.set(key, ep.endpoint.ip, Some(share));
+            proxy_live.set_share(key, ep.endpoint.ip, Some(share));
             shares.push(share);
             backends.push(Backend {
                 addr,

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use super::access_log::AccessLog;
 use super::copy;
-use crate::model::{ConnectOutcome, Ramps};
+use crate::model::{ConnectOutcome, ProxyLive};
 
 pub(super) struct Shared {
     /// The snapshot in force is ready (admission refuses until then).
@@ -40,8 +40,8 @@ pub(super) struct Shared {
     pub(super) local_errors: LocalErrors,
     /// One line per finished connection, when `[proxy] access_log` is set.
     pub(super) access_log: Option<AccessLog>,
-    /// Slow-start shares, for the admin API.
-    pub(super) ramps: Arc<Ramps>,
+    /// Slow-start shares and per-endpoint loads, for the admin API.
+    pub(super) live: Arc<ProxyLive>,
     /// `[proxy] vip_interface`.
     pub(super) vip_interface: Option<String>,
     /// `[proxy] udp_max_flows` (per UDP listener).
@@ -121,7 +121,7 @@ impl Shared {
             connect_duration: metrics::histogram!(crate::telemetry::PROXY_CONNECT_DURATION),
             local_errors: LocalErrors::default(),
             access_log: None,
-            ramps: Arc::default(),
+            live: Arc::default(),
             vip_interface: None,
             udp_max_flows: 65_536,
         }

@@ -199,13 +199,41 @@ fn beacon_status_prints_the_table_the_json_and_fails_on_a_dark_service() {
     let (code, out) = status(&s.beacon, &["nosuch"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("no service nosuch"), "{out}");
-    // Connections show per service while they are open.
+    // Connections show per endpoint while they are open: the held one on
+    // the endpoint it went to, none on the other.
     let mut held = std::net::TcpStream::connect(s.proxy).unwrap();
     std::io::Write::write_all(&mut held, b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
     eventually(Duration::from_secs(3), "an open connection", || {
         let (_, out) = status(&s.beacon, &["web"]);
-        let first = out.lines().nth(1)?.to_string();
-        first.trim_end().ends_with(" 1").then_some(())
+        let conns: Vec<String> = out
+            .lines()
+            .skip(1)
+            .take(2)
+            .map(|l| l.rsplit(' ').next().unwrap_or("").to_string())
+            .collect();
+        let mut sorted = conns.clone();
+        sorted.sort();
+        (sorted == ["0", "1"]).then_some(())
+    });
+    let (_, out) = status(&s.beacon, &["web", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let per_endpoint: Vec<u64> = v["services"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["connections"].as_u64().expect("connections per endpoint"))
+        .collect();
+    assert_eq!(per_endpoint.iter().sum::<u64>(), 1, "{out}");
+    drop(held);
+    eventually(Duration::from_secs(3), "the connection gone", || {
+        let (_, out) = status(&s.beacon, &["web", "--output", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        let sum: u64 = v["services"][0]["endpoints"]
+            .as_array()?
+            .iter()
+            .filter_map(|e| e["connections"].as_u64())
+            .sum();
+        (sum == 0).then_some(())
     });
     // A beacon that is not there: exit 1 with the reason.
     let (code, out, err) = run_cmd(&["status", "--admin", &free_addr().to_string()]);
@@ -272,6 +300,14 @@ fn the_status_page_in_chromium_shows_services_endpoints_and_verdicts() {
     assert_eq!(dom_verdict(&dom, "127.0.0.61"), Some("healthy"), "{dom}");
     assert_eq!(dom_verdict(&dom, "127.0.0.62"), Some("healthy"), "{dom}");
     assert_eq!(dom_verdict(&dom, "127.0.0.69"), Some("unhealthy"), "{dom}");
+    // Each endpoint row has its open connections and its weight now (the
+    // unhealthy one balances with 0 of its weight).
+    assert!(
+        dom.contains("<th>connections</th>") && dom.contains("<th>weight now</th>"),
+        "{dom}"
+    );
+    assert_eq!(dom.matches("class=\"num conns\"").count(), 3, "{dom}");
+    assert!(dom.contains(">0 of 1</td>"), "{dom}");
     assert!(
         dom.contains("connection refused") || dom.contains("refused"),
         "the reason is shown"
@@ -378,8 +414,24 @@ fn the_dashboard_and_the_alerts_use_metrics_a_running_beacon_exports() {
         m.contains("# TYPE beacon_dns_request_duration_seconds")
             .then_some(m)
     });
+    // The forwarder's metrics appear once it forwards: a second beacon
+    // forwards one outside name to an upstream nothing listens on.
+    let fwd = Beacon::start(Options {
+        dns_extra: format!(
+            "forward = [\"{}\"]\nforward_timeout = \"200ms\"\n",
+            free_addr()
+        ),
+        ..Options::default()
+    });
+    let _ = dig(fwd.dns, "www.example.org", "A", false);
+    let forwarding = eventually(Duration::from_secs(5), "forwarder metrics", || {
+        let m = fwd.metrics();
+        m.contains("# TYPE beacon_dns_upstream_requests_total")
+            .then_some(m)
+    });
     let exported: BTreeSet<&str> = metrics
         .lines()
+        .chain(forwarding.lines())
         .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
         .collect();
     let missing: Vec<&String> = used

@@ -34,8 +34,8 @@ async fn a_new_endpoint_ramps_up_over_the_window_and_again_after_a_restart() {
     for round in 0..2 {
         // b appears (the second time: comes back after it was gone).
         h.set(vec![spec(&[a.addr, b.addr])]).await;
-        let ramps = h.proxy().ramps();
-        let early = ramps.share(&key, b.addr.ip());
+        let live = h.proxy().live();
+        let early = live.share(&key, b.addr.ip());
         assert!(early < 0.2, "round {round}: b starts at {early}");
         let mut shares = Vec::new();
         for _ in 0..4 {
@@ -54,7 +54,7 @@ async fn a_new_endpoint_ramps_up_over_the_window_and_again_after_a_restart() {
             (0.4..=0.6).contains(&after),
             "round {round}: full weight {after} of {n}"
         );
-        assert_eq!(ramps.share(&key, b.addr.ip()), 1.0);
+        assert_eq!(live.share(&key, b.addr.ip()), 1.0);
         // b leaves.
         h.set(vec![spec(&[a.addr])]).await;
     }
