@@ -8,6 +8,7 @@ use ipnet::IpNet;
 
 use super::raw::RawDns;
 use super::report::Reporter;
+use super::resolv;
 use super::values::{cidr, int_in, normalize_zone, positive, socket_addr};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -77,10 +78,17 @@ pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawDns, base: &Path) -> DnsCo
         d.ttl = int_in(r, v, 0, 86_400, "ttl (seconds)").unwrap_or(d.ttl as i64) as u32;
     }
     if let Some(list) = &raw.forward {
-        d.forward = list
-            .iter()
-            .filter_map(|v| socket_addr(r, v, Some(53)))
-            .collect();
+        for v in list {
+            if v.get_ref().contains('/') {
+                for a in resolv_conf(r, v, base, d.listen) {
+                    if !d.forward.contains(&a) {
+                        d.forward.push(a);
+                    }
+                }
+            } else if let Some(a) = socket_addr(r, v, Some(53)) {
+                d.forward.push(a);
+            }
+        }
     }
     if let Some(list) = &raw.forward_allow {
         d.forward_allow = list.iter().filter_map(|v| cidr(r, v)).collect();
@@ -107,6 +115,71 @@ pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawDns, base: &Path) -> DnsCo
     }
     encrypted(r, raw, base, &mut d);
     d
+}
+
+/// A `forward` entry that is a path: the `nameserver`s of that resolv.conf
+/// (read at load and at each reload), beacon's own address skipped.
+fn resolv_conf(
+    r: &mut Reporter<'_>,
+    v: &toml::Spanned<String>,
+    base: &Path,
+    listen: SocketAddr,
+) -> Vec<SocketAddr> {
+    let path = base.join(v.get_ref());
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            r.error(
+                v.span(),
+                format!(
+                    "cannot read resolv.conf {}: {e} (a `forward` entry with a `/` is a \
+                     resolv.conf path; an upstream is ADDR or ADDR:PORT)",
+                    path.display()
+                ),
+            );
+            return Vec::new();
+        }
+    };
+    let found = resolv::nameservers(&text, listen);
+    for (line, word) in &found.bad {
+        r.warn(
+            v.span(),
+            format!(
+                "{}:{line}: nameserver {word:?} is not an IP address beacon can send to; skipped",
+                path.display()
+            ),
+        );
+    }
+    for own in &found.own {
+        r.warn(
+            v.span(),
+            format!(
+                "{}: nameserver {own} is beacon itself ([dns] listen {listen}); skipped",
+                path.display()
+            ),
+        );
+    }
+    if found.upstreams.is_empty() {
+        let why = match found.own.as_slice() {
+            [] => "it has no usable `nameserver` line".to_string(),
+            own => format!(
+                "{} is beacon itself ([dns] listen {listen})",
+                own.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        r.error(
+            v.span(),
+            format!(
+                "{} names no upstream beacon can forward to: {why}; list upstreams in \
+                 `forward`, or a resolv.conf that does not point at beacon",
+                path.display()
+            ),
+        );
+    }
+    found.upstreams
 }
 
 /// `tls_listen`, `https_listen`, `cert`, `key`: a listener needs both files.

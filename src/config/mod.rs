@@ -28,6 +28,7 @@ mod main_config;
 mod proxy;
 mod raw;
 mod report;
+mod resolv;
 mod service;
 mod services;
 mod sources;

@@ -731,6 +731,44 @@ fn an_open_resolver_is_warned_about_loudly_with_its_position() {
     );
 }
 
+/// `forward = ["/etc/resolv.conf"]`: the file's nameservers, beacon's own
+/// address skipped with a warning; a missing file or one naming only
+/// beacon is an error at the entry.
+#[test]
+fn forward_reads_a_resolv_conf_and_skips_beacon_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("resolv.conf"),
+        "search shop.svc.cluster.local\nnameserver 127.0.0.1\nnameserver 10.0.0.2\n\
+         options ndots:5\nnameserver 2001:db8::53\n",
+    )
+    .unwrap();
+    let text = "[dns]\nlisten = \"127.0.0.1:53\"\nforward = [\"9.9.9.9\", \"./resolv.conf\"]\n";
+    let c = Config::parse(text, Path::new("b.toml"), dir.path()).unwrap();
+    let want: Vec<std::net::SocketAddr> = ["9.9.9.9:53", "10.0.0.2:53", "[2001:db8::53]:53"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    assert_eq!(c.dns.forward, want);
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    let w = c.warnings[0].to_string();
+    assert!(
+        w.starts_with("b.toml:3:23: ") && w.contains("nameserver 127.0.0.1:53 is beacon itself"),
+        "{w}"
+    );
+    std::fs::write(dir.path().join("self.conf"), "nameserver 127.0.0.1\n").unwrap();
+    let only_self = text.replace("./resolv.conf", "./self.conf");
+    let e = Config::parse(&only_self, Path::new("b.toml"), dir.path()).unwrap_err();
+    assert!(e.to_string().contains("names no upstream"), "{e}");
+    let missing = text.replace("./resolv.conf", "./nope.conf");
+    let e = Config::parse(&missing, Path::new("b.toml"), dir.path()).unwrap_err();
+    let e = e.to_string();
+    assert!(
+        e.contains("b.toml:3:23: cannot read resolv.conf") && e.contains("nope.conf"),
+        "{e}"
+    );
+}
+
 /// Issue 11 defect 3: parsing is linear in the file's size. Four times the
 /// services must take well under the 16 times a quadratic reporter takes
 /// (it counted newlines from the start for every position): the bound is

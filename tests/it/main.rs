@@ -15,6 +15,7 @@ mod kubernetes;
 mod manifests;
 mod operators;
 mod proxy;
+mod recipes;
 mod soak;
 mod spine;
 mod supervision;
