@@ -29,6 +29,8 @@ pub struct DnsConfig {
     /// After SIGTERM: how long DNS keeps answering (with `/readyz` at 503)
     /// before it stops, as CoreDNS's `health lameduck`. Zero: stop at once.
     pub lameduck: Duration,
+    /// Walk a known client's search path for it (CoreDNS's `autopath`).
+    pub autopath: bool,
     /// DNS over TLS (RFC 7858) on this address; needs `cert` and `key`.
     pub tls_listen: Option<SocketAddr>,
     /// DNS over HTTPS (RFC 8484, `/dns-query`) on this address.
@@ -54,6 +56,7 @@ impl Default for DnsConfig {
             tcp_idle_timeout: Duration::from_secs(10),
             tcp_max_connections: 1024,
             lameduck: Duration::from_secs(5),
+            autopath: false,
             tls_listen: None,
             https_listen: None,
             cert: None,
@@ -110,6 +113,7 @@ pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawDns, base: &Path) -> DnsCo
         d.tcp_max_connections =
             int_in(r, v, 1, 1_000_000, "tcp_max_connections").unwrap_or(1) as usize;
     }
+    d.autopath = raw.autopath.unwrap_or(d.autopath);
     if let Some(v) = &raw.lameduck {
         d.lameduck = **v.get_ref();
     }

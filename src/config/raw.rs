@@ -49,6 +49,7 @@ pub struct RawDns {
     pub tcp_idle_timeout: Option<Spanned<HumanDuration>>,
     pub tcp_max_connections: Option<Spanned<i64>>,
     pub lameduck: Option<Spanned<HumanDuration>>,
+    pub autopath: Option<bool>,
     pub tls_listen: Option<Spanned<String>>,
     pub https_listen: Option<Spanned<String>>,
     pub cert: Option<Spanned<String>>,

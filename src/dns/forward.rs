@@ -105,22 +105,6 @@ impl Drop for Leading<'_> {
     }
 }
 
-/// A query waiting for the upstreams.
-#[derive(Debug)]
-pub struct ForwardJob {
-    pub forwarder: Arc<Forwarder>,
-    pub request: Message,
-    /// Reply size limit for the client.
-    pub limit: usize,
-}
-
-impl ForwardJob {
-    /// Resolves the job into the reply bytes for the client and its rcode.
-    pub async fn run(self) -> (Vec<u8>, ResponseCode) {
-        self.forwarder.reply(&self.request, self.limit).await
-    }
-}
-
 impl Forwarder {
     pub fn new(upstreams: Vec<SocketAddr>, zone: Name, timeout: Duration, capacity: usize) -> Self {
         Self {

@@ -18,8 +18,10 @@ use hickory_proto::rr::RecordType;
 use ipnet::IpNet;
 
 use super::answer::{self, Outcome, Zone, ZoneAnswer};
+use super::autopath;
 use super::fast::{self, FastCache};
-use super::forward::{ForwardJob, Forwarder};
+use super::forward::Forwarder;
+use super::job::ForwardJob;
 use super::wire::{self, Proto, QType};
 use crate::model::Snapshot;
 
@@ -48,6 +50,8 @@ pub struct Handler {
     recursion_available: bool,
     forward_allow: Vec<IpNet>,
     forwarder: Option<Arc<Forwarder>>,
+    /// `[dns] autopath`: walk a known client's search path for it.
+    autopath: bool,
 }
 
 impl Handler {
@@ -57,7 +61,14 @@ impl Handler {
             recursion_available: forwarder.is_some(),
             forward_allow,
             forwarder,
+            autopath: false,
         }
+    }
+
+    /// `[dns] autopath` (see [`autopath`](super::autopath)).
+    pub fn with_autopath(mut self, on: bool) -> Self {
+        self.autopath = on;
+        self
     }
 
     pub fn zone(&self) -> &Zone {
@@ -109,6 +120,10 @@ impl Handler {
         let Outcome::Answer(za) = answer::answer(snapshot, &self.zone, &lower, 0) else {
             return None;
         };
+        // With autopath an NXDOMAIN depends on who asks: never cached.
+        if self.autopath && za.rcode == ResponseCode::NXDomain {
+            return None;
+        }
         let rcode = za.rcode;
         let encoded = self.encode_zone(&req, lower, za, q.limit())?;
         fast::Entry::new(encoded, q, rcode)
@@ -168,9 +183,12 @@ impl Handler {
         match answer::answer(snapshot, &self.zone, &lower, rotate) {
             Outcome::Answer(za) => {
                 let rcode = za.rcode;
-                match self.encode_zone(&req, lower, za, limit) {
+                match self.encode_zone(&req, lower.clone(), za, limit) {
                     Some(mut encoded) => {
                         patch_question_case(&mut encoded, &query.name);
+                        if self.autopath && rcode == ResponseCode::NXDomain {
+                            return self.search_path(snapshot, &req, lower, client, limit, encoded);
+                        }
                         Answered::Send(rcode, encoded)
                     }
                     None => Answered::Send(
@@ -188,12 +206,50 @@ impl Handler {
                         forwarder: fwd.clone(),
                         request: req,
                         limit,
+                        autopath: None,
                     })),
                 },
                 _ => Answered::Send(
                     ResponseCode::Refused,
                     self.error(&req, ResponseCode::Refused),
                 ),
+            },
+        }
+    }
+
+    /// Autopath for a question whose zone answer (`nxdomain`) is NXDOMAIN:
+    /// a CNAME to the name the client meant, or `nxdomain` as it was.
+    fn search_path(
+        &self,
+        snapshot: &Snapshot,
+        req: &Message,
+        lower: Query,
+        client: IpAddr,
+        limit: usize,
+        nxdomain: Vec<u8>,
+    ) -> Answered {
+        let fail = |nxdomain| Answered::Send(ResponseCode::NXDomain, nxdomain);
+        match autopath::search(snapshot, &self.zone, canonical(client), &lower) {
+            None => fail(nxdomain),
+            Some(autopath::Found::Zone(za)) => match self.encode_zone(req, lower, za, limit) {
+                Some(mut encoded) => {
+                    patch_question_case(&mut encoded, &req.queries[0].name);
+                    Answered::Send(ResponseCode::NoError, encoded)
+                }
+                None => fail(nxdomain),
+            },
+            Some(autopath::Found::Forward(target)) => match &self.forwarder {
+                Some(fwd) if self.allowed(client) => Answered::Forward(Box::new(ForwardJob {
+                    forwarder: fwd.clone(),
+                    request: req.clone(),
+                    limit,
+                    autopath: Some(autopath::Pending {
+                        target,
+                        nxdomain,
+                        ttl: self.zone.ttl,
+                    }),
+                })),
+                _ => fail(nxdomain),
             },
         }
     }

@@ -25,12 +25,14 @@
 //! child imports it.
 
 pub mod answer;
+pub mod autopath;
 pub mod bind;
 pub mod encrypted;
 pub mod error;
 pub mod fast;
 pub mod forward;
 pub mod handler;
+pub mod job;
 pub mod server;
 mod slots;
 pub mod tally;
@@ -70,7 +72,7 @@ pub fn handler(cfg: &DnsConfig) -> Result<Handler, DnsError> {
             cfg.cache_size,
         ))
     });
-    Ok(Handler::new(zone, cfg.forward_allow.clone(), forwarder))
+    Ok(Handler::new(zone, cfg.forward_allow.clone(), forwarder).with_autopath(cfg.autopath))
 }
 
 /// Binds UDP (`cfg.udp_sockets` sockets with SO_REUSEPORT) and TCP on

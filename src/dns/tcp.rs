@@ -15,8 +15,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::forward::ForwardJob;
 use super::handler::Reply;
+use super::job::ForwardJob;
 use super::server::Shared;
 use super::wire::{self, Proto};
 use crate::registry::Reader;

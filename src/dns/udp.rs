@@ -19,8 +19,8 @@ use hickory_proto::op::ResponseCode;
 use tokio_util::sync::CancellationToken;
 
 use super::fast::FastCache;
-use super::forward::ForwardJob;
 use super::handler::Reply;
+use super::job::ForwardJob;
 use super::server::Shared;
 use super::tally::UdpTally;
 use super::wire::{self, Proto};

@@ -1,6 +1,7 @@
 //! beacon's integration tests: one binary, a harness that starts the real
 //! `beacon` on free loopback ports and stops it on drop.
 
+mod autopath;
 mod dns;
 mod dns_tls;
 mod dns_wire;
