@@ -33,6 +33,7 @@ pub mod fast;
 pub mod forward;
 pub mod handler;
 pub mod job;
+mod mmsg;
 pub mod server;
 mod slots;
 pub mod tally;

@@ -182,3 +182,46 @@ async fn join_is_ok_only_after_shutdown() {
         .unwrap();
     assert!(result.is_ok(), "{result:?}");
 }
+
+/// The batched receive never waits to fill a batch: a query that comes
+/// alone is answered at once, not after the socket's read timeout
+/// (`UDP_POLL`, 100 ms), which is where a receive waiting for a full batch
+/// would return. A burst of queries in one go is answered in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_query_is_answered_at_once_and_a_burst_in_full() {
+    let run = start(cfg(), Reader::fixed(demo())).await;
+    let q = query("web.default.svc.cluster.local.", RecordType::A, None)
+        .to_vec()
+        .unwrap();
+    let mut took = Vec::new();
+    for _ in 0..15 {
+        let t = Instant::now();
+        udp_ask(run.addr, &q).await.expect("udp reply");
+        took.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    took.sort();
+    assert!(
+        took[took.len() / 2] < crate::dns::udp::UDP_POLL / 2,
+        "median {:?}: the receive waited for more datagrams",
+        took[took.len() / 2]
+    );
+    // 40 queries sent back to back from one socket: 40 replies (more than
+    // one batch of the receive, and of the send).
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    for id in 0..40u16 {
+        let mut m = query("web.default.svc.cluster.local.", RecordType::A, None);
+        m.metadata.id = id;
+        sock.send_to(&m.to_vec().unwrap(), run.addr).await.unwrap();
+    }
+    let mut buf = vec![0u8; 4096];
+    while ids.len() < 40 {
+        let n = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
+            .await
+            .expect("every reply of the burst")
+            .unwrap();
+        ids.insert(parse(&buf[..n]).metadata.id);
+    }
+    run.stop().await;
+}
