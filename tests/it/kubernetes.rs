@@ -375,14 +375,28 @@ fn kubernetes_lost_api_server_and_410_relist() {
     assert_eq!(a(&b, "db.shop.svc.cluster.local"), ["10.0.1.10"]);
     let lists_before = api.stats.lists.load(std::sync::atomic::Ordering::SeqCst);
 
+    let gauge = "beacon_source_connected{source=\"kubernetes\"}";
+    assert_eq!(b.metric(gauge), Some(1.0), "connected once synced");
     api.stop();
-    std::thread::sleep(Duration::from_secs(2));
+    eventually(WAIT, "the loss is visible", || {
+        (b.metric(gauge) == Some(0.0)).then_some(())
+    });
+    let v = b.services_json();
+    assert_eq!(v["disconnected"], json!(["kubernetes"]), "{v}");
     assert_eq!(
         a(&b, "db.shop.svc.cluster.local"),
         ["10.0.1.10"],
         "last state kept"
     );
     assert_eq!(a(&b, "web.shop.svc.cluster.local"), ["10.96.0.10"]);
+    api.resume();
+    eventually(
+        WAIT,
+        "back (nothing changed, so the probe tells): connected again",
+        || (b.metric(gauge) == Some(1.0)).then_some(()),
+    );
+    let v = b.services_json();
+    assert_eq!(v["disconnected"], json!([]), "{v}");
     api.apply(
         Kind::Slice,
         slice(
@@ -396,7 +410,6 @@ fn kubernetes_lost_api_server_and_410_relist() {
             ]),
         ),
     );
-    api.resume();
     until(
         &b,
         "the resumed watch brings the change",
