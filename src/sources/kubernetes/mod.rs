@@ -167,7 +167,10 @@ impl Store {
                 None
             }
             Event::InitApply(s) => {
-                self.pending_services.entry(scope).or_default().push(s);
+                self.pending_services
+                    .entry(scope)
+                    .or_default()
+                    .push(slim(s));
                 None
             }
             Event::InitDone => {
@@ -190,7 +193,7 @@ impl Store {
             }
             Event::Apply(s) => {
                 let key = map::service_key(&s)?;
-                self.services.insert(key.clone(), s);
+                self.services.insert(key.clone(), slim(s));
                 Some(BTreeSet::from([key]))
             }
             Event::Delete(s) => {
@@ -208,7 +211,7 @@ impl Store {
                 None
             }
             Event::InitApply(s) => {
-                self.pending_slices.entry(scope).or_default().push(s);
+                self.pending_slices.entry(scope).or_default().push(slim(s));
                 None
             }
             Event::InitDone => {
@@ -229,7 +232,7 @@ impl Store {
                 self.synced[scope][1] = true;
                 Some(touched)
             }
-            Event::Apply(s) => Some(self.put_slice(s)),
+            Event::Apply(s) => Some(self.put_slice(slim(s))),
             Event::Delete(s) => {
                 let id = slice_id(&s)?;
                 Some(self.remove_slice(&id).into_iter().collect())
@@ -322,6 +325,17 @@ async fn answers(client: &Client, scope: &Option<Arc<str>>) -> bool {
         tokio::time::timeout(std::time::Duration::from_secs(1), list).await,
         Ok(Ok(_))
     )
+}
+
+/// An object as kept: without what beacon never reads and an API server
+/// sends in bulk (managedFields, kubectl's last-applied copy of the object).
+fn slim<K: kube::Resource>(mut obj: K) -> K {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    obj
 }
 
 fn slice_id(s: &EndpointSlice) -> Option<(String, String)> {

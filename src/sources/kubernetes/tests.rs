@@ -197,3 +197,22 @@ fn namespaces_are_separate_scopes() {
     assert_eq!(describe(&out), ["remove web.b"]);
     assert!(store.sent().contains_key(&ServiceKey::new("a", "web")));
 }
+
+#[test]
+fn kept_objects_drop_managed_fields_and_the_last_applied_copy() {
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web", "namespace": "shop",
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}",
+                            "beacon.io/balance": "p2c"},
+            "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+        "spec": {"clusterIP": "10.96.0.1"}
+    }))
+    .unwrap();
+    let kept = slim(svc);
+    assert_eq!(kept.metadata.managed_fields, None);
+    let annotations = kept.metadata.annotations.unwrap();
+    assert_eq!(
+        annotations.keys().collect::<Vec<_>>(),
+        ["beacon.io/balance"]
+    );
+}
