@@ -323,6 +323,10 @@ pub struct ServiceSpec {
     pub key: ServiceKey,
     /// ClusterIP-like address: A/AAAA answer it and the proxy listens on it.
     pub vip: Option<IpAddr>,
+    /// A dual-stack service's ClusterIP of the other family (Kubernetes
+    /// `clusterIPs[1]`): A/AAAA answer it too; the proxy listens on `vip`
+    /// only. Set only with `vip`.
+    pub second_vip: Option<IpAddr>,
     pub balance: Balance,
     pub ports: Vec<Port>,
     /// Unique by `ip` within a service.
@@ -344,6 +348,7 @@ impl ServiceSpec {
         Self {
             key,
             vip: None,
+            second_vip: None,
             balance: Balance::default(),
             ports: Vec::new(),
             endpoints: Vec::new(),
@@ -357,6 +362,12 @@ impl ServiceSpec {
 
     pub fn is_headless(&self) -> bool {
         self.vip.is_none()
+    }
+
+    /// The vip, then the second vip: what A/AAAA answer for a service
+    /// that is not headless.
+    pub fn vips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.vip.into_iter().chain(self.vip.and(self.second_vip))
     }
 }
 
@@ -752,7 +763,7 @@ impl Index {
             if svc.in_dns() {
                 index.namespaces.insert(svc.key().namespace.clone());
             }
-            if let Some(vip) = svc.spec.vip {
+            for vip in svc.spec.vips() {
                 index.by_ip.entry(vip).or_default().push(IpOwner {
                     service: svc.key().clone(),
                     host: None,

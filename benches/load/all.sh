@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every load bench (DNS, L4, memory, convergence) in one go and prints
+# Runs every load bench (DNS, L4, memory, convergence, kubernetes) in one go and prints
 # the side-by-side tables; writes the charts to benches/results/ and the raw
 # results to benches/results/results.tsv. About 8 minutes on 2 cores after
 # the release build.
@@ -9,7 +9,7 @@
 #   AREAS="dns l4" benches/load/all.sh      # a subset
 . "$(dirname "$0")/common.sh"
 
-AREAS="${AREAS:-dns l4 memory convergence}"
+AREAS="${AREAS:-dns l4 memory convergence kubernetes}"
 mkdir -p "$RESULTS_DIR"
 export RESULTS_TSV="$RESULTS_DIR/results.tsv" ALL_RUN=1
 : >"$RESULTS_TSV"

@@ -184,7 +184,7 @@ impl<'a> Builder<'a> {
             }
             (Node::Service(svc), RecordType::A | RecordType::AAAA) => {
                 let ips: Vec<IpAddr> = match svc.spec.vip {
-                    Some(vip) => vec![vip],
+                    Some(_) => svc.spec.vips().collect(),
                     None => svc.serving().map(|e| e.endpoint.ip).collect(),
                 };
                 self.addresses(owner, ips, qtype, rotate);
@@ -274,7 +274,7 @@ impl<'a> Builder<'a> {
         };
         let ips = match self.node(&rel) {
             Some(Node::Service(t)) if t.spec.external_name.is_none() => match t.spec.vip {
-                Some(vip) => vec![vip],
+                Some(_) => t.spec.vips().collect(),
                 None => t.serving().map(|e| e.endpoint.ip).collect(),
             },
             Some(Node::Endpoint(ep)) => vec![ep.endpoint.ip],
@@ -315,7 +315,12 @@ impl<'a> Builder<'a> {
                     .push(Record::from_rdata(owner, ttl, RData::SRV(srv)));
                 self.out
                     .additionals
-                    .push(address_record(service_name, ttl, vip));
+                    .push(address_record(service_name.clone(), ttl, vip));
+                if let Some(second) = svc.spec.second_vip {
+                    self.out
+                        .additionals
+                        .push(address_record(service_name, ttl, second));
+                }
             }
             None => {
                 for ep in svc.serving() {

@@ -25,8 +25,9 @@ impl State {
             }
         };
         for key in touched {
-            let vip = owner(sources, desired, key).and_then(|(_, _, spec)| spec.vip);
-            for ip in ledger.vips.set(key, vip.into_iter().collect()) {
+            let vips = owner(sources, desired, key)
+                .map_or_else(Vec::new, |(_, _, spec)| spec.vips().collect());
+            for ip in ledger.vips.set(key, vips.into_iter().collect()) {
                 note(&mut moved, ledger.vips.decide(ip, rank));
             }
         }
@@ -61,15 +62,19 @@ impl State {
     ) -> (Arc<ServiceSpec>, Vec<(std::net::SocketAddr, usize)>) {
         let previous = self.snapshot.services.get(key);
         let vip_lost = spec.vip.is_some_and(|ip| !self.ledger.vips.holds(key, &ip));
+        let second_lost = spec
+            .second_vip
+            .is_some_and(|ip| !self.ledger.vips.holds(key, &ip));
         let mut endpoints = Vec::new();
         let mut lost = Vec::new();
         if duplicate_hostnames(&spec.endpoints) {
             endpoints = spec.endpoints.clone();
             lost = settle_hostnames(key, &mut endpoints, previous.map(|s| &**s));
         }
-        let spec = if vip_lost || !lost.is_empty() {
+        let spec = if vip_lost || second_lost || !lost.is_empty() {
             let mut own = (**spec).clone();
             own.vip = own.vip.filter(|_| !vip_lost);
+            own.second_vip = own.second_vip.filter(|_| !vip_lost && !second_lost);
             if !lost.is_empty() {
                 own.endpoints = endpoints;
             }

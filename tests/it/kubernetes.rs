@@ -375,14 +375,28 @@ fn kubernetes_lost_api_server_and_410_relist() {
     assert_eq!(a(&b, "db.shop.svc.cluster.local"), ["10.0.1.10"]);
     let lists_before = api.stats.lists.load(std::sync::atomic::Ordering::SeqCst);
 
+    let gauge = "beacon_source_connected{source=\"kubernetes\"}";
+    assert_eq!(b.metric(gauge), Some(1.0), "connected once synced");
     api.stop();
-    std::thread::sleep(Duration::from_secs(2));
+    eventually(WAIT, "the loss is visible", || {
+        (b.metric(gauge) == Some(0.0)).then_some(())
+    });
+    let v = b.services_json();
+    assert_eq!(v["disconnected"], json!(["kubernetes"]), "{v}");
     assert_eq!(
         a(&b, "db.shop.svc.cluster.local"),
         ["10.0.1.10"],
         "last state kept"
     );
     assert_eq!(a(&b, "web.shop.svc.cluster.local"), ["10.96.0.10"]);
+    api.resume();
+    eventually(
+        WAIT,
+        "back (nothing changed, so the probe tells): connected again",
+        || (b.metric(gauge) == Some(1.0)).then_some(()),
+    );
+    let v = b.services_json();
+    assert_eq!(v["disconnected"], json!([]), "{v}");
     api.apply(
         Kind::Slice,
         slice(
@@ -396,7 +410,6 @@ fn kubernetes_lost_api_server_and_410_relist() {
             ]),
         ),
     );
-    api.resume();
     until(
         &b,
         "the resumed watch brings the change",
@@ -444,4 +457,70 @@ fn kubernetes_lost_api_server_and_410_relist() {
         lists_after > lists_before,
         "listed again: {lists_before} -> {lists_after}"
     );
+}
+
+/// Dual stack: a ClusterIP service with two clusterIPs answers A and AAAA;
+/// a headless service's IPv4 and IPv6 slices merge.
+#[test]
+fn kubernetes_dual_stack_answers_a_and_aaaa() {
+    let api = ApiServer::start();
+    api.apply(
+        Kind::Service,
+        service(
+            "shop",
+            "web",
+            json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
+                "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                "ports": [{"name": "http", "port": 80}]}),
+        ),
+    );
+    api.apply(
+        Kind::Service,
+        service(
+            "shop",
+            "db",
+            json!({"clusterIP": "None", "clusterIPs": ["None"],
+                "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack",
+                "ports": [{"name": "pg", "port": 5432}]}),
+        ),
+    );
+    api.apply(
+        Kind::Slice,
+        slice(
+            "shop",
+            "db-v4",
+            "db",
+            Some(("pg", 5432)),
+            json!([ep("10.0.1.10", true, true, false)]),
+        ),
+    );
+    let mut v6 = slice(
+        "shop",
+        "db-v6",
+        "db",
+        Some(("pg", 5432)),
+        json!([ep("fd00::1:10", true, true, false)]),
+    );
+    v6["addressType"] = json!("IPv6");
+    api.apply(Kind::Slice, v6);
+    let b = start_beacon(&api);
+    b.wait_ready();
+    let web = "web.shop.svc.cluster.local";
+    assert_eq!(dig(b.dns, web, "A", false), ["10.96.0.10"]);
+    assert_eq!(dig(b.dns, web, "AAAA", false), ["fd00::10"]);
+    let db = "db.shop.svc.cluster.local";
+    assert_eq!(dig(b.dns, db, "A", false), ["10.0.1.10"]);
+    assert_eq!(dig(b.dns, db, "AAAA", false), ["fd00::1:10"]);
+    // The second vip goes when the service turns single-stack.
+    api.apply(
+        Kind::Service,
+        service(
+            "shop",
+            "web",
+            json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                "ports": [{"name": "http", "port": 80}]}),
+        ),
+    );
+    until(&b, "single stack again", web, "AAAA", &[]);
+    assert_eq!(dig(b.dns, web, "A", false), ["10.96.0.10"]);
 }

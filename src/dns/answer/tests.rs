@@ -222,6 +222,35 @@ fn cluster_ip_service_answers_its_vip() {
 }
 
 #[test]
+fn dual_stack_service_answers_a_and_aaaa_with_its_two_vips() {
+    let mut svc = service("default", "dual", Some("10.96.0.10"), vec![ep("10.0.0.1")]);
+    Arc::make_mut(&mut svc.spec).second_vip = Some(ip("fd00::10"));
+    let snap = snapshot(vec![svc]);
+    let name = "dual.default.svc.cluster.local.";
+    let a = zone_answer(ask(&snap, name, RecordType::A));
+    assert_eq!(ips(&a.answers), vec![ip("10.96.0.10")]);
+    let aaaa = zone_answer(ask(&snap, name, RecordType::AAAA));
+    assert_eq!(ips(&aaaa.answers), vec![ip("fd00::10")]);
+    // SRV's additionals carry both.
+    let srv = zone_answer(ask(
+        &snap,
+        "_http._tcp.dual.default.svc.cluster.local.",
+        RecordType::SRV,
+    ));
+    assert_eq!(
+        sorted(ips(&srv.additionals)),
+        vec![ip("10.96.0.10"), ip("fd00::10")]
+    );
+    // Both point back at the service.
+    let ptr = zone_answer(ask(
+        &snap,
+        "0.1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.",
+        RecordType::PTR,
+    ));
+    assert_eq!(ptr.answers.len(), 1, "{ptr:?}");
+}
+
+#[test]
 fn headless_service_answers_serving_endpoints_only() {
     let za = zone_answer(ask(&demo(), "db.prod.svc.cluster.local.", RecordType::A));
     assert_eq!(

@@ -73,7 +73,8 @@ pub fn service_spec<'a>(
         spec.external_name = Some(target.to_ascii_lowercase().into());
         return Some(spec);
     }
-    spec.vip = cluster_ip(k8s.cluster_ips.as_deref(), k8s.cluster_ip.as_deref());
+    (spec.vip, spec.second_vip) =
+        cluster_ips(k8s.cluster_ips.as_deref(), k8s.cluster_ip.as_deref());
     let annotations = svc.metadata.annotations.as_ref();
     let annotation = |name: &str| annotations.and_then(|a| a.get(name)).map(String::as_str);
     spec.listen_vip = annotation(ANNOTATION_LISTEN_VIP).is_some_and(|v| v.trim() == "true");
@@ -99,10 +100,19 @@ pub fn service_spec<'a>(
     Some(spec)
 }
 
-/// The primary ClusterIP; `None` (headless) for `None` or no address.
-fn cluster_ip(ips: Option<&[String]>, ip: Option<&str>) -> Option<IpAddr> {
-    let first = ips.and_then(|l| l.first()).map(String::as_str).or(ip)?;
-    first.parse().ok()
+/// The primary ClusterIP (`None`: headless, for `None` or no address),
+/// and a dual-stack service's ClusterIP of the other family.
+fn cluster_ips(ips: Option<&[String]>, ip: Option<&str>) -> (Option<IpAddr>, Option<IpAddr>) {
+    let first = ips.and_then(|l| l.first()).map(String::as_str).or(ip);
+    let Some(vip) = first.and_then(|s| s.parse::<IpAddr>().ok()) else {
+        return (None, None);
+    };
+    let second = ips
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.parse::<IpAddr>().ok())
+        .find(|other| other.is_ipv4() != vip.is_ipv4());
+    (Some(vip), second)
 }
 
 fn protocol_of(p: Option<&str>) -> Option<Protocol> {

@@ -36,6 +36,8 @@ use super::{Backoff, Source, SourceError, SourceFuture, count_error};
 
 const BACKOFF_BASE: std::time::Duration = std::time::Duration::from_millis(200);
 const BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often a lost API server is asked whether it is back.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One watcher event, tagged with the scope (index into the namespaces,
 /// or 0 for all) of the watch it came from.
@@ -76,6 +78,9 @@ pub struct Store {
     /// Per scope: services listed once, slices listed once.
     synced: Vec<[bool; 2]>,
     reset_sent: bool,
+    /// Whether the API server answers, as last told the registry (after
+    /// the first sync: the `Reset` says connected).
+    connected: bool,
     sent: BTreeMap<ServiceKey, ServiceSpec>,
 }
 
@@ -96,6 +101,7 @@ impl Store {
             pending_services: HashMap::new(),
             pending_slices: HashMap::new(),
             reset_sent: false,
+            connected: false,
             sent: BTreeMap::new(),
         }
     }
@@ -113,22 +119,44 @@ impl Store {
         self.scopes[scope].as_deref().is_none_or(|s| s == ns)
     }
 
-    /// The updates one watcher event calls for (errors call for none).
-    pub fn apply(&mut self, ev: Tagged) -> Vec<Update> {
-        let touched = match ev {
-            Tagged::Service(scope, r) => match *r {
-                Ok(ev) => self.on_service(scope, ev),
-                Err(_) => return Vec::new(),
-            },
-            Tagged::Slice(scope, r) => match *r {
-                Ok(ev) => self.on_slice(scope, ev),
-                Err(_) => return Vec::new(),
-            },
-        };
-        match touched {
-            Some(keys) => self.settle(keys),
-            None => Vec::new(),
+    /// Whether the API server answered last (false before the first sync).
+    pub fn connected(&self) -> bool {
+        self.connected
+    }
+
+    /// The API server answered (a watcher event or a probe): after the
+    /// first sync, `Connected(true)` once when it had been lost.
+    pub fn reached(&mut self) -> Option<Update> {
+        if !self.reset_sent || self.connected {
+            return None;
         }
+        self.connected = true;
+        Some(Update::Connected(true))
+    }
+
+    /// The updates one watcher event calls for. An error changes no
+    /// service (the last state stays served); after the first sync the
+    /// first error of an outage says `Connected(false)`.
+    pub fn apply(&mut self, ev: Tagged) -> Vec<Update> {
+        if let Some(e) = ev.error() {
+            // A 410 Gone comes from a server that answers: the watcher
+            // lists again, nothing is lost.
+            let gone = matches!(e, watcher::Error::WatchError(s) if s.code == 410);
+            if gone || !self.reset_sent || !self.connected {
+                return Vec::new();
+            }
+            self.connected = false;
+            return vec![Update::Connected(false)];
+        }
+        let mut out: Vec<Update> = self.reached().into_iter().collect();
+        let touched = match ev {
+            Tagged::Service(scope, r) => (*r).ok().and_then(|ev| self.on_service(scope, ev)),
+            Tagged::Slice(scope, r) => (*r).ok().and_then(|ev| self.on_slice(scope, ev)),
+        };
+        if let Some(keys) = touched {
+            out.extend(self.settle(keys));
+        }
+        out
     }
 
     /// The services an event touched; `None` while a list is buffered.
@@ -139,7 +167,10 @@ impl Store {
                 None
             }
             Event::InitApply(s) => {
-                self.pending_services.entry(scope).or_default().push(s);
+                self.pending_services
+                    .entry(scope)
+                    .or_default()
+                    .push(slim(s));
                 None
             }
             Event::InitDone => {
@@ -162,7 +193,7 @@ impl Store {
             }
             Event::Apply(s) => {
                 let key = map::service_key(&s)?;
-                self.services.insert(key.clone(), s);
+                self.services.insert(key.clone(), slim(s));
                 Some(BTreeSet::from([key]))
             }
             Event::Delete(s) => {
@@ -180,7 +211,7 @@ impl Store {
                 None
             }
             Event::InitApply(s) => {
-                self.pending_slices.entry(scope).or_default().push(s);
+                self.pending_slices.entry(scope).or_default().push(slim(s));
                 None
             }
             Event::InitDone => {
@@ -201,7 +232,7 @@ impl Store {
                 self.synced[scope][1] = true;
                 Some(touched)
             }
-            Event::Apply(s) => Some(self.put_slice(s)),
+            Event::Apply(s) => Some(self.put_slice(slim(s))),
             Event::Delete(s) => {
                 let id = slice_id(&s)?;
                 Some(self.remove_slice(&id).into_iter().collect())
@@ -252,6 +283,7 @@ impl Store {
                 return Vec::new();
             }
             self.reset_sent = true;
+            self.connected = true;
             let keys: Vec<ServiceKey> = self.services.keys().cloned().collect();
             self.sent = keys
                 .iter()
@@ -278,6 +310,32 @@ impl Store {
         }
         out
     }
+}
+
+/// Whether the API server answers a one-item list of services (which the
+/// ClusterRole allows) within a second.
+async fn answers(client: &Client, scope: &Option<Arc<str>>) -> bool {
+    let api: Api<Service> = match scope {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let params = kube::api::ListParams::default().limit(1);
+    let list = api.list(&params);
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(1), list).await,
+        Ok(Ok(_))
+    )
+}
+
+/// An object as kept: without what beacon never reads and an API server
+/// sends in bulk (managedFields, kubectl's last-applied copy of the object).
+fn slim<K: kube::Resource>(mut obj: K) -> K {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    obj
 }
 
 fn slice_id(s: &EndpointSlice) -> Option<(String, String)> {
@@ -389,10 +447,24 @@ impl KubernetesSource {
         };
         let mut store = Store::new(&self.config.namespaces, self.defaults.clone());
         let mut events = self.watches(&client, &store);
+        let mut probe = tokio::time::interval(PROBE_EVERY);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let lost = store.reset_sent && !store.connected();
             let ev = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 ev = events.next() => ev,
+                // A watch resumed after an outage says nothing until
+                // something changes: ask the API server whether it is back.
+                _ = probe.tick(), if lost => {
+                    if answers(&client, &store.scopes()[0]).await
+                        && let Some(up) = store.reached()
+                    {
+                        tracing::info!("kubernetes API server: reached again");
+                        super::send(&registry, &self.id, up).await?;
+                    }
+                    continue;
+                }
             };
             let Some(ev) = ev else {
                 return Err(SourceError::Failed("kubernetes watches ended".into()));
@@ -427,5 +499,7 @@ impl Source for KubernetesSource {
     }
 }
 
+#[cfg(test)]
+mod mock_tests;
 #[cfg(test)]
 mod tests;

@@ -38,7 +38,7 @@ fn list_slices(store: &mut Store, scope: usize, items: Vec<EndpointSlice>) -> Ve
     out
 }
 
-fn describe(updates: &[Update]) -> Vec<String> {
+pub(super) fn describe(updates: &[Update]) -> Vec<String> {
     updates
         .iter()
         .map(|u| match u {
@@ -147,10 +147,28 @@ fn a_relist_after_410_sends_only_the_difference() {
 fn errors_change_nothing_and_the_last_state_stays() {
     let mut store = synced_store();
     let err = || watcher::Error::NoResourceVersion;
-    assert!(store.apply(Tagged::service(0, Err(err()))).is_empty());
+    // The first error of an outage says the source lost its upstream;
+    // later ones say nothing.
+    let out = store.apply(Tagged::service(0, Err(err())));
+    assert_eq!(describe(&out), ["connected false"]);
     assert!(store.apply(Tagged::slice(0, Err(err()))).is_empty());
+    // A 410 Gone is no outage.
+    let mut fresh = synced_store();
+    let gone = kube::core::Status::failure("too old", "Expired").with_code(410);
+    let out = fresh.apply(Tagged::slice(
+        0,
+        Err(watcher::Error::WatchError(Box::new(gone))),
+    ));
+    assert!(out.is_empty() && fresh.connected());
     assert_eq!(store.sent().len(), 1);
     assert_eq!(store.sent().values().next().unwrap().endpoints.len(), 2);
+    // The next event (or a probe) says it is back.
+    let out = store.apply(Tagged::slice(
+        0,
+        Ok(Event::Apply(slice("web-b", "shop", "web", &[]))),
+    ));
+    assert_eq!(describe(&out), ["connected true"]);
+    assert!(store.reached().is_none());
 }
 
 #[test]
@@ -178,4 +196,23 @@ fn namespaces_are_separate_scopes() {
     let out = list_services(&mut store, 1, vec![]);
     assert_eq!(describe(&out), ["remove web.b"]);
     assert!(store.sent().contains_key(&ServiceKey::new("a", "web")));
+}
+
+#[test]
+fn kept_objects_drop_managed_fields_and_the_last_applied_copy() {
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web", "namespace": "shop",
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}",
+                            "beacon.io/balance": "p2c"},
+            "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+        "spec": {"clusterIP": "10.96.0.1"}
+    }))
+    .unwrap();
+    let kept = slim(svc);
+    assert_eq!(kept.metadata.managed_fields, None);
+    let annotations = kept.metadata.annotations.unwrap();
+    assert_eq!(
+        annotations.keys().collect::<Vec<_>>(),
+        ["beacon.io/balance"]
+    );
 }

@@ -200,3 +200,47 @@ fn a_slice_with_another_port_overrides_it_for_its_endpoints() {
     assert_eq!(spec.endpoints[0].port, None);
     assert_eq!(spec.endpoints[1].port, Some(9090));
 }
+
+#[test]
+fn dual_stack_cluster_ips_give_a_second_vip_and_v6_slices_merge() {
+    let dual = service(json!({
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
+                 "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack",
+                 "ports": [{"name": "http", "port": 80}]}
+    }));
+    let spec = service_spec(&dual, [], &ServiceDefaults::default()).unwrap();
+    assert_eq!(spec.vip, Some("10.96.0.10".parse().unwrap()));
+    assert_eq!(spec.second_vip, Some("fd00::10".parse().unwrap()));
+    // IPv6 first: the v4 one is the second.
+    let v6_first = service(json!({
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.10"]}
+    }));
+    let spec = service_spec(&v6_first, [], &ServiceDefaults::default()).unwrap();
+    assert_eq!(spec.second_vip, Some("10.96.0.10".parse().unwrap()));
+    // Single stack: none.
+    let spec = service_spec(&cluster_ip(), [], &ServiceDefaults::default()).unwrap();
+    assert_eq!(spec.second_vip, None);
+
+    // Headless dual-stack: the IPv4 and the IPv6 slice of one service merge.
+    let headless = service(json!({
+        "metadata": {"name": "db", "namespace": "shop"},
+        "spec": {"clusterIP": "None", "clusterIPs": ["None"], "ports": [{"name": "pg", "port": 5432}]}
+    }));
+    let family = |name: &str, family: &str, ip: &str| {
+        slice(json!({
+            "metadata": {"name": name, "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "db"}},
+            "addressType": family,
+            "endpoints": [{"addresses": [ip], "hostname": "db-0"}]
+        }))
+    };
+    let v4 = family("db-v4", "IPv4", "10.0.1.10");
+    let v6 = family("db-v6", "IPv6", "fd00::1:10");
+    let spec = service_spec(&headless, [&v4, &v6], &ServiceDefaults::default()).unwrap();
+    assert_eq!(spec.vip, None);
+    assert_eq!(spec.second_vip, None);
+    let ips: Vec<String> = spec.endpoints.iter().map(|e| e.ip.to_string()).collect();
+    assert_eq!(ips, ["10.0.1.10", "fd00::1:10"]);
+}
