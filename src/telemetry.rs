@@ -118,7 +118,7 @@ catalogue! {
     PROXY_BYTES = ("beacon_proxy_bytes_total", Counter, "Proxied bytes by service and direction");
     PROXY_CONNECT_DURATION = ("beacon_proxy_connect_duration_seconds", Histogram, "Time to connect to an endpoint");
     PROXY_CONNECTION_ENDS = ("beacon_proxy_connection_ends_total", Counter, "Proxied connections by service and how they ended (fin, client_reset, upstream_reset, idle_timeout, removed, drain_deadline, client_fin_timeout, server_fin_timeout)");
-    PROXY_SPLICE = ("beacon_proxy_splice_total", Counter, "Proxied directions by copy mode (splice or userspace)");
+    PROXY_SPLICE = ("beacon_proxy_splice_total", Counter, "Proxied TCP directions by how their bytes moved: splice (bulk), copy (small reads only), fallback (userspace, no splice)");
     PROXY_LISTENERS = ("beacon_proxy_listeners", Gauge, "Open proxy listeners");
     PROXY_LISTENER_ERRORS = ("beacon_proxy_listener_errors_total", Counter, "Proxy listeners that could not be opened, by service");
     PROXY_ACCESS_LOG_DROPPED = ("beacon_proxy_access_log_dropped_total", Counter, "Access log lines dropped because the writer fell behind");

@@ -2,13 +2,19 @@
 # L4 proxy load bench: bulk throughput (iperf3), new-connection rate (wrk
 # with `Connection: close`) and keep-alive request rate (wrk), direct to the
 # backends (the limit) and through beacon, HAProxy (tcp mode, splice) and
-# nginx stream, then beacon with each balancing policy.
+# nginx stream, then beacon with each balancing policy; UDP datagrams/s and
+# round trips (udp_load: 32 flows, one datagram in flight each) through
+# beacon's and nginx stream's UDP proxies to echo backends.
 #
-# Backends: nginx (1 worker, `return 200`) on 127.0.0.11-13 and an iperf3
-# server on 127.0.0.11. Proxies get two threads/processes each.
+# Backends: nginx (1 worker, `return 200`) on 127.0.0.11-13, an iperf3
+# server on 127.0.0.11, udp_load echo on 127.0.0.11-13. Proxies get two
+# threads/processes each. Targets run in L4_ROUNDS rounds, alternating
+# (direct, beacon, haproxy, nginx, direct, beacon, ...): the report gives
+# each cell's median over the rounds. `beacon-splice` is beacon with
+# `[proxy] splice = "always"` (splice from the first byte, the old path).
 #
-#   benches/load/l4.sh             # about 2 minutes
-#   L4_SECS=10 benches/load/l4.sh
+#   benches/load/l4.sh             # about 5 minutes (3 rounds)
+#   L4_SECS=10 L4_ROUNDS=5 benches/load/l4.sh
 . "$(dirname "$0")/common.sh"
 
 need haproxy:haproxy nginx:nginx iperf3:iperf3 wrk:wrk python3:python3
@@ -16,7 +22,13 @@ need haproxy:haproxy nginx:nginx iperf3:iperf3 wrk:wrk python3:python3
 
 SECS="${L4_SECS:-5}"
 CONNS="${L4_CONNS:-32}"
-TARGETS="${L4_TARGETS:-direct beacon haproxy nginx}"
+TARGETS="${L4_TARGETS:-direct beacon beacon-splice haproxy nginx}"
+ROUNDS="${L4_ROUNDS:-3}"
+UDP_LOAD="${UDP_LOAD:-$TARGET_DIR/release/examples/udp_load}"
+if [ ! -x "$UDP_LOAD" ]; then
+    log "cargo build --release --example udp_load"
+    (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --release --quiet --example udp_load) >&2
+fi
 POLICIES="${L4_POLICIES:-least_conn p2c maglev random}"
 D="$WORK/l4"
 mkdir -p "$D/nginx-backend" "$D/nginx-stream"
@@ -24,6 +36,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 HTTP_PORT=$(free_port)   # backends' http port on 127.0.0.11-13
 BULK_PORT=$(free_port)   # iperf3 on 127.0.0.11
+UDP_PORT=$(free_port)    # udp_load echo on 127.0.0.11-13
 
 # --- backends ---
 cat >"$D/nginx-backend.conf" <<CONF
@@ -52,14 +65,16 @@ start nginx-backend nginx -e "$D/nginx-backend/error.log" -c "$D/nginx-backend.c
 BACKEND_PID=$LAST_PID
 start iperf3-server iperf3 -s -B 127.0.0.11 -p "$BULK_PORT"
 IPERF_PID=$LAST_PID
+start udp-echo "$UDP_LOAD" echo "127.0.0.11:$UDP_PORT" "127.0.0.12:$UDP_PORT" "127.0.0.13:$UDP_PORT"
+UDP_ECHO_PID=$LAST_PID
 wait_tcp 127.0.0.13 "$HTTP_PORT"
 wait_tcp 127.0.0.11 "$BULK_PORT"
 
 # --- measurement ---
-# run_target NAME HTTP_ADDR BULK_ADDR|- PID: the CPU of PID and its children
-# is charged per request (for `direct`, the backend's).
+# run_target NAME HTTP_ADDR BULK_ADDR|- PID [UDP_ADDR]: the CPU of PID and
+# its children is charged per request (for `direct`, the backend's).
 run_target() {
-    local name="$1" http="$2" bulk="$3" pid="$4" out c0 c1
+    local name="$1" http="$2" bulk="$3" pid="$4" udp="${5:-}" out c0 c1
     out="$WORK/iperf-$name.json"
     if [ "$bulk" != - ]; then
         iperf3 -c "${bulk%:*}" -p "${bulk##*:}" -t "$SECS" -J >"$out" 2>&1 || true
@@ -95,6 +110,15 @@ PY
                 if (reqs > 0) printf "l4\t%s\t%s\tcpu_us_per_req\t%.2f\n", mode, name, ticks / hz / reqs * 1e6
             }' "$out" >>"$RESULTS_TSV"
     done
+    if [ -n "$udp" ]; then
+        c0=$(cpu_ticks "$pid")
+        "$UDP_LOAD" run "$name" "$udp" --flows "$CONNS" --seconds "$SECS" >"$WORK/udp-$name.tsv" 2>&1 || true
+        c1=$(cpu_ticks "$pid")
+        cat "$WORK/udp-$name.tsv" >>"$RESULTS_TSV"
+        awk -v name="$name" -v ticks=$((c1 - c0)) -v hz="$CLK_TCK" -v secs="$SECS" '
+            $4 == "dps" && $5 > 0 { printf "l4\tudp\t%s\tcpu_us_per_dgram\t%.2f\n", name, ticks / hz / ($5 * secs) * 1e6 }
+        ' "$WORK/udp-$name.tsv" >>"$RESULTS_TSV"
+    fi
 }
 
 beacon_services() { # FILE: one service per policy plus the bulk service
@@ -124,6 +148,27 @@ balance = "$policy"
 TOML
     done
     port=$(free_port)
+    echo "udp $port" >>"$D/beacon-ports"
+    cat >>"$file" <<TOML
+[[service]]
+name = "echo"
+  [[service.port]]
+  name = "echo"
+  port = 7
+  protocol = "udp"
+  target_port = $UDP_PORT
+  listen = "127.0.0.1:$port"
+  [[service.endpoint]]
+  ip = "127.0.0.11"
+  [[service.endpoint]]
+  ip = "127.0.0.12"
+  [[service.endpoint]]
+  ip = "127.0.0.13"
+  [service.health]
+  kind = "none"
+
+TOML
+    port=$(free_port)
     echo "bulk $port" >>"$D/beacon-ports"
     cat >>"$file" <<TOML
 [[service]]
@@ -140,14 +185,18 @@ name = "bulk"
 TOML
 }
 
+for round in $(seq "$ROUNDS"); do
 for target in $TARGETS; do
+    log "l4: round $round of $ROUNDS"
     case "$target" in
     direct)
         log "l4: direct"
-        run_target direct "127.0.0.11:$HTTP_PORT" "127.0.0.11:$BULK_PORT" "$BACKEND_PID"
+        run_target direct "127.0.0.11:$HTTP_PORT" "127.0.0.11:$BULK_PORT" "$BACKEND_PID" "127.0.0.11:$UDP_PORT"
         ;;
-    beacon)
+    beacon | beacon-splice)
         if ! have_beacon; then log "l4: no beacon binary at $BEACON; skipping"; continue; fi
+        splice=auto
+        [ "$target" = beacon-splice ] && splice=always
         : >"$D/beacon-ports"
         beacon_services "$D/services.toml"
         cat >"$D/beacon.toml" <<TOML
@@ -161,6 +210,7 @@ listen = "127.0.0.1:$(free_port)"
 kind = "none"
 [proxy]
 max_connections = 100000
+splice = "$splice"
 [[source]]
 type = "file"
 path = "services.toml"
@@ -169,15 +219,20 @@ TOML
         pid=$LAST_PID
         rr=$(awk '$1 == "round_robin" {print $2}' "$D/beacon-ports")
         bulk=$(awk '$1 == "bulk" {print $2}' "$D/beacon-ports")
+        udp=$(awk '$1 == "udp" {print $2}' "$D/beacon-ports")
         wait_tcp 127.0.0.1 "$rr"
         wait_tcp 127.0.0.1 "$bulk"
-        log "l4: beacon (pid $pid)"
-        run_target beacon "127.0.0.1:$rr" "127.0.0.1:$bulk" "$pid"
-        for policy in $POLICIES; do
-            port=$(awk -v p="$policy" '$1 == p {print $2}' "$D/beacon-ports")
-            log "l4: beacon balance=$policy"
-            run_target "beacon-$policy" "127.0.0.1:$port" - "$pid"
-        done
+        log "l4: $target (pid $pid)"
+        run_target "$target" "127.0.0.1:$rr" "127.0.0.1:$bulk" "$pid" "127.0.0.1:$udp"
+        # The policies once, in the first round (their own pick costs are
+        # in the micro benches).
+        if [ "$target" = beacon ] && [ "$round" = 1 ]; then
+            for policy in $POLICIES; do
+                port=$(awk -v p="$policy" '$1 == p {print $2}' "$D/beacon-ports")
+                log "l4: beacon balance=$policy"
+                run_target "beacon-$policy" "127.0.0.1:$port" - "$pid"
+            done
+        fi
         stop "$pid"
         ;;
     haproxy)
@@ -214,7 +269,7 @@ CONF
         stop "$pid"
         ;;
     nginx)
-        np=$(free_port); nb=$(free_port)
+        np=$(free_port); nb=$(free_port); nu=$(free_port)
         cat >"$D/nginx-stream.conf" <<CONF
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 worker_processes 2;
@@ -225,7 +280,9 @@ events { worker_connections 20000; }
 stream {
     upstream web { server 127.0.0.11:$HTTP_PORT; server 127.0.0.12:$HTTP_PORT; server 127.0.0.13:$HTTP_PORT; }
     upstream bulk { server 127.0.0.11:$BULK_PORT; }
+    upstream echo { server 127.0.0.11:$UDP_PORT; server 127.0.0.12:$UDP_PORT; server 127.0.0.13:$UDP_PORT; }
     server { listen 127.0.0.1:$np reuseport; proxy_pass web; }
+    server { listen 127.0.0.1:$nu udp reuseport; proxy_pass echo; }
     server { listen 127.0.0.1:$nb; proxy_pass bulk; }
 }
 CONF
@@ -233,10 +290,11 @@ CONF
         pid=$LAST_PID
         wait_tcp 127.0.0.1 "$np"
         log "l4: nginx stream (pid $pid)"
-        run_target nginx "127.0.0.1:$np" "127.0.0.1:$nb" "$pid"
+        run_target nginx "127.0.0.1:$np" "127.0.0.1:$nb" "$pid" "127.0.0.1:$nu"
         stop "$pid"
         ;;
     esac
+done
 done
 log "l4: done"
 [ -n "${ALL_RUN:-}" ] || python3 "$LOAD_DIR/report.py" "$RESULTS_TSV"

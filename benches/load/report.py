@@ -13,6 +13,7 @@ way as the metric: a qps ratio above 1 is good, a latency ratio above 1 bad.
 
 import argparse
 import collections
+import statistics
 import html
 import os
 
@@ -77,12 +78,22 @@ def order(servers):
 
 
 def load(path):
-    rows = []
+    """Rows of the TSV; a cell measured in several rounds (benches/load/l4.sh
+    with L4_ROUNDS) becomes the median of its rounds."""
+    seen = collections.OrderedDict()
     with open(path) as f:
         for line in f:
             parts = line.rstrip("\n").split("\t")
             if len(parts) == 5:
-                rows.append(parts)
+                seen.setdefault(tuple(parts[:4]), []).append(parts[4])
+    rows = []
+    for key, values in seen.items():
+        try:
+            v = statistics.median(float(x) for x in values)
+            value = f"{v:.10g}" if len(values) > 1 else values[0]
+        except ValueError:
+            value = values[-1]
+        rows.append(list(key) + [value])
     return rows
 
 

@@ -38,7 +38,7 @@ pub use dns::DnsConfig;
 pub use etcd::EtcdConfig;
 pub use index::ServicesIndex;
 pub use main_config::{AdminConfig, Config, DEFAULT_CONFIG};
-pub use proxy::{AccessLogTarget, ProxyConfig};
+pub use proxy::{AccessLogTarget, ProxyConfig, SpliceMode};
 pub use report::{ConfigError, ConfigErrors};
 pub use service::ServiceDefaults;
 pub use services::{check, load_services, load_services_path, parse_services, services_files};

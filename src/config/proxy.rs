@@ -26,6 +26,22 @@ pub struct ProxyConfig {
     pub vip_interface: Option<String>,
     /// Cap on UDP flows (per UDP listener).
     pub udp_max_flows: usize,
+    /// When TCP bytes move by splice(2).
+    pub splice: SpliceMode,
+}
+
+/// `[proxy] splice`: when a TCP direction moves its bytes with splice(2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SpliceMode {
+    /// Small reads are copied through a per-thread buffer; a direction
+    /// whose read fills it (bulk) is spliced from then on (the default; as
+    /// HAProxy's `option splice-auto`).
+    #[default]
+    Auto,
+    /// Splice from the first byte.
+    Always,
+    /// Never splice: copy in userspace.
+    Never,
 }
 
 /// Where the access log goes (`[proxy] access_log`).
@@ -48,6 +64,7 @@ impl Default for ProxyConfig {
             access_log: None,
             vip_interface: None,
             udp_max_flows: 65_536,
+            splice: SpliceMode::Auto,
         }
     }
 }
@@ -78,6 +95,22 @@ pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawProxy, base: &Path) -> Pro
             }
             path => Some(AccessLogTarget::File(base.join(path))),
         });
+    if let Some(v) = &raw.own.splice {
+        p.splice = match v.get_ref().as_str() {
+            "auto" => SpliceMode::Auto,
+            "always" => SpliceMode::Always,
+            "never" => SpliceMode::Never,
+            other => {
+                r.error(
+                    v.span(),
+                    format!(
+                        "unknown splice `{other}`; valid: `auto` (the default), `always`, `never`"
+                    ),
+                );
+                SpliceMode::Auto
+            }
+        };
+    }
     p.vip_interface = raw.own.vip_interface.as_ref().and_then(|v| {
         let name = v.get_ref();
         let valid = (1..=15).contains(&name.len())

@@ -119,6 +119,8 @@ pub struct RawGlobalProxy {
     pub udp_max_flows: Option<Spanned<i64>>,
     /// The interface beacon keeps the vips on.
     pub vip_interface: Option<Spanned<String>>,
+    /// `"auto"`, `"always"` or `"never"`.
+    pub splice: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -455,6 +455,7 @@ slow_start = "30s"
 client_fin_timeout = "5s"
 udp_idle_timeout = "10s"
 udp_max_flows = 100
+splice = "always"
 access_log = "logs/access.log"
 "#,
         Path::new("b.toml"),
@@ -521,6 +522,7 @@ server_fin_timeout = "2s"
     assert_eq!(inherits.proxy.server_fin_timeout, None);
     assert_eq!(inherits.proxy.udp_idle_timeout, Duration::from_secs(10));
     assert_eq!(config.proxy.udp_max_flows, 100);
+    assert_eq!(config.proxy.splice, crate::config::SpliceMode::Always);
     assert_eq!(
         overrides.health.probe,
         ProbeKind::Http {
@@ -591,6 +593,15 @@ fn bad_proxy_values_point_at_the_value_in_both_places() {
     assert!(errs[1].message.contains("unknown proxy_protocol `v3`"));
     let e = one_error("[[service]]\nname = \"a\"\nconnect_timeout = \"soon\"\n");
     assert_eq!((e.line, e.col), (3, 19), "{e}");
+    let errs = Config::parse(
+        "[proxy]\nsplice = \"sometimes\"\n",
+        Path::new("b.toml"),
+        Path::new(""),
+    )
+    .unwrap_err()
+    .0;
+    assert_eq!((errs[0].line, errs[0].col), (2, 10), "{errs:?}");
+    assert!(errs[0].message.contains("valid: `auto`"), "{errs:?}");
 }
 
 // === values that parse but would break serving (issue 11 defect 13) ===

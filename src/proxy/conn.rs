@@ -380,6 +380,8 @@ async fn proxy(
             activity: &activity,
             moved: &moved[1],
         },
+        // Both sockets are dropped as soon as this returns.
+        true,
     );
     let end = tokio::select! {
         r = copy => match r {

@@ -1,7 +1,12 @@
 //! Moving bytes between the client and the upstream socket.
 //!
-//! On Linux each direction moves data with splice(2): socket → pipe →
-//! socket, never through userspace. The pipe comes from a process-wide
+//! On Linux a direction starts by copying: each read goes through one
+//! per-thread buffer ([`SMALL_BUFFER`]) straight into the other socket, so
+//! short exchanges (a request, its response) cost a read and a write and
+//! no pipe. The first read that fills the buffer means bulk, and from then
+//! on the direction moves data with splice(2): socket → pipe → socket,
+//! never through userspace (`[proxy] splice = "always"` splices from the
+//! first byte, `"never"` always copies). The pipe comes from a process-wide
 //! pool and is held only while bytes are in flight: an idle spliced
 //! direction holds no pipe and no buffer, so idle connections cost two
 //! sockets and a task. Readiness comes from tokio's reactor (`readable()` /
@@ -14,7 +19,7 @@
 //! the direction. An empty pipe always has room.
 //!
 //! Elsewhere, or when splice reports `ENOSYS`/`EINVAL` (or no pipe can be
-//! made), a direction falls back to a userspace copy. Its buffer is
+//! made), a direction falls back to a userspace copy of its own. Its buffer is
 //! allocated when the source first turns readable and kept until the
 //! direction ends.
 //!
@@ -52,17 +57,23 @@ pub const FLUSH_WAIT: Duration = Duration::from_secs(1);
 /// How bytes are moved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Mode {
-    /// splice(2) where available, userspace copy otherwise.
+    /// Small reads copied, bulk spliced (`[proxy] splice = "auto"`).
     #[default]
     Auto,
-    /// Always copy through a userspace buffer.
+    /// splice(2) from the first byte where available (`"always"`).
+    Splice,
+    /// Always copy through a userspace buffer (`"never"`).
     Userspace,
 }
 
 /// Which path a finished direction used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
+    /// Bulk went through splice(2) (after a first small read, copied).
     Splice,
+    /// Only small reads, each copied through a per-thread buffer.
+    Copy,
+    /// Userspace copy: splice unavailable, or [`Mode::Userspace`].
     Fallback,
 }
 
@@ -70,6 +81,7 @@ impl Path {
     pub fn as_str(self) -> &'static str {
         match self {
             Path::Splice => "splice",
+            Path::Copy => "copy",
             Path::Fallback => "fallback",
         }
     }
@@ -159,7 +171,7 @@ impl Meter<'_> {
         self.activity.touch();
         let global = match path {
             Path::Splice => &SPLICED_BYTES,
-            Path::Fallback => &COPIED_BYTES,
+            Path::Copy | Path::Fallback => &COPIED_BYTES,
         };
         global.fetch_add(n as u64, Ordering::Relaxed);
     }
@@ -220,18 +232,25 @@ impl Failed {
 /// that sent data and then a RST: the data, then the reset), then the other
 /// socket is flushed (up to [`FLUSH_WAIT`]) and set to reset on close:
 /// the caller drops both sockets and the other peer sees a RST, not a FIN.
+///
+/// With `closes_after` the caller promises to close both sockets as soon
+/// as this returns `Ok`: the second FIN is then left to that close (one
+/// `shutdown` less per connection). Without it every FIN is a `shutdown`.
 pub async fn bidirectional(
     a: &TcpStream,
     b: &TcpStream,
     mode: Mode,
     a_to_b: Meter<'_>,
     b_to_a: Meter<'_>,
+    closes_after: bool,
 ) -> Result<Totals, Broken> {
     // Set once a socket is known to have failed: its EOF then means the
     // reset another call already reported, not a FIN.
     let dead = [AtomicBool::new(false), AtomicBool::new(false)];
-    let mut up = pin!(direction(a, b, mode, &a_to_b, &dead[0], &dead[1]));
-    let mut down = pin!(direction(b, a, mode, &b_to_a, &dead[1], &dead[0]));
+    // From 2 no direction counts as the second: every FIN is a shutdown.
+    let ended = AtomicU8::new(if closes_after { 0 } else { 2 });
+    let mut up = pin!(direction(a, b, mode, &a_to_b, &dead[0], &dead[1], &ended));
+    let mut down = pin!(direction(b, a, mode, &b_to_a, &dead[1], &dead[0], &ended));
     let mut up_end: Option<Result<Moved, Failed>> = None;
     let mut down_end: Option<Result<Moved, Failed>> = None;
     let mut first: Option<(Side, io::Error)> = None;
@@ -338,14 +357,27 @@ pub async fn one_way(
     meter: &Meter<'_>,
 ) -> io::Result<Moved> {
     let (src_dead, dst_dead) = (AtomicBool::new(false), AtomicBool::new(false));
-    direction(src, dst, mode, meter, &src_dead, &dst_dead)
-        .await
-        .map_err(Failed::into_io)
+    direction(
+        src,
+        dst,
+        mode,
+        meter,
+        &src_dead,
+        &dst_dead,
+        &AtomicU8::new(2),
+    )
+    .await
+    .map_err(Failed::into_io)
 }
 
 /// One direction: copies until `src` ends, then forwards the FIN. Marks
 /// the socket that failed; an EOF from a socket already marked failed is
 /// its reset, seen before by the other direction.
+///
+/// `ended` counts the directions of the pair that ended cleanly (from 2
+/// when every FIN must be a `shutdown`). The second one skips it: `dst` has sent its FIN and been read to
+/// the end, so the close that follows at once sends the same FIN, and a
+/// short connection makes one syscall less (HAProxy closes the same way).
 async fn direction(
     src: &TcpStream,
     dst: &TcpStream,
@@ -353,14 +385,17 @@ async fn direction(
     meter: &Meter<'_>,
     src_dead: &AtomicBool,
     dst_dead: &AtomicBool,
+    ended: &AtomicU8,
 ) -> Result<Moved, Failed> {
     let result = async {
         let moved = copy(src, dst, mode, meter).await?;
         if src_dead.load(Ordering::Relaxed) {
             return Err(Failed::Src(io::ErrorKind::ConnectionReset.into()));
         }
-        metrics::counter!(crate::telemetry::PROXY_SPLICE, "mode" => moved.path.as_str())
-            .increment(1);
+        splice_counter(moved.path).increment(1);
+        if ended.fetch_add(1, Ordering::AcqRel) == 1 {
+            return Ok(moved);
+        }
         match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
             Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(Failed::Dst(e)),
             _ => Ok(moved),
@@ -375,6 +410,18 @@ async fn direction(
     result
 }
 
+/// `beacon_proxy_splice_total{mode}`, resolved once per mode (not a
+/// registry lookup per connection). Before a recorder is installed (unit
+/// tests) the handles are no-ops, and stay so.
+fn splice_counter(path: Path) -> &'static metrics::Counter {
+    static COUNTERS: std::sync::OnceLock<[metrics::Counter; 3]> = std::sync::OnceLock::new();
+    let c = COUNTERS.get_or_init(|| {
+        [Path::Splice, Path::Copy, Path::Fallback]
+            .map(|p| metrics::counter!(crate::telemetry::PROXY_SPLICE, "mode" => p.as_str()))
+    });
+    &c[path as usize]
+}
+
 /// Copies `src` to `dst` until `src` ends.
 async fn copy(
     src: &TcpStream,
@@ -384,28 +431,154 @@ async fn copy(
 ) -> Result<Moved, Failed> {
     Ok(match mode {
         #[cfg(target_os = "linux")]
-        Mode::Auto => match splice::one_way(src, dst, meter).await? {
-            (bytes, true) => Moved {
+        Mode::Auto => match small_first(src, dst, meter).await? {
+            Small::Ended(bytes) => Moved {
                 bytes,
-                path: Path::Splice,
+                path: Path::Copy,
             },
-            // Splice unusable (or no pipe to be had): go on in userspace.
-            (spliced, false) => {
-                let rest = userspace(src, dst, meter).await?;
-                Moved {
-                    bytes: spliced + rest.bytes,
-                    path: if spliced > 0 {
-                        Path::Splice
-                    } else {
-                        Path::Fallback
-                    },
-                }
-            }
+            Small::Bulk(copied) => after_splice(src, dst, meter, copied).await?,
         },
+        #[cfg(target_os = "linux")]
+        Mode::Splice => after_splice(src, dst, meter, 0).await?,
         #[cfg(not(target_os = "linux"))]
-        Mode::Auto => userspace(src, dst, meter).await?,
+        Mode::Auto | Mode::Splice => userspace(src, dst, meter).await?,
         Mode::Userspace => userspace(src, dst, meter).await?,
     })
+}
+
+/// Splices the rest of `src` into `dst` (`copied` bytes already moved),
+/// in userspace if splice turns out unusable.
+#[cfg(target_os = "linux")]
+async fn after_splice(
+    src: &TcpStream,
+    dst: &TcpStream,
+    meter: &Meter<'_>,
+    copied: u64,
+) -> Result<Moved, Failed> {
+    Ok(match splice::one_way(src, dst, meter).await? {
+        (bytes, true) => Moved {
+            bytes: copied + bytes,
+            path: Path::Splice,
+        },
+        // Splice unusable (or no pipe to be had): go on in userspace.
+        (spliced, false) => {
+            let rest = userspace(src, dst, meter).await?;
+            Moved {
+                bytes: copied + spliced + rest.bytes,
+                path: if spliced > 0 {
+                    Path::Splice
+                } else {
+                    Path::Fallback
+                },
+            }
+        }
+    })
+}
+
+/// Reads at most this much at a time before a direction turns to splice:
+/// a read that fills it means bulk (HAProxy's `splice-auto` idea, with
+/// its default buffer size).
+#[cfg(target_os = "linux")]
+pub const SMALL_BUFFER: usize = 16 * 1024;
+
+#[cfg(target_os = "linux")]
+thread_local! {
+    /// One buffer per thread for the small exchanges: a read and its write
+    /// happen without an await between them, so no connection holds it.
+    static SMALL: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; SMALL_BUFFER]);
+}
+
+/// One read of `src` into `buf`. A read that returns less than `buf`
+/// holds clears the socket's readiness as it returns (what tokio's own
+/// `poll_read` does), so the next read waits for the next readiness event
+/// instead of making a `recv` that can only say `EAGAIN`: one syscall less
+/// per exchange. Sound because the clear is of the readiness observed
+/// before this read: an event that arrives meanwhile (more data, the FIN)
+/// keeps the socket readable, and tokio never clears a seen FIN.
+#[cfg(target_os = "linux")]
+fn short_read(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd;
+    let mut got = None;
+    let r = src.try_io(tokio::io::Interest::READABLE, || {
+        let n = recv(src.as_raw_fd(), buf, MsgFlags::empty()).map_err(io::Error::from)?;
+        got = Some(n);
+        if n > 0 && n < buf.len() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match got {
+        Some(n) => Ok(n),
+        None => r,
+    }
+}
+
+/// How [`small_first`] ended.
+#[cfg(target_os = "linux")]
+enum Small {
+    /// `src` ended; every byte went through the buffer.
+    Ended(u64),
+    /// A read filled the buffer (written out): bulk, to be spliced.
+    Bulk(u64),
+}
+
+/// One read and its write through the thread's buffer.
+#[cfg(target_os = "linux")]
+enum Step {
+    Eof,
+    Again,
+    Read {
+        n: usize,
+        /// What `dst` did not take at once.
+        rest: Option<Vec<u8>>,
+        full: bool,
+    },
+}
+
+/// Copies while reads stay small: each read goes straight to `dst` from a
+/// per-thread buffer (two syscalls, as splice's two, but no pipe and no
+/// page references for a 100-byte request). Measured in the l4 bench's
+/// `close` and `keepalive` rows (BENCHMARKS.md).
+#[cfg(target_os = "linux")]
+async fn small_first(src: &TcpStream, dst: &TcpStream, meter: &Meter<'_>) -> Result<Small, Failed> {
+    let mut total = 0u64;
+    loop {
+        src.readable().await.map_err(Failed::Src)?;
+        let step = SMALL.with_borrow_mut(|buf| {
+            let n = match short_read(src, buf) {
+                Ok(0) => return Ok(Step::Eof),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Again),
+                Err(e) => return Err(Failed::Src(e)),
+            };
+            let written = match dst.try_write(&buf[..n]) {
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(Failed::Dst(e)),
+            };
+            Ok(Step::Read {
+                n,
+                rest: (written < n).then(|| buf[written..n].to_vec()),
+                full: n == buf.len(),
+            })
+        })?;
+        match step {
+            Step::Eof => return Ok(Small::Ended(total)),
+            Step::Again => continue,
+            Step::Read { n, rest, full } => {
+                if let Some(rest) = rest {
+                    write_all(dst, &rest).await.map_err(Failed::Dst)?;
+                }
+                total += n as u64;
+                meter.record(n, Path::Copy);
+                if full {
+                    return Ok(Small::Bulk(total));
+                }
+            }
+        }
+    }
 }
 
 /// The portable path: read into a buffer, write it all, repeat.
@@ -647,7 +820,7 @@ mod tests {
             activity: &activity,
             moved: &moved[i],
         };
-        bidirectional(a, b, mode, meter(0), meter(1)).await
+        bidirectional(a, b, mode, meter(0), meter(1), false).await
     }
 
     /// client ⇄ [a | proxy copy | b] ⇄ server. Sends `len` bytes each way
@@ -708,6 +881,48 @@ mod tests {
         totals
     }
 
+    #[tokio::test]
+    async fn small_exchanges_are_copied_and_splice_always_splices_them() {
+        let t = roundtrip(Mode::Auto, 100).await;
+        assert_eq!((t.a_to_b.path, t.b_to_a.path), (Path::Copy, Path::Copy));
+        if cfg!(target_os = "linux") {
+            let t = roundtrip(Mode::Splice, 100).await;
+            assert_eq!((t.a_to_b.path, t.b_to_a.path), (Path::Splice, Path::Splice));
+        }
+    }
+
+    /// Many small writes towards a peer that reads late: the proxy's writes
+    /// fall short (the rest kept and written first), reads fill the buffer
+    /// and the direction turns to splice; every byte arrives, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_writes_to_a_late_reader_arrive_whole_and_in_order() {
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let data = pattern(7, 4 << 20);
+        let want = Sha256::digest(&data);
+        let proxy =
+            tokio::spawn(async move { unmetered(&a, &b, Mode::Auto).await.map(|t| t.a_to_b) });
+        let writer = tokio::spawn(async move {
+            for chunk in data.chunks(500) {
+                client.write_all(chunk).await.unwrap();
+            }
+            client.shutdown().await.unwrap();
+            client
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut got = Vec::new();
+        server.shutdown().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(60), server.read_to_end(&mut got))
+            .await
+            .expect("read finished")
+            .unwrap();
+        let _client = writer.await.unwrap();
+        let moved = proxy.await.unwrap().unwrap();
+        assert_eq!(got.len(), 4 << 20);
+        assert_eq!(Sha256::digest(&got), want, "bytes changed or reordered");
+        assert_eq!(moved.bytes, 4 << 20);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn splice_moves_64mib_each_way_intact() {
         let before = spliced_bytes();
@@ -715,7 +930,8 @@ mod tests {
         if cfg!(target_os = "linux") {
             assert_eq!(t.a_to_b.path, Path::Splice);
             assert_eq!(t.b_to_a.path, Path::Splice);
-            assert!(spliced_bytes() - before >= 128 << 20);
+            // All but the first small reads (at most a few buffers each way).
+            assert!(spliced_bytes() - before >= (128 << 20) - (1 << 20));
         }
     }
 

@@ -49,7 +49,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AccessLogTarget, ProxyConfig};
+use crate::config::{AccessLogTarget, ProxyConfig, SpliceMode};
 use crate::model::{ConnectOutcome, ProxyLive};
 use crate::registry::Reader;
 use access_log::AccessLog;
@@ -94,7 +94,12 @@ pub fn spawn(
     Proxy,
     impl Future<Output = Result<(), ProxyError>> + Send + 'static,
 ) {
-    spawn_with(cfg, reader, outcomes, shutdown, Options::default())
+    let copy_mode = match cfg.splice {
+        SpliceMode::Auto => copy::Mode::Auto,
+        SpliceMode::Always => copy::Mode::Splice,
+        SpliceMode::Never => copy::Mode::Userspace,
+    };
+    spawn_with(cfg, reader, outcomes, shutdown, Options { copy_mode })
 }
 
 /// [`spawn`] with [`Options`].

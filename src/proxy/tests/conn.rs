@@ -47,8 +47,9 @@ async fn bulk_64mib_each_way_through_splice() {
     let before = copy::spliced_bytes();
     bulk_through_proxy(copy::Mode::Auto, "127.0.1.5:0").await;
     if cfg!(target_os = "linux") {
-        // Both directions of this connection went through splice.
-        assert!(copy::spliced_bytes() - before >= 2 * (64 << 20));
+        // Both directions of this connection went through splice (all but
+        // their first small reads).
+        assert!(copy::spliced_bytes() - before >= 2 * (64 << 20) - (1 << 20));
     }
 }
 

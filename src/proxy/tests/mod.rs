@@ -149,6 +149,7 @@ fn proxy_config(max_connections: usize) -> ProxyConfig {
         access_log: None,
         vip_interface: None,
         udp_max_flows: 65_536,
+        splice: Default::default(),
     }
 }
 
