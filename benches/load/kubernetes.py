@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Kubernetes source at scale: a replayed API server (the list and watch
 endpoints for Services and EndpointSlices, as tests/it/kube_api.rs speaks
-them) with N headless services of M endpoints each, one slice per service.
+them; lists paged by `limit`/`continue` as the API server pages them) with
+N headless services of M endpoints each, one slice per service.
 
 Measures, against the real (release) binary:
   - first sync: from start to /readyz answering 200 (list of both
@@ -82,18 +83,26 @@ class Api:
                           for ip in ips],
         }
 
-    def list_body(self, kind):
+    def list_body(self, kind, limit=0, cont=""):
+        """One page of a list, as the API server pages it: at most `limit`
+        items (0: all), `metadata.continue` when more remain. beacon's
+        watcher asks for pages of 500, as kube-runtime does by default."""
         with self.cond:
             rv = self.rv
-            key = (kind, rv)
+            start = int(cont.split(":")[1]) if cont else 0
+            key = (kind, rv, start, limit)
             if key not in self.cached:
                 if kind == "services":
                     items, api, k = self.services, "v1", "ServiceList"
                 else:
                     items, api, k = list(self.slices.values()), "discovery.k8s.io/v1", "EndpointSliceList"
-                self.cached[key] = json.dumps({"kind": k, "apiVersion": api,
-                                               "metadata": {"resourceVersion": str(rv)},
-                                               "items": items}).encode()
+                end = start + limit if limit else len(items)
+                meta = {"resourceVersion": str(rv)}
+                if end < len(items):
+                    meta["continue"] = f"{rv}:{end}"
+                    meta["remainingItemCount"] = len(items) - end
+                self.cached[key] = json.dumps({"kind": k, "apiVersion": api, "metadata": meta,
+                                               "items": items[start:end]}).encode()
             return self.cached[key]
 
     def modify_slice(self, service, ips):
@@ -113,6 +122,11 @@ class Api:
 def handler(api):
     class H(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # TCP_NODELAY, as Go's net package (the API server) sets on every
+        # connection. Without it, an event written while the previous one
+        # waits for its delayed ACK sits in the kernel ~40 ms (Nagle), and
+        # the bench measured that instead of beacon.
+        disable_nagle_algorithm = True
 
         def log_message(self, *a):
             pass
@@ -122,7 +136,8 @@ def handler(api):
             q = parse_qs(u.query)
             kind = "services" if u.path.endswith("/services") else "endpointslices"
             if q.get("watch", [""])[0] not in ("true", "1"):
-                body = api.list_body(kind)
+                limit = int(q.get("limit", ["0"])[0] or 0)
+                body = api.list_body(kind, limit, q.get("continue", [""])[0])
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -202,11 +217,14 @@ def main():
     ap.add_argument("--services", type=int, default=10000)
     ap.add_argument("--endpoints", type=int, default=10)
     ap.add_argument("--changes", type=int, default=200)
+    ap.add_argument("--page-size", type=int, default=500,
+                    help="the watcher's list page size, to serialize pages before the start")
     a = ap.parse_args()
 
     api = Api(a.services, a.endpoints)
-    for kind in ("services", "endpointslices"):
-        api.list_body(kind)  # serialized before beacon starts
+    for kind, count in (("services", a.services), ("endpointslices", a.services)):
+        for start in range(0, count, a.page_size or count):  # serialized before beacon starts
+            api.list_body(kind, a.page_size, f"1:{start}" if start else "")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler(api))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()

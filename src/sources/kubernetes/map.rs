@@ -22,17 +22,16 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::config::ServiceDefaults;
 use crate::model::{Balance, Endpoint, Port, ProbeKind, Protocol, ServiceKey, ServiceSpec};
 
+pub use super::record::{ANNOTATION_BALANCE, ANNOTATION_LISTEN, ANNOTATION_LISTEN_VIP};
+use super::record::{ClusterRecord, ServicePortRecord, ServiceRecord, SliceRecord};
+
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-pub const ANNOTATION_LISTEN: &str = "beacon.io/listen";
-pub const ANNOTATION_LISTEN_VIP: &str = "beacon.io/listen-vip";
-pub const ANNOTATION_BALANCE: &str = "beacon.io/balance";
 
 /// The key of a Service.
 pub fn service_key(svc: &Service) -> Option<ServiceKey> {
@@ -47,38 +46,41 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceKey> {
     Some(ServiceKey::new(ns, name))
 }
 
-/// The spec of `svc` with the endpoints of `slices` (every slice of it).
+/// The spec of `svc` with the endpoints of `slices` (every slice of it),
+/// from the k8s-openapi objects.
 pub fn service_spec<'a>(
     svc: &Service,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     defaults: &ServiceDefaults,
 ) -> Option<ServiceSpec> {
     let key = service_key(svc)?;
+    let slices: Vec<SliceRecord> = slices.into_iter().map(SliceRecord::new).collect();
+    spec_of(key, &ServiceRecord::new(svc), &slices, defaults)
+}
+
+/// The spec of the service `key` with the endpoints of `slices` (every
+/// slice of it), from the records the source keeps.
+pub fn spec_of<'a>(
+    key: ServiceKey,
+    svc: &ServiceRecord,
+    slices: impl IntoIterator<Item = &'a SliceRecord>,
+    defaults: &ServiceDefaults,
+) -> Option<ServiceSpec> {
     let mut spec = ServiceSpec::new(key);
     spec.health = defaults.health.clone();
     spec.health.probe = ProbeKind::None;
     spec.proxy = defaults.proxy.clone();
-    let Some(k8s) = svc.spec.as_ref() else {
-        return Some(spec);
-    };
-    if k8s.type_.as_deref() == Some("ExternalName") {
-        let target = k8s
-            .external_name
-            .as_deref()
-            .unwrap_or("")
-            .trim_end_matches('.');
-        if target.is_empty() {
-            return None;
+    let k8s = match svc {
+        ServiceRecord::Bare => return Some(spec),
+        ServiceRecord::Alias(target) => {
+            spec.external_name = Some(target.clone()?);
+            return Some(spec);
         }
-        spec.external_name = Some(target.to_ascii_lowercase().into());
-        return Some(spec);
-    }
-    (spec.vip, spec.second_vip) =
-        cluster_ips(k8s.cluster_ips.as_deref(), k8s.cluster_ip.as_deref());
-    let annotations = svc.metadata.annotations.as_ref();
-    let annotation = |name: &str| annotations.and_then(|a| a.get(name)).map(String::as_str);
-    spec.listen_vip = annotation(ANNOTATION_LISTEN_VIP).is_some_and(|v| v.trim() == "true");
-    if let Some(b) = annotation(ANNOTATION_BALANCE) {
+        ServiceRecord::Cluster(c) => c,
+    };
+    (spec.vip, spec.second_vip) = (k8s.vip, k8s.second_vip);
+    spec.listen_vip = k8s.listen_vip;
+    if let Some(b) = k8s.balance.as_deref() {
         match Balance::ALL.iter().find(|(n, _)| *n == b.trim()) {
             Some((_, policy)) => spec.balance = *policy,
             None => {
@@ -86,67 +88,29 @@ pub fn service_spec<'a>(
             }
         }
     }
-    let slices: Vec<&EndpointSlice> = slices.into_iter().collect();
-    for p in k8s.ports.iter().flatten() {
-        if let Some(port) = port(p, &slices) {
-            spec.ports.push(port);
-        }
-    }
-    if let Some(listen) = annotation(ANNOTATION_LISTEN) {
+    let slices: Vec<&SliceRecord> = slices.into_iter().collect();
+    spec.ports = k8s.ports.iter().map(|p| port(p, &slices)).collect();
+    if let Some(listen) = k8s.listen.as_deref() {
         apply_listen(&mut spec, listen);
     }
-    let publish_all = k8s.publish_not_ready_addresses == Some(true);
-    spec.endpoints = endpoints(&spec, &slices, publish_all);
+    spec.endpoints = endpoints(&spec, k8s, &slices);
     Some(spec)
 }
 
-/// The primary ClusterIP (`None`: headless, for `None` or no address),
-/// and a dual-stack service's ClusterIP of the other family.
-fn cluster_ips(ips: Option<&[String]>, ip: Option<&str>) -> (Option<IpAddr>, Option<IpAddr>) {
-    let first = ips.and_then(|l| l.first()).map(String::as_str).or(ip);
-    let Some(vip) = first.and_then(|s| s.parse::<IpAddr>().ok()) else {
-        return (None, None);
-    };
-    let second = ips
-        .into_iter()
-        .flatten()
-        .filter_map(|s| s.parse::<IpAddr>().ok())
-        .find(|other| other.is_ipv4() != vip.is_ipv4());
-    (Some(vip), second)
-}
-
-fn protocol_of(p: Option<&str>) -> Option<Protocol> {
-    match p.unwrap_or("TCP") {
-        "TCP" => Some(Protocol::Tcp),
-        "UDP" => Some(Protocol::Udp),
-        _ => None,
-    }
-}
-
-fn port(p: &k8s_openapi::api::core::v1::ServicePort, slices: &[&EndpointSlice]) -> Option<Port> {
-    let protocol = protocol_of(p.protocol.as_deref())?;
-    let number = u16::try_from(p.port).ok()?;
-    let name = p.name.clone().unwrap_or_default();
+fn port(p: &ServicePortRecord, slices: &[&SliceRecord]) -> Port {
     let from_slice = slices
         .iter()
-        .flat_map(|s| s.ports.iter().flatten())
-        .find(|sp| {
-            sp.name.as_deref().unwrap_or("") == name
-                && protocol_of(sp.protocol.as_deref()) == Some(protocol)
-        })
+        .flat_map(|s| s.ports.iter())
+        .find(|sp| sp.name == p.name && sp.protocol == Some(p.protocol))
         .and_then(|sp| sp.port)
         .and_then(|n| u16::try_from(n).ok());
-    let target = from_slice.or(match &p.target_port {
-        Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
-        _ => None,
-    });
-    Some(Port {
-        name: name.to_ascii_lowercase().into(),
-        port: number,
-        target_port: target.unwrap_or(number),
-        protocol,
+    Port {
+        name: p.name.to_ascii_lowercase().into(),
+        port: p.port,
+        target_port: from_slice.or(p.target_port).unwrap_or(p.port),
+        protocol: p.protocol,
         listen: None,
-    })
+    }
 }
 
 /// `beacon.io/listen`: `ADDR:PORT` (the first TCP port) or `name=ADDR:PORT,...`.
@@ -178,19 +142,17 @@ fn rank(e: &Endpoint) -> u8 {
     }
 }
 
-fn endpoints(spec: &ServiceSpec, slices: &[&EndpointSlice], publish_all: bool) -> Vec<Endpoint> {
+fn endpoints(spec: &ServiceSpec, k8s: &ClusterRecord, slices: &[&SliceRecord]) -> Vec<Endpoint> {
     let mut by_ip: BTreeMap<IpAddr, Endpoint> = BTreeMap::new();
     for slice in slices {
-        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
-            continue;
-        }
         // A slice whose port number differs from the spec's (a targetPort
         // change rolling out) overrides it for its endpoints.
         let override_port = single_port_override(spec, slice);
         for e in &slice.endpoints {
-            let Some(mut ep) = endpoint(e, publish_all) else {
-                continue;
-            };
+            let mut ep = Endpoint::new(e.ip);
+            ep.hostname = e.hostname.clone();
+            ep.ready = e.ready || k8s.publish_not_ready;
+            ep.terminating = !ep.ready && e.serving && e.terminating;
             ep.port = override_port;
             match by_ip.get(&ep.ip) {
                 Some(old) if rank(old) >= rank(&ep) => {}
@@ -203,32 +165,15 @@ fn endpoints(spec: &ServiceSpec, slices: &[&EndpointSlice], publish_all: bool) -
     by_ip.into_values().collect()
 }
 
-fn single_port_override(spec: &ServiceSpec, slice: &EndpointSlice) -> Option<u16> {
+fn single_port_override(spec: &ServiceSpec, slice: &SliceRecord) -> Option<u16> {
     let [only] = spec.ports.as_slice() else {
         return None;
     };
-    let [sp] = slice.ports.as_deref()? else {
+    let [sp] = &*slice.ports else {
         return None;
     };
     let n = u16::try_from(sp.port?).ok()?;
     (n != only.target_port).then_some(n)
-}
-
-fn endpoint(e: &SliceEndpoint, publish_all: bool) -> Option<Endpoint> {
-    let ip: IpAddr = e.addresses.first()?.parse().ok()?;
-    let c = e.conditions.as_ref();
-    let ready = c.and_then(|c| c.ready).unwrap_or(true);
-    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-    let mut ep = Endpoint::new(ip);
-    ep.hostname = e
-        .hostname
-        .as_deref()
-        .filter(|h| crate::config::is_dns_label(h))
-        .map(Into::into);
-    ep.ready = ready || publish_all;
-    ep.terminating = !ep.ready && serving && terminating;
-    Some(ep)
 }
 
 #[cfg(test)]

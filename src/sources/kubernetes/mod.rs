@@ -12,9 +12,11 @@
 //! first complete list of every watch becomes one `Reset`; after that each
 //! event (and each re-list) sends `Upsert`/`Remove` of the services it
 //! changed, and only when the mapped spec really changed. Slices of one
-//! service (label `kubernetes.io/service-name`) merge; see [`map`].
+//! service (label `kubernetes.io/service-name`) merge; see [`map`]. Objects
+//! are kept as compact [`record`]s, never whole.
 
 pub mod map;
+pub mod record;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -31,6 +33,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{KubernetesConfig, ServiceDefaults};
 use crate::model::{ServiceKey, ServiceSpec, SourceId};
 use crate::registry::{self, Update};
+
+use record::{ServiceRecord, SliceRecord};
 
 use super::{Backoff, Source, SourceError, SourceFuture, count_error};
 
@@ -63,18 +67,25 @@ impl Tagged {
     }
 }
 
+/// A slice's (namespace, name).
+type SliceId = (Box<str>, Box<str>);
+
+/// A slice as buffered during a list: its id, its service (`None`: no
+/// service label), what beacon reads of it.
+type ListedSlice = (SliceId, Option<ServiceKey>, SliceRecord);
+
 /// What the source knows, and what it told the registry.
 pub struct Store {
     defaults: ServiceDefaults,
     /// `None`: every namespace.
     scopes: Vec<Option<Arc<str>>>,
-    services: BTreeMap<ServiceKey, Service>,
-    /// Slices by their service, then by slice name.
-    slices: BTreeMap<ServiceKey, BTreeMap<String, EndpointSlice>>,
+    services: BTreeMap<ServiceKey, ServiceRecord>,
+    /// Slices by their service, each sorted by slice name (mostly one).
+    slices: HashMap<ServiceKey, Vec<(Box<str>, SliceRecord)>>,
     /// (namespace, slice name) → the service it was filed under.
-    slice_owner: HashMap<(String, String), ServiceKey>,
-    pending_services: HashMap<usize, Vec<Service>>,
-    pending_slices: HashMap<usize, Vec<EndpointSlice>>,
+    slice_owner: HashMap<SliceId, ServiceKey>,
+    pending_services: HashMap<usize, Vec<(ServiceKey, ServiceRecord)>>,
+    pending_slices: HashMap<usize, Vec<ListedSlice>>,
     /// Per scope: services listed once, slices listed once.
     synced: Vec<[bool; 2]>,
     reset_sent: bool,
@@ -96,7 +107,7 @@ impl Store {
             synced: vec![[false; 2]; scopes.len()],
             scopes,
             services: BTreeMap::new(),
-            slices: BTreeMap::new(),
+            slices: HashMap::new(),
             slice_owner: HashMap::new(),
             pending_services: HashMap::new(),
             pending_slices: HashMap::new(),
@@ -167,10 +178,10 @@ impl Store {
                 None
             }
             Event::InitApply(s) => {
-                self.pending_services
-                    .entry(scope)
-                    .or_default()
-                    .push(slim(s));
+                if let Some(key) = map::service_key(&s) {
+                    let listed = (key, ServiceRecord::new(&s));
+                    self.pending_services.entry(scope).or_default().push(listed);
+                }
                 None
             }
             Event::InitDone => {
@@ -182,18 +193,16 @@ impl Store {
                     .cloned()
                     .collect();
                 self.services.retain(|k, _| !touched.contains(k));
-                for s in listed {
-                    if let Some(key) = map::service_key(&s) {
-                        touched.insert(key.clone());
-                        self.services.insert(key, s);
-                    }
+                for (key, s) in listed {
+                    touched.insert(key.clone());
+                    self.services.insert(key, s);
                 }
                 self.synced[scope][0] = true;
                 Some(touched)
             }
             Event::Apply(s) => {
                 let key = map::service_key(&s)?;
-                self.services.insert(key.clone(), slim(s));
+                self.services.insert(key.clone(), ServiceRecord::new(&s));
                 Some(BTreeSet::from([key]))
             }
             Event::Delete(s) => {
@@ -211,12 +220,15 @@ impl Store {
                 None
             }
             Event::InitApply(s) => {
-                self.pending_slices.entry(scope).or_default().push(slim(s));
+                if let Some(id) = slice_id(&s) {
+                    let listed = (id, map::slice_service(&s), SliceRecord::new(&s));
+                    self.pending_slices.entry(scope).or_default().push(listed);
+                }
                 None
             }
             Event::InitDone => {
                 let listed = self.pending_slices.remove(&scope).unwrap_or_default();
-                let gone: Vec<(String, String)> = self
+                let gone: Vec<SliceId> = self
                     .slice_owner
                     .keys()
                     .filter(|(ns, _)| self.in_scope(scope, ns))
@@ -226,13 +238,16 @@ impl Store {
                 for id in gone {
                     touched.extend(self.remove_slice(&id));
                 }
-                for s in listed {
-                    touched.extend(self.put_slice(s));
+                for (id, owner, s) in listed {
+                    touched.extend(self.put_slice(id, owner, s));
                 }
                 self.synced[scope][1] = true;
                 Some(touched)
             }
-            Event::Apply(s) => Some(self.put_slice(slim(s))),
+            Event::Apply(s) => {
+                let id = slice_id(&s)?;
+                Some(self.put_slice(id, map::slice_service(&s), SliceRecord::new(&s)))
+            }
             Event::Delete(s) => {
                 let id = slice_id(&s)?;
                 Some(self.remove_slice(&id).into_iter().collect())
@@ -240,28 +255,30 @@ impl Store {
         }
     }
 
-    /// Files a slice under its service; the services touched (its old one
-    /// too, when its label changed).
-    fn put_slice(&mut self, slice: EndpointSlice) -> BTreeSet<ServiceKey> {
-        let Some(id) = slice_id(&slice) else {
-            return BTreeSet::new();
-        };
+    /// Files a slice under its service (`owner`: `None` without a service
+    /// label); the services touched (its old one too, when its label
+    /// changed).
+    fn put_slice(
+        &mut self,
+        id: SliceId,
+        owner: Option<ServiceKey>,
+        slice: SliceRecord,
+    ) -> BTreeSet<ServiceKey> {
         let mut touched: BTreeSet<ServiceKey> = self.remove_slice(&id).into_iter().collect();
-        if let Some(key) = map::slice_service(&slice) {
-            self.slice_owner.insert(id.clone(), key.clone());
-            self.slices
-                .entry(key.clone())
-                .or_default()
-                .insert(id.1, slice);
+        if let Some(key) = owner {
+            let by_name = self.slices.entry(key.clone()).or_default();
+            let at = by_name.partition_point(|(name, _)| *name < id.1);
+            by_name.insert(at, (id.1.clone(), slice));
+            self.slice_owner.insert(id, key.clone());
             touched.insert(key);
         }
         touched
     }
 
-    fn remove_slice(&mut self, id: &(String, String)) -> Option<ServiceKey> {
+    fn remove_slice(&mut self, id: &SliceId) -> Option<ServiceKey> {
         let key = self.slice_owner.remove(id)?;
         if let Some(by_name) = self.slices.get_mut(&key) {
-            by_name.remove(&id.1);
+            by_name.retain(|(name, _)| *name != id.1);
             if by_name.is_empty() {
                 self.slices.remove(&key);
             }
@@ -271,8 +288,8 @@ impl Store {
 
     fn spec(&self, key: &ServiceKey) -> Option<ServiceSpec> {
         let svc = self.services.get(key)?;
-        let slices = self.slices.get(key).into_iter().flat_map(|m| m.values());
-        map::service_spec(svc, slices, &self.defaults)
+        let slices = self.slices.get(key).into_iter().flatten().map(|(_, s)| s);
+        map::spec_of(key.clone(), svc, slices, &self.defaults)
     }
 
     /// Before the first complete sync: nothing, then one `Reset`. After:
@@ -327,24 +344,9 @@ async fn answers(client: &Client, scope: &Option<Arc<str>>) -> bool {
     )
 }
 
-/// An object as kept: without what beacon never reads and an API server
-/// sends in bulk (managedFields, kubectl's last-applied copy of the object).
-fn slim<K: kube::Resource>(mut obj: K) -> K {
-    let meta = obj.meta_mut();
-    meta.managed_fields = None;
-    if let Some(a) = meta.annotations.as_mut() {
-        a.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-    obj
-}
-
-fn slice_id(s: &EndpointSlice) -> Option<(String, String)> {
-    let ns = s
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    Some((ns, s.metadata.name.clone()?))
+fn slice_id(s: &EndpointSlice) -> Option<SliceId> {
+    let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+    Some((ns.into(), s.metadata.name.as_deref()?.into()))
 }
 
 // === the source ===

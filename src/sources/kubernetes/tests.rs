@@ -199,20 +199,92 @@ fn namespaces_are_separate_scopes() {
 }
 
 #[test]
-fn kept_objects_drop_managed_fields_and_the_last_applied_copy() {
+fn a_service_is_kept_as_the_fields_beacon_reads() {
     let svc: Service = serde_json::from_value(json!({
         "metadata": {"name": "web", "namespace": "shop",
             "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}",
-                            "beacon.io/balance": "p2c"},
+                            "beacon.io/balance": "p2c", "beacon.io/listen-vip": " true"},
             "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
-        "spec": {"clusterIP": "10.96.0.1"}
+        "spec": {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1", "fd00::1"],
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080},
+                           {"name": "sctp", "port": 90, "protocol": "SCTP"},
+                           {"name": "named", "port": 91, "protocol": "UDP", "targetPort": "dns"}]}
     }))
     .unwrap();
-    let kept = slim(svc);
-    assert_eq!(kept.metadata.managed_fields, None);
-    let annotations = kept.metadata.annotations.unwrap();
+    let ServiceRecord::Cluster(kept) = ServiceRecord::new(&svc) else {
+        panic!("a ClusterIP service is a cluster record");
+    };
+    let port = |name: &str, protocol, port, target_port| record::ServicePortRecord {
+        name: name.into(),
+        protocol,
+        port,
+        target_port,
+    };
+    let want = record::ClusterRecord {
+        vip: Some("10.96.0.1".parse().unwrap()),
+        second_vip: Some("fd00::1".parse().unwrap()),
+        ports: [
+            port("http", crate::model::Protocol::Tcp, 80, Some(8080)),
+            port("named", crate::model::Protocol::Udp, 91, None),
+        ]
+        .into(),
+        publish_not_ready: false,
+        listen: None,
+        listen_vip: true,
+        balance: Some("p2c".into()),
+    };
+    assert_eq!(*kept, want);
+    let alias: Service = serde_json::from_value(json!({
+        "metadata": {"name": "db", "namespace": "shop"},
+        "spec": {"type": "ExternalName", "externalName": "DB.Example.COM."}
+    }))
+    .unwrap();
     assert_eq!(
-        annotations.keys().collect::<Vec<_>>(),
-        ["beacon.io/balance"]
+        ServiceRecord::new(&alias),
+        ServiceRecord::Alias(Some("db.example.com".into()))
     );
+}
+
+#[test]
+fn a_slice_is_kept_as_its_ports_and_addressed_endpoints() {
+    let s: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "web-a", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080}],
+        "endpoints": [
+            {"addresses": ["10.0.0.1"], "hostname": "web-0", "nodeName": "n1",
+             "conditions": {"ready": false, "serving": true, "terminating": true}},
+            {"addresses": ["not-an-ip"]},
+            {"addresses": ["10.0.0.3"], "hostname": "Not_A_Label"}
+        ]
+    }))
+    .unwrap();
+    let kept = SliceRecord::new(&s);
+    assert_eq!(kept.ports.len(), 1);
+    assert_eq!(kept.ports[0].port, Some(8080));
+    assert_eq!(kept.ports[0].protocol, Some(crate::model::Protocol::Tcp));
+    let eps: Vec<_> = kept
+        .endpoints
+        .iter()
+        .map(|e| {
+            let host = e.hostname.as_deref().unwrap_or("-");
+            format!(
+                "{} {host} {} {} {}",
+                e.ip, e.ready, e.serving, e.terminating
+            )
+        })
+        .collect();
+    assert_eq!(
+        eps,
+        [
+            "10.0.0.1 web-0 false true true",
+            "10.0.0.3 - true true false"
+        ]
+    );
+    let mut fqdn = s.clone();
+    fqdn.address_type = "FQDN".into();
+    let kept = SliceRecord::new(&fqdn);
+    assert!(kept.endpoints.is_empty(), "an FQDN slice maps no endpoint");
+    assert_eq!(kept.ports.len(), 1, "but its ports still match by name");
 }
