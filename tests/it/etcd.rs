@@ -13,10 +13,10 @@ const TTL: &str = "2s";
 
 /// One beacon node: its backend on its own loopback ip, a proxy listener
 /// for `web`, and the etcd source publishing its file.
-struct Node {
-    beacon: Beacon,
+pub(super) struct Node {
+    pub(super) beacon: Beacon,
     listen: SocketAddr,
-    ip: String,
+    pub(super) ip: String,
     backend: BackendProcess,
 }
 
@@ -40,12 +40,17 @@ fn node_config(name: &str, endpoints: &str) -> String {
 
 impl Node {
     fn start(name: &str, n: u8, endpoints: &str) -> Node {
+        Self::start_with(name, n, endpoints, "")
+    }
+
+    /// With `etcd_keys` (TOML lines) added to its etcd source.
+    pub(super) fn start_with(name: &str, n: u8, endpoints: &str, etcd_keys: &str) -> Node {
         let ip = format!("127.0.0.{}", 10 + n);
         let port = free_addr().port();
         let backend = BackendProcess::start(name, format!("{ip}:{port}").parse().unwrap());
         let listen = free_addr();
         let beacon = Beacon::start(Options {
-            extra: node_config(name, endpoints),
+            extra: node_config(name, endpoints) + etcd_keys,
             services: Some(services(&ip, port, listen, &[])),
             ..Options::default()
         });
@@ -57,7 +62,7 @@ impl Node {
         }
     }
 
-    fn a(&self) -> Vec<String> {
+    pub(super) fn a(&self) -> Vec<String> {
         query_a(self.beacon.dns, NAME).unwrap_or_default()
     }
 

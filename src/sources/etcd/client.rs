@@ -10,11 +10,12 @@
 //! member cut off from the quorum), and on any error moves to the next
 //! member in the list, at once.
 
+use std::path::Path;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
-use crate::config::EtcdConfig;
+use crate::config::{EtcdConfig, EtcdTls};
 
 /// One etcd request at most this long (a watch stream is not a request).
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -66,26 +67,26 @@ impl Members {
             }
         }
         let (endpoint, e) = last.expect("at least one endpoint");
-        Err(etcd_client::Error::InvalidArgs(format!(
-            "no etcd member usable (last, {endpoint}: {})",
-            describe(&e)
+        Err(etcd_client::Error::EndpointError(format!(
+            "no etcd member usable (the last, {endpoint}: {e})"
         )))
     }
 }
 
-/// A client of one member, checked.
-async fn member(config: &EtcdConfig, endpoint: &str) -> Result<Client, etcd_client::Error> {
+/// A client of one member, checked; the error with its causes.
+async fn member(config: &EtcdConfig, endpoint: &str) -> Result<Client, String> {
     let attempt = async {
-        let mut client = Client::connect([endpoint], Some(options(config))).await?;
+        let mut client = Client::connect([endpoint], Some(options(config)?)).await?;
         client.status().await?;
         Ok(client)
     };
-    tokio::time::timeout(MEMBER_TIMEOUT, attempt)
-        .await
-        .map_err(|_| etcd_client::Error::InvalidArgs("timed out".into()))?
+    match tokio::time::timeout(MEMBER_TIMEOUT, attempt).await {
+        Ok(r) => r.map_err(|e| describe(&e)),
+        Err(_) => Err(format!("no answer in {MEMBER_TIMEOUT:?}")),
+    }
 }
 
-fn options(config: &EtcdConfig) -> ConnectOptions {
+fn options(config: &EtcdConfig) -> Result<ConnectOptions, etcd_client::Error> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(CONNECT_TIMEOUT)
         .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
@@ -94,7 +95,28 @@ fn options(config: &EtcdConfig) -> ConnectOptions {
     if let Some((user, password)) = &config.user {
         options = options.with_user(user.clone(), password.clone());
     }
-    options
+    if let Some(tls) = &config.tls {
+        options = options.with_tls(tls_options(tls)?);
+    }
+    Ok(options)
+}
+
+/// The PEM files, read now (a renewed certificate is taken at the next
+/// connect).
+fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, etcd_client::Error> {
+    let read = |key: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| {
+            etcd_client::Error::IoError(std::io::Error::new(
+                e.kind(),
+                format!("cannot read `{key}` {}: {e}", path.display()),
+            ))
+        })
+    };
+    let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(read("ca", &tls.ca)?));
+    if let Some((cert, key)) = &tls.identity {
+        options = options.identity(Identity::from_pem(read("cert", cert)?, read("key", key)?));
+    }
+    Ok(options)
 }
 
 /// An error with its chain of causes (tonic's transport errors say little
@@ -119,5 +141,5 @@ pub async fn call<T>(
 ) -> Result<T, etcd_client::Error> {
     tokio::time::timeout(CALL_TIMEOUT, f)
         .await
-        .map_err(|_| etcd_client::Error::InvalidArgs("request timed out".into()))?
+        .map_err(|_| etcd_client::Error::EndpointError(format!("no answer in {CALL_TIMEOUT:?}")))?
 }
