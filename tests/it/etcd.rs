@@ -326,6 +326,35 @@ fn etcd_member_loss_keeps_updates_flowing_quorum_loss_keeps_serving_and_restart_
     }
 }
 
+/// A member that hangs (SIGSTOP: its connections stay open, nothing
+/// answers) is left by HTTP/2 keepalive and the request timeouts: an update
+/// on a still reaches c.
+#[test]
+fn etcd_a_hung_member_is_left_and_updates_keep_flowing() {
+    let etcd = EtcdCluster::start(3);
+    let nodes = three(&etcd);
+    // Every node starts on member 0 (the first listed).
+    let t = Instant::now();
+    etcd.freeze(0, true);
+    nodes[0].set_extra(&["127.0.0.21"]);
+    eventually(
+        Duration::from_secs(15),
+        "an update flows with one member hung",
+        || {
+            let v = nodes[2].beacon.services_json();
+            v["services"][0]["endpoints"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e["ip"] == "127.0.0.21"))
+                .then_some(())
+        },
+    );
+    eprintln!("one member hung: a's update reached c in {:?}", t.elapsed());
+    for n in &nodes {
+        failover_lines(n);
+    }
+    etcd.freeze(0, false);
+}
+
 /// The node's failover lines (member used, stream lost), for timing.
 fn failover_lines(n: &Node) {
     for line in n.beacon.log_text().lines().filter(|l| {

@@ -185,6 +185,18 @@ impl EtcdCluster {
         }
     }
 
+    /// `kill -STOP` (`true`) or `-CONT` of member `i`: a member that hangs,
+    /// its connections open and silent.
+    pub fn freeze(&self, i: usize, frozen: bool) {
+        let pid = self.members[i].child.as_ref().expect("running").id();
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     /// Starts member `i` again on its data.
     pub fn restart(&mut self, i: usize) {
         assert!(self.members[i].child.is_none(), "member {i} is running");
