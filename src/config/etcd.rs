@@ -1,5 +1,6 @@
 //! `[[source]] type = "etcd"` → [`EtcdConfig`]: the cluster of beacon nodes.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,25 +22,33 @@ pub struct EtcdConfig {
     pub lease_ttl: Duration,
     /// `username` and `password` for etcd's auth.
     pub user: Option<(String, String)>,
+    /// TLS to etcd (`https://` endpoints).
+    pub tls: Option<EtcdTls>,
+}
+
+/// PEM files (relative paths from the config's folder), read at every
+/// connect: a renewed certificate is used from the next connect on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EtcdTls {
+    /// `ca`: the roots etcd's server certificate is checked against.
+    pub ca: PathBuf,
+    /// `cert` and `key`: this node's client certificate
+    /// (`--client-cert-auth`).
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 pub const DEFAULT_PREFIX: &str = "/beacon/v1";
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
-pub(super) fn validate(r: &mut Reporter<'_>, s: &RawSource) -> Option<EtcdConfig> {
+pub(super) fn validate(r: &mut Reporter<'_>, s: &RawSource, base: &Path) -> Option<EtcdConfig> {
     if s.path.is_some() || s.socket.is_some() || s.namespaces.is_some() {
         r.error(
             s.kind.span(),
             "`path`, `socket` and `namespaces` belong to file and docker sources, not an etcd source",
         );
     }
-    for v in [&s.ca, &s.cert, &s.key].into_iter().flatten() {
-        r.error(
-            v.span(),
-            "TLS to etcd (`ca`, `cert`, `key`) is not supported by this build; reach etcd over a trusted network or a local TLS-terminating proxy",
-        );
-    }
     let endpoints = endpoints(r, s)?;
+    let tls = tls(r, s, base, endpoints[0].starts_with("https://"));
     let prefix = match &s.prefix {
         Some(p) if !p.get_ref().starts_with('/') || p.get_ref().ends_with('/') => {
             r.error(
@@ -93,6 +102,42 @@ pub(super) fn validate(r: &mut Reporter<'_>, s: &RawSource) -> Option<EtcdConfig
             .collect(),
         lease_ttl,
         user,
+        tls,
+    })
+}
+
+/// `ca`, `cert`, `key`: given with `https://` endpoints, never without.
+fn tls(r: &mut Reporter<'_>, s: &RawSource, base: &Path, https: bool) -> Option<EtcdTls> {
+    if !https {
+        for v in [&s.ca, &s.cert, &s.key].into_iter().flatten() {
+            r.error(
+                v.span(),
+                "`ca`, `cert` and `key` are for TLS to etcd: write the endpoints as https://HOST:PORT",
+            );
+        }
+        return None;
+    }
+    let Some(ca) = &s.ca else {
+        r.error(
+            s.kind.span(),
+            "https:// etcd endpoints need `ca` (the PEM file of the CA that signed etcd's certificate)",
+        );
+        return None;
+    };
+    let identity = match (&s.cert, &s.key) {
+        (Some(c), Some(k)) => Some((base.join(c.get_ref()), base.join(k.get_ref()))),
+        (None, None) => None,
+        (Some(v), None) | (None, Some(v)) => {
+            r.error(
+                v.span(),
+                "`cert` and `key` go together (this node's client certificate and its key, PEM)",
+            );
+            None
+        }
+    };
+    Some(EtcdTls {
+        ca: base.join(ca.get_ref()),
+        identity,
     })
 }
 
@@ -107,18 +152,19 @@ fn endpoints(r: &mut Reporter<'_>, s: &RawSource) -> Option<Vec<String>> {
     let mut out = Vec::new();
     for v in list {
         let e = v.get_ref();
-        if e.starts_with("https://") {
-            r.error(
+        let scheme = ["http://", "https://"]
+            .into_iter()
+            .find(|p| e.starts_with(p) && e.len() > p.len());
+        match (scheme, list[0].get_ref().starts_with("https://")) {
+            (None, _) => r.error(
                 v.span(),
-                "TLS to etcd is not supported by this build; use http://",
-            );
-        } else if !e.starts_with("http://") || e.len() <= "http://".len() {
-            r.error(
+                format!("`{e}` is not an etcd endpoint; write http://HOST:PORT (https:// for TLS)"),
+            ),
+            (Some(p), https) if (p == "https://") != https => r.error(
                 v.span(),
-                format!("`{e}` is not an etcd endpoint; write http://HOST:PORT"),
-            );
-        } else {
-            out.push(e.clone());
+                "the etcd endpoints are all http:// or all https://",
+            ),
+            (Some(_), _) => out.push(e.clone()),
         }
     }
     if list.is_empty() {
@@ -184,6 +230,20 @@ mod tests {
         assert_eq!(e.lease_ttl, Duration::from_secs(3));
         assert_eq!(e.publish, ["file"]);
         assert_eq!(e.user, Some(("u".into(), "p".into())));
+        assert_eq!(e.tls, None);
+        let c = parse(
+            "[[source]]\ntype = \"etcd\"\nendpoints = [\"https://a:2379\"]\nca = \"tls/ca.pem\"\ncert = \"/etc/c.pem\"\nkey = \"tls/k.pem\"\n",
+        )
+        .unwrap();
+        let SourceConfig::Etcd(e) = &c.sources[0] else {
+            panic!()
+        };
+        let tls = e.tls.as_ref().expect("tls");
+        assert_eq!(tls.ca, Path::new("tls/ca.pem"));
+        assert_eq!(
+            tls.identity,
+            Some(("/etc/c.pem".into(), "tls/k.pem".into()))
+        );
     }
 
     #[test]
@@ -195,13 +255,18 @@ mod tests {
                 "endpoints = [\"127.0.0.1:2379\"]\n",
                 "write http://HOST:PORT",
             ),
-            (
-                "endpoints = [\"https://e:2379\"]\n",
-                "TLS to etcd is not supported",
-            ),
+            ("endpoints = [\"https://e:2379\"]\n", "need `ca`"),
             (
                 "endpoints = [\"http://e:2379\"]\nca = \"ca.pem\"\n",
-                "TLS to etcd",
+                "write the endpoints as https://",
+            ),
+            (
+                "endpoints = [\"https://e:2379\", \"http://f:2379\"]\nca = \"ca.pem\"\n",
+                "all http:// or all https://",
+            ),
+            (
+                "endpoints = [\"https://e:2379\"]\nca = \"ca.pem\"\ncert = \"c.pem\"\n",
+                "`cert` and `key` go together",
             ),
             (
                 "endpoints = [\"http://e:2379\"]\nprefix = \"beacon\"\n",

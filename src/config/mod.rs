@@ -35,7 +35,7 @@ mod sources;
 mod values;
 
 pub use dns::DnsConfig;
-pub use etcd::EtcdConfig;
+pub use etcd::{EtcdConfig, EtcdTls};
 pub use index::ServicesIndex;
 pub use main_config::{AdminConfig, Config, DEFAULT_CONFIG};
 pub use proxy::{AccessLogTarget, ProxyConfig, SpliceMode};

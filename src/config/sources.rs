@@ -174,7 +174,7 @@ fn source(r: &mut Reporter<'_>, s: &RawSource, base: &Path) -> Option<SourceConf
                 trust: trust(r, s),
             })
         }
-        "etcd" => super::etcd::validate(r, s).map(SourceConfig::Etcd),
+        "etcd" => super::etcd::validate(r, s, base).map(SourceConfig::Etcd),
         "kubernetes" => Some(SourceConfig::Kubernetes(kubernetes(r, s, base))),
         other => {
             r.error(

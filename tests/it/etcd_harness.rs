@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -21,6 +22,21 @@ pub struct EtcdCluster {
     pub dir: tempfile::TempDir,
     pub members: Vec<Member>,
     initial: String,
+    /// Clients over TLS, with client certificates required.
+    tls: Option<Tls>,
+    /// `etcdctl --user` (once auth is enabled).
+    pub ctl_user: Option<String>,
+}
+
+/// PEM files for an etcd with TLS to its clients.
+#[derive(Clone)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// etcdctl's client certificate.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 fn need(program: &str) {
@@ -37,6 +53,12 @@ fn need(program: &str) {
 impl EtcdCluster {
     /// Starts `n` members and waits until the cluster has a leader.
     pub fn start(n: usize) -> EtcdCluster {
+        Self::start_with(n, None)
+    }
+
+    /// Like [`start`](Self::start); clients over TLS (`--client-cert-auth`)
+    /// when `tls` is given.
+    pub fn start_with(n: usize, tls: Option<Tls>) -> EtcdCluster {
         need("etcd");
         need("etcdctl");
         let dir = tempfile::tempdir().unwrap();
@@ -57,6 +79,8 @@ impl EtcdCluster {
             dir,
             members,
             initial,
+            tls,
+            ctl_user: None,
         };
         for i in 0..n {
             c.spawn(i);
@@ -73,12 +97,23 @@ impl EtcdCluster {
             .append(true)
             .open(self.dir.path().join(format!("{}.log", m.name)))
             .unwrap();
-        let child = Command::new("etcd")
+        let client_url = format!("{}://{}", self.scheme(), m.client);
+        let mut etcd = Command::new("etcd");
+        if let Some(t) = &self.tls {
+            etcd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = etcd
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&data)
-            .args(["--listen-client-urls", &format!("http://{}", m.client)])
-            .args(["--advertise-client-urls", &format!("http://{}", m.client)])
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
             .args(["--listen-peer-urls", &format!("http://{}", m.peer)])
             .args([
                 "--initial-advertise-peer-urls",
@@ -95,12 +130,41 @@ impl EtcdCluster {
         self.members[i].child = Some(child);
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
     /// Every member's client URL.
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://{}", m.client))
+            .map(|m| format!("{}://{}", self.scheme(), m.client))
             .collect()
+    }
+
+    /// `etcdctl` for the running members (TLS files and user included).
+    fn ctl_command(&self) -> Command {
+        let endpoints: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| format!("{}://{}", self.scheme(), m.client))
+            .collect();
+        let mut c = Command::new("etcdctl");
+        c.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", endpoints.join(",")));
+        if let Some(t) = &self.tls {
+            c.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key);
+        }
+        if let Some(u) = &self.ctl_user {
+            c.arg(format!("--user={u}"));
+        }
+        c
     }
 
     /// The TOML array of every member's client URL.
@@ -121,6 +185,18 @@ impl EtcdCluster {
         }
     }
 
+    /// `kill -STOP` (`true`) or `-CONT` of member `i`: a member that hangs,
+    /// its connections open and silent.
+    pub fn freeze(&self, i: usize, frozen: bool) {
+        let pid = self.members[i].child.as_ref().expect("running").id();
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     /// Starts member `i` again on its data.
     pub fn restart(&mut self, i: usize) {
         assert!(self.members[i].child.is_none(), "member {i} is running");
@@ -129,15 +205,8 @@ impl EtcdCluster {
 
     /// `etcdctl` against the running members; stdout, panics on failure.
     pub fn ctl(&self, args: &[&str]) -> String {
-        let endpoints: Vec<String> = self
-            .members
-            .iter()
-            .filter(|m| m.child.is_some())
-            .map(|m| format!("http://{}", m.client))
-            .collect();
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", endpoints.join(",")))
+        let out = self
+            .ctl_command()
             .arg("--command-timeout=3s")
             .args(args)
             .output()
@@ -183,15 +252,7 @@ impl EtcdCluster {
 
     pub fn wait_healthy(&self) {
         eventually(Duration::from_secs(20), "etcd cluster healthy", || {
-            let endpoints: Vec<String> = self
-                .members
-                .iter()
-                .filter(|m| m.child.is_some())
-                .map(|m| format!("http://{}", m.client))
-                .collect();
-            Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .arg(format!("--endpoints={}", endpoints.join(",")))
+            self.ctl_command()
                 .args(["--command-timeout=1s", "endpoint", "health"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

@@ -8,6 +8,7 @@ mod dns_wire;
 mod docker;
 mod etcd;
 mod etcd_harness;
+mod etcd_secure;
 mod faults;
 mod harness;
 mod health_e2e;

@@ -32,7 +32,7 @@ pub mod keys;
 pub mod merge;
 mod publish;
 
-use client::{call, connect};
+use client::{Members, call, describe};
 use merge::{Cluster, Local};
 
 /// The etcd source; see the module doc.
@@ -90,6 +90,7 @@ impl Source for EtcdSource {
                 listed: false,
                 conflicts: BTreeMap::new(),
                 conflicts_moved: false,
+                members: Members::new("watcher"),
             };
             let (w, p) = tokio::join!(watcher.run(self.tap, shutdown.clone()), publisher.run());
             w.and(p)
@@ -122,6 +123,7 @@ struct Watcher {
     /// Services whose nodes publish different specs: the losing nodes.
     conflicts: BTreeMap<ServiceKey, Vec<std::sync::Arc<str>>>,
     conflicts_moved: bool,
+    members: Members,
 }
 
 /// Where the watch stands.
@@ -132,8 +134,14 @@ enum Conn {
     Up {
         _client: Box<Client>,
         stream: Box<WatchStream>,
+        since: tokio::time::Instant,
     },
 }
+
+/// A watch that lived this long before it broke is resumed at once (on the
+/// next member): a lost member is no outage. One that broke sooner backs
+/// off.
+const STABLE: Duration = Duration::from_secs(1);
 
 enum Step {
     Retry,
@@ -179,10 +187,11 @@ impl Watcher {
                         conn = Conn::Up {
                             _client: Box::new(client),
                             stream: Box::new(stream),
+                            since: tokio::time::Instant::now(),
                         };
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "etcd: cannot watch; serving what is known");
+                        tracing::warn!(error = %describe(&e), "etcd: cannot watch; serving what is known");
                         count_error(&self.id);
                         if was_up {
                             self.set_connected(false).await?;
@@ -202,19 +211,19 @@ impl Watcher {
                         } else {
                             tracing::warn!(reason = resp.cancel_reason(), "etcd: watch cancelled");
                         }
-                        conn = down(&mut backoff);
+                        conn = again(&conn, &mut backoff);
                         continue;
                     }
                     self.events(&resp, &mut revision).await?;
                 }
                 Step::Message(r) => {
-                    if let Err(e) = r {
-                        tracing::warn!(error = %e, "etcd: watch lost; serving what is known");
-                    }
+                    // Still "connected": the state stays served while the
+                    // watch resumes on another member; only a failed
+                    // resume says etcd is lost.
+                    let error = r.err().map_or("the stream ended".into(), |e| describe(&e));
+                    tracing::warn!(%error, "etcd: watch lost; resuming");
                     count_error(&self.id);
-                    self.set_connected(false).await?;
-                    was_up = false;
-                    conn = down(&mut backoff);
+                    conn = again(&conn, &mut backoff);
                 }
             }
         }
@@ -231,7 +240,7 @@ impl Watcher {
         &mut self,
         revision: &mut Option<i64>,
     ) -> Result<(Client, WatchStream), etcd_client::Error> {
-        let mut client = connect(&self.config).await?;
+        let mut client = self.members.connect(&self.config).await?;
         let prefix = keys::nodes_prefix(&self.config.prefix);
         let from = match *revision {
             Some(r) => r,
@@ -419,6 +428,16 @@ impl Watcher {
         }
         self.local_tx.send_replace(std::sync::Arc::new(local));
         self.send_touched(touched).await
+    }
+}
+
+/// After a watch that broke: at once if it was [`STABLE`], else backed off.
+fn again(conn: &Conn, backoff: &mut Backoff) -> Conn {
+    match conn {
+        Conn::Up { since, .. } if since.elapsed() >= STABLE => Conn::Down {
+            at: tokio::time::Instant::now(),
+        },
+        _ => down(backoff),
     }
 }
 

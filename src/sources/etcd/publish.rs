@@ -21,7 +21,7 @@ use crate::config::EtcdConfig;
 use crate::model::Snapshot;
 use crate::registry::Reader;
 
-use super::client::{call, connect};
+use super::client::{Members, call, describe};
 use super::keys::{self, EndpointValue, SpecValue};
 use super::merge::Local;
 use crate::sources::{Backoff, SourceError, count_error};
@@ -39,6 +39,10 @@ pub(super) struct Publisher {
     local: watch::Receiver<Arc<Local>>,
     reader: Reader,
     shutdown: CancellationToken,
+    members: Members,
+    /// The lease of the last session: kept by the next one while it lives
+    /// (a member or a stream failed, not the lease).
+    lease: Option<i64>,
 }
 
 /// Keys → values this node wants in etcd.
@@ -64,6 +68,8 @@ impl Publisher {
             local,
             reader,
             shutdown,
+            members: Members::new("publisher"),
+            lease: None,
         }
     }
 
@@ -75,40 +81,59 @@ impl Publisher {
         }
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
+            let started = tokio::time::Instant::now();
             match self.session(&mut backoff).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    tracing::warn!(error = %e, node = %self.config.node, "etcd: publishing interrupted; granting a new lease");
+                    if matches!(e, SessionError::LeaseLost) {
+                        self.lease = None;
+                    }
+                    let error = match &e {
+                        SessionError::Etcd(e) => describe(e),
+                        SessionError::LeaseLost => e.to_string(),
+                    };
+                    tracing::warn!(%error, node = %self.config.node, "etcd: publishing interrupted; connecting again");
                     count_error(&"etcd".into());
                 }
             }
+            // A session that had run a while (its member or stream failed)
+            // goes on at once on the next member; a failing one backs off.
+            let delay = if started.elapsed() >= Duration::from_secs(1) {
+                backoff.reset();
+                Duration::ZERO
+            } else {
+                backoff.next_delay()
+            };
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
         }
     }
 
-    /// One lease: grant, put everything, follow changes; `Ok` at shutdown.
+    /// One lease (the last one while it lives, else a new one), on one
+    /// member: put what differs, follow changes; `Ok` at shutdown.
     async fn session(&mut self, backoff: &mut Backoff) -> Result<(), SessionError> {
-        let mut client = connect(&self.config).await?;
-        let ttl = self.config.lease_ttl.as_secs().max(2) as i64;
-        let lease = call(client.lease_grant(ttl, None)).await?.id();
+        let mut client = self.members.connect(&self.config).await?;
+        let lease = self.lease(&mut client).await?;
         let (mut keeper, mut acks) = call(client.lease_keep_alive(lease)).await?;
-        // Keys of an earlier run of this node (another lease): deleted
-        // unless wanted again.
+        // What etcd holds of this node: under this lease it is current;
+        // any other (an earlier run's lease) is stale, deleted unless
+        // wanted again.
         let prefix = keys::node_prefix(&self.config.prefix, &self.config.node);
-        let old = call(client.get(
-            prefix,
-            Some(GetOptions::new().with_prefix().with_keys_only()),
-        ))
-        .await?;
-        let mut stale: HashSet<String> = old
-            .kvs()
-            .iter()
-            .filter_map(|kv| kv.key_str().ok().map(String::from))
-            .collect();
+        let old = call(client.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
         let mut current = Kv::new();
+        let mut stale = HashSet::new();
+        for kv in old.kvs() {
+            let (Ok(k), Ok(v)) = (kv.key_str(), kv.value_str()) else {
+                continue;
+            };
+            if kv.lease() == lease {
+                current.insert(k.to_string(), v.to_string());
+            } else {
+                stale.insert(k.to_string());
+            }
+        }
         let mut tick = tokio::time::interval(self.config.lease_ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -144,6 +169,21 @@ impl Publisher {
                 }
             }
         }
+    }
+
+    /// The last session's lease while etcd still holds it, else a new one.
+    async fn lease(&mut self, client: &mut Client) -> Result<i64, SessionError> {
+        if let Some(id) = self.lease {
+            let ttl = call(client.lease_time_to_live(id, None)).await?.ttl();
+            if ttl > 0 {
+                return Ok(id);
+            }
+            tracing::warn!(node = %self.config.node, "etcd: the lease expired; granting a new one");
+        }
+        let ttl = self.config.lease_ttl.as_secs().max(2) as i64;
+        let id = call(client.lease_grant(ttl, None)).await?.id();
+        self.lease = Some(id);
+        Ok(id)
     }
 
     /// Every key this node wants, from the local specs and the verdicts in
