@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 /// True when the tests should run; panics when the engine is missing and
 /// nobody said to skip.
-fn engine_available() -> bool {
+pub(super) fn engine_available() -> bool {
     if std::env::var("BEACON_SKIP_DOCKER").as_deref() == Ok("1") {
         eprintln!("BEACON_SKIP_DOCKER=1: docker end-to-end test skipped");
         return false;
@@ -46,7 +46,7 @@ fn engine_available() -> bool {
     }
 }
 
-fn run(cmd: &mut Command) -> Output {
+pub(super) fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),
@@ -57,19 +57,19 @@ fn run(cmd: &mut Command) -> Output {
     out
 }
 
-fn docker(args: &[&str]) -> String {
+pub(super) fn docker(args: &[&str]) -> String {
     let out = run(Command::new("docker").args(args));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-fn repo_root() -> PathBuf {
+pub(super) fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A unique, DNS-label-safe name for this process and call.
-fn unique(what: &str) -> String {
+pub(super) fn unique(what: &str) -> String {
     format!(
         "bit{}x{}{}",
         std::process::id(),
@@ -136,6 +136,11 @@ impl Cleanup {
         tag
     }
 
+    /// Registers an image built elsewhere for `rmi` on drop.
+    pub fn adopt_image(&self, tag: &str) {
+        self.images.lock().unwrap().push(tag.to_string());
+    }
+
     /// Registers a compose project for `down` on drop.
     pub fn compose(&self, file: &Path, project: &str) {
         self.compose
@@ -154,11 +159,17 @@ impl Cleanup {
     /// `docker run -d --name <unique> <args>`; returns the name.
     pub fn container(&self, what: &str, args: &[&str]) -> String {
         let name = unique(what);
-        self.containers.lock().unwrap().push(name.clone());
-        let mut all = vec!["run", "-d", "--name", &name];
+        self.named_container(&name, args);
+        name
+    }
+
+    /// `docker run -d --name <name> <args>`, for a name chosen beforehand
+    /// (e.g. by [`unique`], when peers must know it before it starts).
+    pub fn named_container(&self, name: &str, args: &[&str]) {
+        self.containers.lock().unwrap().push(name.to_string());
+        let mut all = vec!["run", "-d", "--name", name];
         all.extend_from_slice(args);
         docker(&all);
-        name
     }
 }
 
@@ -188,7 +199,7 @@ fn compose_cmd(file: &Path, project: &str, image: &str) -> Command {
     c
 }
 
-fn ip_of(container: &str, network: &str) -> IpAddr {
+pub(super) fn ip_of(container: &str, network: &str) -> IpAddr {
     let fmt = format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
     docker(&["inspect", "-f", &fmt, container])
         .parse()

@@ -6,6 +6,7 @@ mod dns;
 mod dns_tls;
 mod dns_wire;
 mod docker;
+mod docker_etcd;
 mod etcd;
 mod etcd_harness;
 mod etcd_secure;
