@@ -113,6 +113,8 @@ impl CacheEntry {
 pub struct Forwarder {
     /// The upstreams and their health.
     health: Arc<health::Health>,
+    /// Their UDP sockets, in the same order.
+    pools: Vec<pool::Pool>,
     /// beacon's own zone: nothing at or below it is taken from upstreams.
     zone: Name,
     timeout: Duration,
@@ -166,6 +168,10 @@ impl Forwarder {
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             health: health::Health::new(&upstreams, tuning.max_fails, tuning.health_check),
+            pools: upstreams
+                .iter()
+                .map(|&a| pool::Pool::new(a, timeout))
+                .collect(),
             zone: zone.to_lowercase(),
             timeout,
             capacity: capacity.max(1),
@@ -415,7 +421,7 @@ impl Forwarder {
         for i in order {
             let upstream = self.health.addr(i);
             let started = Instant::now();
-            let asked = tokio::time::timeout(per_try, ask(upstream, query)).await;
+            let asked = tokio::time::timeout(per_try, ask(&self.pools[i], upstream, query)).await;
             count_upstream(upstream, &asked, started);
             match &asked {
                 Ok(Ok(_)) => self.health.replied(i),
@@ -500,14 +506,19 @@ fn entry_from(mut reply: Message, now: Instant) -> CacheEntry {
     }
 }
 
-/// One exchange with one upstream: UDP, then TCP if the reply is truncated.
-async fn ask(upstream: SocketAddr, query: &Query) -> Result<Message, ForwardError> {
+/// One exchange with one upstream: UDP (on its pooled sockets), then TCP
+/// if the reply is truncated.
+async fn ask(
+    pool: &pool::Pool,
+    upstream: SocketAddr,
+    query: &Query,
+) -> Result<Message, ForwardError> {
     let err = |e| match e {
         WireError::Io(e) => ForwardError::Io(upstream, e),
         WireError::Encode(_) | WireError::Malformed => ForwardError::Malformed(upstream),
     };
     let msg = wire::query(query.clone(), true);
-    let reply = wire::udp_exchange(upstream, &msg).await.map_err(err)?;
+    let reply = pool.exchange(&msg).await.map_err(err)?;
     if !reply.metadata.truncation {
         return Ok(reply);
     }
@@ -516,6 +527,7 @@ async fn ask(upstream: SocketAddr, query: &Query) -> Result<Message, ForwardErro
 
 mod filter;
 pub mod health;
+mod pool;
 
 #[cfg(test)]
 mod tests;
