@@ -202,3 +202,56 @@ fn a_popular_name_is_prefetched_and_never_misses() {
     );
     assert_eq!(logged(&log, "once.test.example"), 1, "not prefetched");
 }
+
+/// Sockets the process holds open now.
+fn sockets_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+/// 200 distinct questions in flight to an upstream that never answers use
+/// the upstream's few pooled sockets (4), not one each, and reach it from
+/// at most 4 source ports.
+#[test]
+fn forwarded_queries_in_flight_share_a_few_upstream_sockets() {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let up = silent.local_addr().unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let b = start(&format!(
+        "forward = [\"{up}\"]\nforward_timeout = \"3s\"\nmax_fails = 0\n"
+    ));
+    let pid = b.child.id();
+    let before = sockets_of(pid);
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..200u16 {
+        let mut q = vec![(i >> 8) as u8, i as u8, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in [format!("n{i}"), "example".into()] {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        client.send_to(&q, b.dns).unwrap();
+    }
+    let mut ports = std::collections::HashSet::new();
+    let mut heard = 0;
+    let mut buf = [0u8; 512];
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while heard < 200 && Instant::now() < deadline {
+        if let Ok((_, peer)) = silent.recv_from(&mut buf) {
+            heard += 1;
+            ports.insert(peer.port());
+        }
+    }
+    assert_eq!(heard, 200, "every question went upstream");
+    let during = sockets_of(pid);
+    assert!(
+        during <= before + 4,
+        "200 questions in flight: {before} sockets before, {during} during"
+    );
+    assert!(ports.len() <= 4, "source ports: {ports:?}");
+}
