@@ -33,7 +33,10 @@ pub const SOCKETS: usize = 4;
 /// Queries one socket sends before a new one (a new port) takes its place.
 pub const QUERIES_PER_SOCKET: usize = 2000;
 
-type Waiters = HashMap<u16, (Message, oneshot::Sender<Message>)>;
+/// The queries waiting on a socket by ID: a number unique to the wait (an
+/// ID freed by a reply may be taken again before its first waiter is gone),
+/// the query, and where its reply goes.
+type Waiters = HashMap<u16, (u64, Message, oneshot::Sender<Message>)>;
 
 /// One connected socket and the queries waiting for its replies.
 #[derive(Debug)]
@@ -41,6 +44,8 @@ struct Conn {
     sock: UdpSocket,
     waiting: Mutex<Waiters>,
     sent: AtomicUsize,
+    /// Numbers the waits.
+    waits: std::sync::atomic::AtomicU64,
     /// Cancelled when it is replaced: its reader ends after `grace`.
     retired: CancellationToken,
 }
@@ -73,11 +78,15 @@ impl Drop for Pool {
 struct Waiting<'a> {
     conn: &'a Conn,
     id: u16,
+    wait: u64,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.conn.waiting().remove(&self.id);
+        let mut waiting = self.conn.waiting();
+        if waiting.get(&self.id).is_some_and(|w| w.0 == self.wait) {
+            waiting.remove(&self.id);
+        }
     }
 }
 
@@ -126,6 +135,7 @@ impl Pool {
             sock: UdpSocket::from_std(std)?,
             waiting: Mutex::new(HashMap::new()),
             sent: AtomicUsize::new(0),
+            waits: std::sync::atomic::AtomicU64::new(0),
             retired: CancellationToken::new(),
         })
     }
@@ -136,6 +146,7 @@ impl Pool {
         let conn = self.conn()?;
         let mut query = query.clone();
         let (tx, rx) = oneshot::channel();
+        let wait = conn.waits.fetch_add(1, Ordering::Relaxed);
         let id = {
             let mut waiting = conn.waiting();
             // At most 4096 forwarded queries are in flight (the forward
@@ -144,10 +155,14 @@ impl Pool {
                 .find(|id| !waiting.contains_key(id))
                 .unwrap_or_default();
             query.metadata.id = id;
-            waiting.insert(id, (query.clone(), tx));
+            waiting.insert(id, (wait, query.clone(), tx));
             id
         };
-        let _waiting = Waiting { conn: &conn, id };
+        let _waiting = Waiting {
+            conn: &conn,
+            id,
+            wait,
+        };
         let bytes = query.to_vec().map_err(WireError::Encode)?;
         conn.sock.send(&bytes).await?;
         rx.await
@@ -189,8 +204,8 @@ async fn read(conn: Arc<Conn>, stop: CancellationToken, grace: Duration) {
         let mut waiting = conn.waiting();
         let answers = waiting
             .get(&reply.metadata.id)
-            .is_some_and(|(query, _)| wire::answers(&reply, query));
-        if answers && let Some((_, tx)) = waiting.remove(&reply.metadata.id) {
+            .is_some_and(|(_, query, _)| wire::answers(&reply, query));
+        if answers && let Some((_, _, tx)) = waiting.remove(&reply.metadata.id) {
             let _ = tx.send(reply);
         }
     }

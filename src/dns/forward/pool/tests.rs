@@ -133,3 +133,25 @@ async fn a_dead_port_fails_at_once_and_the_next_query_too() {
         assert!(started.elapsed() < Duration::from_millis(500));
     }
 }
+
+/// An ID freed by a reply and taken again by a new query: the first
+/// query's end must not remove the new query's wait.
+#[tokio::test]
+async fn a_reused_id_keeps_the_new_wait() {
+    let pool = Pool::new("127.0.0.1:9".parse().unwrap(), Duration::from_secs(1));
+    let conn = pool.conn().unwrap();
+    let (tx, _rx) = tokio::sync::oneshot::channel();
+    conn.waiting().insert(7, (2, question(0), tx));
+    drop(super::Waiting {
+        conn: &conn,
+        id: 7,
+        wait: 1,
+    });
+    assert!(conn.waiting().contains_key(&7), "another wait's entry kept");
+    drop(super::Waiting {
+        conn: &conn,
+        id: 7,
+        wait: 2,
+    });
+    assert!(!conn.waiting().contains_key(&7), "its own entry removed");
+}
