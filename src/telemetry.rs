@@ -112,6 +112,7 @@ catalogue! {
     DNS_FORWARD_CACHE = ("beacon_dns_forward_cache_total", Counter, "Forward cache lookups by result (hit, miss)");
     DNS_UPSTREAM_REQUESTS = ("beacon_dns_upstream_requests_total", Counter, "Queries sent to each upstream, by upstream and result (the reply's rcode, timeout or error)");
     DNS_UPSTREAM_DURATION = ("beacon_dns_upstream_duration_seconds", Histogram, "Time each upstream took to reply, by upstream");
+    DNS_UPSTREAM_HEALTHY = ("beacon_dns_upstream_healthy", Gauge, "1 while a forwarding upstream is healthy, 0 while it is marked down (max_fails failures in a row, until a health check gets a reply), by upstream");
     // Proxy
     PROXY_CONNECTIONS = ("beacon_proxy_connections_total", Counter, "Proxied connections by service and result");
     PROXY_ACTIVE_CONNECTIONS = ("beacon_proxy_active_connections", Gauge, "Open proxied connections by service");

@@ -24,6 +24,16 @@ pub struct DnsConfig {
     /// UDP sockets bound with SO_REUSEPORT (default: one per core).
     pub udp_sockets: usize,
     pub forward_timeout: Duration,
+    /// Failures in a row (timeout, socket error, unreadable reply) that
+    /// mark an upstream down; 0: never (CoreDNS's `max_fails`).
+    pub max_fails: u32,
+    /// How often a down upstream is sent `. IN NS` (CoreDNS's
+    /// `health_check`); any reply marks it up.
+    pub health_check: Duration,
+    /// A forwarded answer asked for this many times during its life is
+    /// refreshed in the background when asked in the last 10 % of its
+    /// TTL; 0: no prefetch.
+    pub prefetch: u32,
     pub tcp_idle_timeout: Duration,
     pub tcp_max_connections: usize,
     /// After SIGTERM: how long DNS keeps answering (with `/readyz` at 503)
@@ -53,6 +63,9 @@ impl Default for DnsConfig {
             cache_size: 10_000,
             udp_sockets: std::thread::available_parallelism().map_or(1, |n| n.get()),
             forward_timeout: Duration::from_secs(2),
+            max_fails: 2,
+            health_check: Duration::from_millis(500),
+            prefetch: 2,
             tcp_idle_timeout: Duration::from_secs(10),
             tcp_max_connections: 1024,
             lameduck: Duration::from_secs(5),
@@ -105,6 +118,15 @@ pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawDns, base: &Path) -> DnsCo
     }
     if let Some(v) = &raw.forward_timeout {
         d.forward_timeout = positive(r, v, "forward_timeout").unwrap_or(d.forward_timeout);
+    }
+    if let Some(v) = &raw.max_fails {
+        d.max_fails = int_in(r, v, 0, 1000, "max_fails").unwrap_or(d.max_fails as i64) as u32;
+    }
+    if let Some(v) = &raw.health_check {
+        d.health_check = positive(r, v, "health_check").unwrap_or(d.health_check);
+    }
+    if let Some(v) = &raw.prefetch {
+        d.prefetch = int_in(r, v, 0, 1_000_000, "prefetch").unwrap_or(d.prefetch as i64) as u32;
     }
     if let Some(v) = &raw.tcp_idle_timeout {
         d.tcp_idle_timeout = positive(r, v, "tcp_idle_timeout").unwrap_or(d.tcp_idle_timeout);

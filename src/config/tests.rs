@@ -836,6 +836,39 @@ fn the_lameduck_defaults_to_5s_and_may_be_zero() {
 }
 
 #[test]
+fn upstream_health_and_prefetch_keys_have_defaults_and_bounds() {
+    let c = Config::parse("", Path::new("b.toml"), Path::new("")).unwrap();
+    assert_eq!(
+        (c.dns.max_fails, c.dns.health_check, c.dns.prefetch),
+        (2, std::time::Duration::from_millis(500), 2)
+    );
+    let c = Config::parse(
+        "[dns]\nmax_fails = 0\nhealth_check = \"2s\"\nprefetch = 0\n",
+        Path::new("b.toml"),
+        Path::new(""),
+    )
+    .unwrap();
+    assert_eq!(
+        (c.dns.max_fails, c.dns.health_check, c.dns.prefetch),
+        (0, std::time::Duration::from_secs(2), 0)
+    );
+    let errs = main_errors("[dns]\nmax_fails = -1\nhealth_check = \"0s\"\nprefetch = -2\n");
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    assert!(
+        errs[0].contains("b.toml:2:13") && errs[0].contains("max_fails"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].contains("b.toml:3:16") && errs[1].contains("must be above 0"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[2].contains("b.toml:4:12") && errs[2].contains("prefetch"),
+        "{errs:?}"
+    );
+}
+
+#[test]
 fn dot_and_doh_need_a_cert_and_a_key_relative_to_the_config() {
     let errs = main_errors("[dns]\ntls_listen = \"127.0.0.1:853\"\n");
     assert_eq!(errs.len(), 1, "{errs:?}");

@@ -9,10 +9,15 @@
 //! replies for their TTL, and when every upstream fails within
 //! `forward_timeout` answers from an expired entry (TTL 30 s, for up to a
 //! day after expiry) or SERVFAIL.
+//!
+//! Upstreams that fail are marked down and checked in the background
+//! ([`health`]); popular entries are refreshed shortly before they expire
+//! (prefetch, see [`Tuning::prefetch`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, Query, ResponseCode};
@@ -32,6 +37,33 @@ const MAX_TTL: u32 = 86400;
 /// Upper bound of a negative answer's TTL (unbound's
 /// `cache-max-negative-ttl`).
 const MAX_NEGATIVE_TTL: u32 = 3600;
+/// Prefetches running at once, at most (more are skipped: the entry then
+/// expires and is asked for again as a miss).
+const MAX_PREFETCHES: usize = 256;
+
+/// What the forwarder does beyond asking: health and prefetch settings
+/// (`[dns] max_fails`, `health_check`, `prefetch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Failures in a row that mark an upstream down; 0: never.
+    pub max_fails: u32,
+    /// How often a down upstream is checked.
+    pub health_check: Duration,
+    /// An entry asked for at least this many times during its life (the
+    /// miss that filled it counts) is refreshed in the background when
+    /// asked within the last 10 % of its TTL; 0: never.
+    pub prefetch: u32,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            max_fails: 2,
+            health_check: Duration::from_millis(500),
+            prefetch: 2,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -57,18 +89,32 @@ struct CacheEntry {
     additionals: Vec<Record>,
     stored: Instant,
     ttl: u32,
+    /// Client questions this entry answered (the miss that filled it
+    /// included).
+    asked: u32,
+    /// A prefetch of it was started.
+    refreshing: bool,
 }
 
 impl CacheEntry {
     fn expires(&self) -> Instant {
         self.stored + Duration::from_secs(u64::from(self.ttl))
     }
+
+    /// Whether it is within the last 10 % of its TTL at `now`.
+    fn nearly_expired(&self, now: Instant) -> bool {
+        let left = self.expires().saturating_duration_since(now);
+        left <= Duration::from_secs(u64::from(self.ttl)) / 10
+    }
 }
 
 /// Upstreams plus the shared cache of their answers.
 #[derive(Debug)]
 pub struct Forwarder {
-    upstreams: Vec<SocketAddr>,
+    /// The upstreams and their health.
+    health: Arc<health::Health>,
+    /// Their UDP sockets, in the same order.
+    pools: Vec<pool::Pool>,
     /// beacon's own zone: nothing at or below it is taken from upstreams.
     zone: Name,
     timeout: Duration,
@@ -80,6 +126,13 @@ pub struct Forwarder {
     /// `beacon_dns_forward_cache_total{result="hit"|"miss"}`.
     hits: metrics::Counter,
     misses: metrics::Counter,
+    prefetch: u32,
+    prefetches: AtomicUsize,
+    /// Itself, for the prefetch tasks it spawns.
+    me: Weak<Forwarder>,
+    /// The runtime prefetches run on: the one the first forwarded query
+    /// ran on (cache hits are answered on the UDP threads, outside it).
+    runtime: OnceLock<tokio::runtime::Handle>,
 }
 
 /// What one upstream round gave: the cached entry, or why it failed.
@@ -106,9 +159,19 @@ impl Drop for Leading<'_> {
 }
 
 impl Forwarder {
-    pub fn new(upstreams: Vec<SocketAddr>, zone: Name, timeout: Duration, capacity: usize) -> Self {
-        Self {
-            upstreams,
+    pub fn new(
+        upstreams: Vec<SocketAddr>,
+        zone: Name,
+        timeout: Duration,
+        capacity: usize,
+        tuning: Tuning,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            health: health::Health::new(&upstreams, tuning.max_fails, tuning.health_check),
+            pools: upstreams
+                .iter()
+                .map(|&a| pool::Pool::new(a, timeout))
+                .collect(),
             zone: zone.to_lowercase(),
             timeout,
             capacity: capacity.max(1),
@@ -116,7 +179,16 @@ impl Forwarder {
             inflight: Mutex::new(HashMap::new()),
             hits: metrics::counter!(crate::telemetry::DNS_FORWARD_CACHE, "result" => "hit"),
             misses: metrics::counter!(crate::telemetry::DNS_FORWARD_CACHE, "result" => "miss"),
-        }
+            prefetch: tuning.prefetch,
+            prefetches: AtomicUsize::new(0),
+            me: me.clone(),
+            runtime: OnceLock::new(),
+        })
+    }
+
+    /// Whether upstream `i` (in configured order) is up.
+    pub fn upstream_up(&self, i: usize) -> bool {
+        self.health.is_up(i)
     }
 
     fn inflight(
@@ -133,20 +205,32 @@ impl Forwarder {
         self.cache().len()
     }
 
-    /// The reply to `req` from a fresh cache entry, if there is one.
+    /// The reply to `req` from a fresh cache entry, if there is one; an
+    /// entry popular enough and close to expiry is refreshed meanwhile.
     pub fn cached(&self, req: &Message, limit: usize) -> Option<(Vec<u8>, ResponseCode)> {
         let key = key_of(req.queries.first()?);
         let now = Instant::now();
-        let entry = self
-            .cache()
-            .get(&key)
-            .filter(|e| e.expires() > now)
-            .cloned();
+        let mut refresh = false;
+        let entry = {
+            let mut cache = self.cache();
+            cache.get_mut(&key).filter(|e| e.expires() > now).map(|e| {
+                e.asked = e.asked.saturating_add(1);
+                refresh = self.prefetch > 0
+                    && !e.refreshing
+                    && e.asked >= self.prefetch
+                    && e.nearly_expired(now);
+                e.refreshing |= refresh;
+                e.clone()
+            })
+        };
         let Some(entry) = entry else {
             self.misses.increment(1);
             return None;
         };
         self.hits.increment(1);
+        if refresh {
+            self.start_prefetch(key);
+        }
         let age = now.duration_since(entry.stored).as_secs() as u32;
         Some(self.render(req, entry.rcode, Some(&entry), age, limit))
     }
@@ -161,9 +245,10 @@ impl Forwarder {
         if let Some(reply) = self.cached(req, limit) {
             return reply;
         }
+        let _ = self.runtime.get_or_init(tokio::runtime::Handle::current);
         let lower = wire::lowercase(question);
         let key = key_of(&lower);
-        match self.resolve(&lower, &key).await {
+        match self.resolve(&lower, &key, 1).await {
             Ok(entry) => self.render(req, entry.rcode, Some(&entry), 0, limit),
             Err(why) => self.stale_or_fail(req, &key, limit, &why),
         }
@@ -172,7 +257,8 @@ impl Forwarder {
     /// Asks the upstreams once per identical in-flight question: the first
     /// asker leads, later ones wait for its result (issue 11, defect 12:
     /// 4,600 client queries had gone upstream as 3,777).
-    async fn resolve(&self, lower: &Query, key: &Key) -> Resolved {
+    /// The entry it stores starts with `asked` client questions.
+    async fn resolve(&self, lower: &Query, key: &Key, asked: u32) -> Resolved {
         let lead = {
             let mut inflight = self.inflight();
             match inflight.get(key) {
@@ -202,7 +288,8 @@ impl Forwarder {
         let result = match tokio::time::timeout(self.timeout, self.ask_upstreams(lower)).await {
             Ok(Ok(mut reply)) => {
                 filter::sanitize(&mut reply, lower, &self.zone);
-                let entry = entry_from(reply, Instant::now());
+                let mut entry = entry_from(reply, Instant::now());
+                entry.asked = asked;
                 self.store(key.clone(), entry.clone());
                 Ok(Arc::new(entry))
             }
@@ -212,6 +299,26 @@ impl Forwarder {
         drop(leading);
         let _ = tx.send(Some(result.clone()));
         result
+    }
+
+    /// Refreshes `key` in the background, single-flight with the client
+    /// questions in flight (an identical one in flight is waited for).
+    fn start_prefetch(&self, key: Key) {
+        let (Some(me), Some(runtime)) = (self.me.upgrade(), self.runtime.get()) else {
+            return;
+        };
+        if self.prefetches.fetch_add(1, Ordering::AcqRel) >= MAX_PREFETCHES {
+            self.prefetches.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        runtime.spawn(async move {
+            let mut query = Query::query(key.0.clone(), key.1);
+            query.query_class = key.2;
+            if let Err(why) = me.resolve(&query, &key, 0).await {
+                tracing::debug!(name = %key.0, why, "prefetch failed");
+            }
+            me.prefetches.fetch_sub(1, Ordering::AcqRel);
+        });
     }
 
     fn stale_or_fail(
@@ -304,15 +411,22 @@ impl Forwarder {
         }
     }
 
-    /// Asks each upstream in turn; the first NOERROR/NXDOMAIN reply wins.
+    /// Asks each healthy upstream in turn (every one when none is); the
+    /// first NOERROR/NXDOMAIN reply wins.
     async fn ask_upstreams(&self, query: &Query) -> Result<Message, ForwardError> {
-        let n = self.upstreams.len().max(1) as u32;
+        let order = self.health.order();
+        let n = order.len().max(1) as u32;
         let per_try = (self.timeout / n).max(Duration::from_millis(200));
         let mut last = ForwardError::NoUpstream;
-        for &upstream in &self.upstreams {
+        for i in order {
+            let upstream = self.health.addr(i);
             let started = Instant::now();
-            let asked = tokio::time::timeout(per_try, ask(upstream, query)).await;
+            let asked = tokio::time::timeout(per_try, ask(&self.pools[i], upstream, query)).await;
             count_upstream(upstream, &asked, started);
+            match &asked {
+                Ok(Ok(_)) => self.health.replied(i),
+                _ => self.health.failed(i),
+            }
             match asked {
                 Ok(Ok(reply))
                     if matches!(
@@ -387,17 +501,24 @@ fn entry_from(mut reply: Message, now: Instant) -> CacheEntry {
         additionals: reply.additionals,
         stored: now,
         ttl: ttl.min(MAX_TTL),
+        asked: 0,
+        refreshing: false,
     }
 }
 
-/// One exchange with one upstream: UDP, then TCP if the reply is truncated.
-async fn ask(upstream: SocketAddr, query: &Query) -> Result<Message, ForwardError> {
+/// One exchange with one upstream: UDP (on its pooled sockets), then TCP
+/// if the reply is truncated.
+async fn ask(
+    pool: &pool::Pool,
+    upstream: SocketAddr,
+    query: &Query,
+) -> Result<Message, ForwardError> {
     let err = |e| match e {
         WireError::Io(e) => ForwardError::Io(upstream, e),
         WireError::Encode(_) | WireError::Malformed => ForwardError::Malformed(upstream),
     };
     let msg = wire::query(query.clone(), true);
-    let reply = wire::udp_exchange(upstream, &msg).await.map_err(err)?;
+    let reply = pool.exchange(&msg).await.map_err(err)?;
     if !reply.metadata.truncation {
         return Ok(reply);
     }
@@ -405,6 +526,8 @@ async fn ask(upstream: SocketAddr, query: &Query) -> Result<Message, ForwardErro
 }
 
 mod filter;
+pub mod health;
+mod pool;
 
 #[cfg(test)]
 mod tests;

@@ -66,12 +66,17 @@ pub fn handler(cfg: &DnsConfig) -> Result<Handler, DnsError> {
         source,
     })?;
     let forwarder = (!cfg.forward.is_empty()).then(|| {
-        Arc::new(forward::Forwarder::new(
+        forward::Forwarder::new(
             cfg.forward.clone(),
             zone.apex().clone(),
             cfg.forward_timeout,
             cfg.cache_size,
-        ))
+            forward::Tuning {
+                max_fails: cfg.max_fails,
+                health_check: cfg.health_check,
+                prefetch: cfg.prefetch,
+            },
+        )
     });
     Ok(Handler::new(zone, cfg.forward_allow.clone(), forwarder).with_autopath(cfg.autopath))
 }

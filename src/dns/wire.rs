@@ -168,7 +168,7 @@ pub fn query(question: Query, edns: bool) -> Message {
 
 /// Whether `reply` answers `query`: same ID, QR set, and the same first
 /// question (name compared case-insensitively).
-fn answers(reply: &Message, query: &Message) -> bool {
+pub fn answers(reply: &Message, query: &Message) -> bool {
     let same_question = match (reply.queries.first(), query.queries.first()) {
         (Some(r), Some(q)) => {
             r.name.to_lowercase() == q.name.to_lowercase() && r.query_type == q.query_type

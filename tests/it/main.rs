@@ -3,6 +3,7 @@
 
 mod autopath;
 mod dns;
+mod dns_forward;
 mod dns_tls;
 mod dns_wire;
 mod docker;

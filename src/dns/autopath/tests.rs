@@ -52,12 +52,13 @@ async fn upstream() -> SocketAddr {
 
 fn forwarder(upstream: SocketAddr) -> Arc<Forwarder> {
     let zone = Zone::new("cluster.local", 5).unwrap();
-    Arc::new(Forwarder::new(
+    Forwarder::new(
         vec![upstream],
         zone.apex().clone(),
         Duration::from_secs(1),
         100,
-    ))
+        Default::default(),
+    )
 }
 
 fn handler(on: bool, upstream: Option<SocketAddr>) -> Handler {

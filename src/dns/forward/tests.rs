@@ -11,6 +11,7 @@ use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::net::UdpSocket;
 
+use super::{Forwarder, Tuning};
 use crate::dns::testkit::{a_records, cfg, demo, parse, query, start, tcp_ask, udp_ask};
 use crate::registry::Reader;
 
@@ -371,4 +372,180 @@ async fn forward_slots_are_shared_fairly_and_never_block_cache_hits() {
     drop(held);
     up.task.abort();
     run.stop().await;
+}
+
+/// An upstream answering every A question with 192.0.2.8 and `ttl`,
+/// counting the questions per name.
+async fn counting_upstream(
+    ttl: u32,
+) -> (
+    SocketAddr,
+    Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let seen2 = seen.clone();
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+            let Ok(req) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let name = req.queries[0].name.clone();
+            *seen2.lock().unwrap().entry(name.to_ascii()).or_insert(0) += 1;
+            let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+            resp.queries = req.queries.clone();
+            resp.answers.push(Record::from_rdata(
+                name,
+                ttl,
+                RData::A(A("192.0.2.8".parse().unwrap())),
+            ));
+            let _ = sock.send_to(&resp.to_vec().unwrap(), peer).await;
+        }
+    });
+    (addr, seen, task)
+}
+
+fn forwarder(upstreams: Vec<SocketAddr>, tuning: Tuning) -> Arc<Forwarder> {
+    Forwarder::new(
+        upstreams,
+        hickory_proto::rr::Name::from_ascii("cluster.local.").unwrap(),
+        Duration::from_secs(1),
+        100,
+        tuning,
+    )
+}
+
+/// Asks `name` as the handler does (cache first, then forwarded); true
+/// when the cache answered.
+async fn ask_name(f: &Forwarder, name: &str) -> bool {
+    let req = query(name, RecordType::A, Some(1232));
+    if let Some((bytes, _)) = f.cached(&req, 1232) {
+        assert_eq!(
+            a_records(&parse(&bytes)),
+            vec![IpAddr::from([192, 0, 2, 8])]
+        );
+        return true;
+    }
+    let (bytes, rcode) = f.reply(&req, 1232).await;
+    assert_eq!(rcode, ResponseCode::NoError);
+    assert_eq!(
+        a_records(&parse(&bytes)),
+        vec![IpAddr::from([192, 0, 2, 8])]
+    );
+    false
+}
+
+/// Asks `name` every 50 ms for `long`; returns the cache misses after the
+/// first question.
+async fn ask_steadily(f: &Forwarder, name: &str, long: Duration) -> usize {
+    let started = Instant::now();
+    let _ = ask_name(f, name).await;
+    let mut misses = 0;
+    while started.elapsed() < long {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        misses += usize::from(!ask_name(f, name).await);
+    }
+    misses
+}
+
+/// Prefetch: a name asked steadily never misses the cache after the first
+/// question (its entry is refreshed in the last 10 % of its 2 s TTL, about
+/// once a TTL); a name asked once is not refreshed; without prefetch the
+/// same steady asking misses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_popular_entry_is_refreshed_before_it_expires_and_a_lone_one_is_not() {
+    let (up, seen, task) = counting_upstream(2).await;
+    let f = forwarder(vec![up], Tuning::default());
+    assert!(!ask_name(&f, "once.example.").await);
+    let misses = ask_steadily(&f, "pop.example.", Duration::from_millis(5000)).await;
+    assert_eq!(misses, 0, "the popular name never missed after warm-up");
+    let count = |name: &str| seen.lock().unwrap().get(name).copied().unwrap_or(0);
+    let pop = count("pop.example.");
+    assert!(
+        (2..=4).contains(&pop),
+        "refreshed about once a TTL (1 + 5 s / 1.8 s): {pop} upstream queries"
+    );
+    assert_eq!(
+        count("once.example."),
+        1,
+        "a name asked once is not prefetched"
+    );
+    // The same without prefetch: the entry expires under the asker.
+    let f = forwarder(
+        vec![up],
+        Tuning {
+            prefetch: 0,
+            ..Tuning::default()
+        },
+    );
+    let misses = ask_steadily(&f, "nopre.example.", Duration::from_millis(2600)).await;
+    assert!(misses >= 1, "without prefetch the entry expired");
+    // Below the threshold (asked twice with prefetch = 3, the second time
+    // in its last 10 %): not refreshed.
+    let f = forwarder(
+        vec![up],
+        Tuning {
+            prefetch: 3,
+            ..Tuning::default()
+        },
+    );
+    assert!(!ask_name(&f, "twice.example.").await);
+    tokio::time::sleep(Duration::from_millis(1850)).await;
+    assert!(ask_name(&f, "twice.example.").await);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        count("twice.example."),
+        1,
+        "asked twice, below prefetch = 3"
+    );
+    task.abort();
+}
+
+/// Health through the forwarder: the first upstream never answers; every
+/// question is still answered (by the second), the silent one is marked
+/// down after `max_fails` timeouts and then no longer asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_upstream_is_marked_down_and_skipped() {
+    let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let dead = silent.local_addr().unwrap();
+    let heard = Arc::new(AtomicUsize::new(0));
+    let heard2 = heard.clone();
+    let silent_task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 512];
+        while silent.recv_from(&mut buf).await.is_ok() {
+            heard2.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let (up, seen, task) = counting_upstream(0).await;
+    let f = forwarder(
+        vec![dead, up],
+        Tuning {
+            max_fails: 2,
+            health_check: Duration::from_secs(60),
+            prefetch: 0,
+        },
+    );
+    for i in 0..2 {
+        assert!(f.upstream_up(0), "up before {i} failures");
+        assert!(!ask_name(&f, &format!("n{i}.example.")).await);
+    }
+    assert!(!f.upstream_up(0), "down after max_fails");
+    assert!(f.upstream_up(1));
+    let started = Instant::now();
+    for i in 2..12 {
+        assert!(!ask_name(&f, &format!("n{i}.example.")).await);
+    }
+    let total: usize = seen.lock().unwrap().values().sum();
+    assert_eq!(total, 12, "every question answered by the live upstream");
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "no time lost on the silent one (500 ms a try): {:?}",
+        started.elapsed()
+    );
+    assert_eq!(heard.load(Ordering::SeqCst), 2, "asked only until down");
+    task.abort();
+    silent_task.abort();
 }
