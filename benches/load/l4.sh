@@ -115,7 +115,8 @@ PY
         "$UDP_LOAD" run "$name" "$udp" --flows "$CONNS" --seconds "$SECS" >"$WORK/udp-$name.tsv" 2>&1 || true
         c1=$(cpu_ticks "$pid")
         cat "$WORK/udp-$name.tsv" >>"$RESULTS_TSV"
-        awk -v name="$name" -v ticks=$((c1 - c0)) -v hz="$CLK_TCK" -v secs="$SECS" '
+        # (direct: the echo backends' CPU is not the proxy's; no CPU row)
+        [ "$name" = direct ] || awk -v name="$name" -v ticks=$((c1 - c0)) -v hz="$CLK_TCK" -v secs="$SECS" '
             $4 == "dps" && $5 > 0 { printf "l4\tudp\t%s\tcpu_us_per_dgram\t%.2f\n", name, ticks / hz / ($5 * secs) * 1e6 }
         ' "$WORK/udp-$name.tsv" >>"$RESULTS_TSV"
     fi

@@ -18,7 +18,9 @@ use crate::model::{Endpoint, ProbeKind, ServiceSpec, Snapshot};
 use crate::registry::{self, Update};
 
 const INTERVAL: Duration = Duration::from_millis(100);
-const SLACK: Duration = Duration::from_millis(100);
+/// Room for scheduling on a loaded machine (2 cores shared with builds): the
+/// probe counts (`3/3`) say the hysteresis held, not the clock.
+const SLACK: Duration = Duration::from_millis(400);
 
 fn key() -> ServiceKey {
     ServiceKey::new("default", "web")
