@@ -200,7 +200,11 @@ def etcdctl(endpoints, args, check=True):
 
 
 def key_count(endpoints, prefix):
-    r = etcdctl(endpoints, ["get", prefix, "--prefix", "--keys-only", "--limit=1", "-w", "json"])
+    r = etcdctl(endpoints, ["get", prefix, "--prefix", "--keys-only", "--limit=1", "-w", "json"], check=False)
+    if r.returncode != 0:
+        # an overloaded etcd: try again on the next poll
+        log(f"etcdctl count failed: {r.stderr.strip().splitlines()[-1:]}")
+        return 0
     return int(json.loads(r.stdout).get("count", 0))
 
 
@@ -299,6 +303,7 @@ def main():
     ap.add_argument("--per-service", type=int, default=10)
     ap.add_argument("--changes", type=int, default=100)
     ap.add_argument("--beacon", default=os.environ.get("BEACON", "target/release/beacon"))
+    ap.add_argument("--publish-timeout", type=float, default=600, help="seconds for every key to be in etcd")
     ap.add_argument("--sync-timeout", type=float, default=60, help="seconds for the new node's first sync")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     a = ap.parse_args()
@@ -372,11 +377,11 @@ def run(a, work, services, total, results):
     def published():
         for node in nodes:
             node.alive()
-        last[0] = key_count(endpoints, prefix)
+        last[0] = key_count(endpoints, prefix) or last[0]
         return last[0] >= want_keys
 
     try:
-        wait(f"{want_keys} keys in etcd", 600, published, every=0.5)
+        wait(f"{want_keys} keys in etcd", a.publish_timeout, published, every=0.5)
     except SystemExit:
         log(f"only {last[0]} of {want_keys} keys in etcd")
         raise
