@@ -432,6 +432,97 @@ fn etcd_compaction_while_a_watcher_is_away_relists_and_leaves_nothing_stale() {
     );
 }
 
+/// A first list over gRPC's 4 MiB message limit, read in pages of 2,000
+/// keys (one answer of the whole prefix failed with "decoded message length
+/// too large" and the node never synced): 50,000 external endpoints (about
+/// 7 MB listed), all served, from one list.
+#[test]
+fn etcd_a_first_list_of_many_pages_is_served_whole() {
+    const N: usize = 50_000;
+    let etcd = EtcdCluster::start(1);
+    let endpoints = etcd.endpoints();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let mut c = etcd_client::Client::connect(&endpoints, None)
+                .await
+                .unwrap();
+            let spec = r#"{"ports":[{"name":"http","port":80}]}"#;
+            c.put("/beacon/v1/nodes/ext/services/default/big", spec, None)
+                .await
+                .unwrap();
+            let keys: Vec<String> = (0..N)
+                .map(|i| {
+                    format!(
+                        "/beacon/v1/nodes/ext/endpoints/default/big/10.9.{}.{}",
+                        i / 250,
+                        i % 250 + 1
+                    )
+                })
+                .collect();
+            let keys: Vec<(usize, String)> = keys.into_iter().enumerate().collect();
+            for chunk in keys.chunks(128) {
+                let ops: Vec<etcd_client::TxnOp> = chunk
+                    .iter()
+                    .map(|(i, k)| {
+                        // A long hostname each: about 7 MB listed in all.
+                        let v = format!(
+                            r#"{{"port":80,"hostname":"ep-{i}-0123456789abcdef0123456789abcdef"}}"#
+                        );
+                        etcd_client::TxnOp::put(k.as_str(), v, None)
+                    })
+                    .collect();
+                c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+            }
+        });
+    let a = Node::start("node-a", 1, &etcd.endpoints_toml());
+    a.beacon.wait_ready();
+    eventually(
+        Duration::from_secs(10),
+        "every listed endpoint served",
+        || {
+            let (status, body) =
+                super::harness::http_get(a.beacon.admin, "/v1/services?namespace=default&name=big")
+                    .ok()?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let n = v["services"][0]["endpoints"]
+                .as_array()
+                .map_or(0, |e| e.len());
+            (status == 200 && n == N).then_some(())
+        },
+    );
+    assert_eq!(
+        a.beacon.log_text().matches("etcd: listed").count(),
+        1,
+        "one list"
+    );
+}
+
+/// An idle node keeps its watch and its publishing session: no reconnect
+/// (etcd closes connections that ping it too often: at a 1 s keepalive every
+/// watch was cut every 4 s, idle or not), no warning, little CPU.
+#[test]
+fn etcd_an_idle_node_keeps_its_watch_and_its_session() {
+    let etcd = EtcdCluster::start(1);
+    let a = Node::start("node-a", 1, &etcd.endpoints_toml());
+    a.beacon.wait_ready();
+    let pid = a.beacon.child.id();
+    let cpu0 = super::harness::cpu_seconds(pid);
+    let seen = a.beacon.log_text().len();
+    // Over three cycles of the old cut (4 s) and two keepalive intervals.
+    std::thread::sleep(Duration::from_secs(13));
+    let cpu = super::harness::cpu_seconds(pid) - cpu0;
+    let log = a.beacon.log_text()[seen..].to_string();
+    for bad in ["watch lost", "publishing interrupted", "WARN"] {
+        assert!(!log.contains(bad), "`{bad}` while idle:\n{log}");
+    }
+    assert_eq!(a.a(), ["127.0.0.11"]);
+    // Its probes run every 200 ms; the rest is quiet.
+    assert!(cpu < 0.5, "{cpu:.2} s of CPU over 13 s idle");
+}
+
 /// Propagation of an endpoint change on node a to node c's DNS answer, p50
 /// and p99 (`BEACON_PROPAGATION_CHANGES`, default 60; BENCHMARKS.md has a
 /// 200-change run). A change is a services-file rewrite on a (its file

@@ -23,6 +23,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 const MEMBER_TIMEOUT: Duration = Duration::from_secs(2);
 /// The TCP (and TLS) connect to one member, at most.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Between HTTP/2 keepalive pings (above etcd's 5 s minimum).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(6);
 
 /// The members of one loop and the one it uses.
 pub struct Members {
@@ -89,7 +91,12 @@ async fn member(config: &EtcdConfig, endpoint: &str) -> Result<Client, String> {
 fn options(config: &EtcdConfig) -> Result<ConnectOptions, etcd_client::Error> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(CONNECT_TIMEOUT)
-        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+        // HTTP/2 pings find a hung member (connections open, nothing
+        // answers). No oftener than etcd allows: its server refuses pings
+        // closer than `--grpc-keepalive-min-time` (5 s by default) and, after
+        // two, closes the connection (GOAWAY too_many_pings): at 1 s every
+        // watch was cut every 4 s, idle or not.
+        .with_keep_alive(KEEPALIVE_INTERVAL, Duration::from_secs(3))
         .with_keep_alive_while_idle(true)
         .with_require_leader(true);
     if let Some((user, password)) = &config.user {

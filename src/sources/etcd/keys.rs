@@ -51,6 +51,21 @@ pub fn nodes_prefix(prefix: &str) -> String {
     format!("{prefix}/nodes/")
 }
 
+/// The end of the range of every key starting with `prefix` (etcd's
+/// `range_end` for a prefix read): the prefix with its last byte below
+/// 0xff incremented and what follows dropped; `[0]` (to the end of the
+/// keyspace) when there is none.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// `<prefix>/nodes/<node>/`: one node's keys.
 pub fn node_prefix(prefix: &str, node: &str) -> String {
     format!("{prefix}/nodes/{node}/")
@@ -279,6 +294,16 @@ mod tests {
     use super::*;
 
     const P: &str = "/beacon/v1";
+
+    #[test]
+    fn prefix_end_is_the_first_key_after_the_prefix() {
+        assert_eq!(
+            prefix_end(b"/beacon/v1/nodes/"),
+            b"/beacon/v1/nodes0".to_vec()
+        );
+        assert_eq!(prefix_end(b"a\xff\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
 
     #[test]
     fn keys_round_trip_and_foreign_keys_are_ignored() {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp};
+use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -116,7 +117,15 @@ impl Publisher {
     async fn session(&mut self, backoff: &mut Backoff) -> Result<(), SessionError> {
         let mut client = self.members.connect(&self.config).await?;
         let lease = self.lease(&mut client).await?;
-        let (mut keeper, mut acks) = call(client.lease_keep_alive(lease)).await?;
+        let (keeper, acks) = call(client.lease_keep_alive(lease)).await?;
+        // In a task of its own: a long reconcile (10k keys are 80 commits)
+        // must not starve the lease (it had outlasted a 10 s TTL under load,
+        // and every expiry took this node's endpoints from every node).
+        let mut keepalive = Stopper(tokio::spawn(keep_alive(
+            keeper,
+            acks,
+            self.config.lease_ttl / 3,
+        )));
         // What etcd holds of this node: under this lease it is current;
         // any other (an earlier run's lease) is stale, deleted unless
         // wanted again.
@@ -134,11 +143,12 @@ impl Publisher {
                 stale.insert(k.to_string());
             }
         }
-        let mut tick = tokio::time::interval(self.config.lease_ttl / 3);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let desired = self.desired(&self.reader.current());
-            reconcile(&mut client, lease, &mut current, &mut stale, desired).await?;
+            tokio::select! {
+                r = reconcile(&mut client, lease, &mut current, &mut stale, desired) => r?,
+                e = &mut keepalive.0 => return Err(ended(e)),
+            }
             backoff.reset();
             tokio::select! {
                 _ = self.shutdown.cancelled() => {
@@ -160,13 +170,7 @@ impl Publisher {
                         self.shutdown.cancelled().await;
                     }
                 }
-                _ = tick.tick() => call(keeper.keep_alive()).await?,
-                ack = acks.message() => {
-                    match ack? {
-                        Some(a) if a.ttl() > 0 => {}
-                        _ => return Err(SessionError::LeaseLost),
-                    }
-                }
+                e = &mut keepalive.0 => return Err(ended(e)),
             }
         }
     }
@@ -248,6 +252,54 @@ impl Publisher {
     }
 }
 
+/// Aborts the keepalive task when the session ends, however it ends.
+struct Stopper(tokio::task::JoinHandle<SessionError>);
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why the keepalive task ended (it never ends well).
+fn ended(r: Result<SessionError, tokio::task::JoinError>) -> SessionError {
+    r.unwrap_or_else(|e| {
+        SessionError::Etcd(etcd_client::Error::EndpointError(format!(
+            "lease keepalive task: {e}"
+        )))
+    })
+}
+
+/// Keeps `lease` alive every `every` until the stream fails (the member:
+/// the lease lives on, the next session keeps it) or etcd says the lease
+/// is gone.
+async fn keep_alive(
+    mut keeper: etcd_client::LeaseKeeper,
+    mut acks: etcd_client::LeaseKeepAliveStream,
+    every: Duration,
+) -> SessionError {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = call(keeper.keep_alive()).await {
+                    return e.into();
+                }
+            }
+            ack = acks.message() => match ack {
+                Ok(Some(a)) if a.ttl() > 0 => {}
+                Ok(_) => return SessionError::LeaseLost,
+                Err(e) => return e.into(),
+            },
+        }
+    }
+}
+
+/// Transactions in flight at once when many keys change: etcd commits
+/// concurrent proposals together (one fsync for several).
+const TXN_PARALLEL: usize = 8;
+
 /// Puts what changed and deletes what is no longer wanted (and the stale
 /// keys of an earlier run), in transactions of at most [`TXN_OPS`].
 async fn reconcile(
@@ -275,8 +327,19 @@ async fn reconcile(
     for k in gone {
         ops.push(TxnOp::delete(k.as_str(), None));
     }
-    for chunk in ops.chunks(TXN_OPS) {
-        call(client.txn(Txn::new().and_then(chunk.to_vec()))).await?;
+    // Collected first: futures that own what they use (a lazy map over
+    // the chunks would not be `Send` for every lifetime).
+    let txns: Vec<_> = ops
+        .chunks(TXN_OPS)
+        .map(|chunk| {
+            let mut client = client.clone();
+            let txn = Txn::new().and_then(chunk.to_vec());
+            async move { call(client.txn(txn)).await.map(drop) }
+        })
+        .collect();
+    let mut txns = futures_util::stream::iter(txns).buffer_unordered(TXN_PARALLEL);
+    while let Some(r) = txns.next().await {
+        r?;
     }
     *current = desired;
     stale.clear();
