@@ -11,6 +11,16 @@
 //! fixed-size A/AAAA records in place. A test (`handler::tests`) checks
 //! that the result is byte-identical to the slow path for the same
 //! rotation.
+//!
+//! Forward-cache hits for such queries get the same treatment (issue 14):
+//! a slow hit on an entry that would be prefetched leaves the forwarder's
+//! encoding of it (ID 0, RD/CD clear, lower-case question, TTLs as stored)
+//! with the offset of every record's TTL; later hits copy and patch it as
+//! above and subtract the entry's age from every TTL, for clients allowed
+//! to forward only, and only until the entry's prefetch point (then the
+//! forward cache answers again, so prefetch sees the question). A test
+//! (`forward::tests::fast`) checks byte identity with the forwarder's
+//! `render` at several ages.
 
 use std::collections::HashMap;
 use std::time::Instant;
