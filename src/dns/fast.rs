@@ -11,8 +11,19 @@
 //! fixed-size A/AAAA records in place. A test (`handler::tests`) checks
 //! that the result is byte-identical to the slow path for the same
 //! rotation.
+//!
+//! Forward-cache hits for such queries get the same treatment (issue 14):
+//! a slow hit on an entry that would be prefetched leaves the forwarder's
+//! encoding of it (ID 0, RD/CD clear, lower-case question, TTLs as stored)
+//! with the offset of every record's TTL; later hits copy and patch it as
+//! above and subtract the entry's age from every TTL, for clients allowed
+//! to forward only, and only until the entry's prefetch point (then the
+//! forward cache answers again, so prefetch sees the question). A test
+//! (`forward::tests::fast`) checks byte identity with the forwarder's
+//! `render` at several ages.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
@@ -146,12 +157,24 @@ struct Rotation {
     rr_len: usize,
 }
 
-/// One cached encoding.
+/// What a forwarded answer's encoding carries besides the bytes.
+#[derive(Clone, Debug)]
+struct Forwarded {
+    /// Offset of every record's TTL (the OPT record's excluded).
+    ttls: Box<[u16]>,
+    /// When the forward cache stored the answer: TTLs are aged from here.
+    stored: Instant,
+    /// Served until then (the forward cache entry's prefetch point).
+    until: Instant,
+}
+
+/// One cached encoding: a zone answer, or a forwarded one.
 #[derive(Clone, Debug)]
 pub struct Entry {
     bytes: Box<[u8]>,
     rotation: Option<Rotation>,
     pub rcode: ResponseCode,
+    forwarded: Option<Forwarded>,
 }
 
 impl Entry {
@@ -192,7 +215,64 @@ impl Entry {
             bytes: encoded.into_boxed_slice(),
             rotation,
             rcode,
+            forwarded: None,
         })
+    }
+
+    /// Wraps a forwarded answer's template for `q` (the forward cache's
+    /// reply to it with ID 0, RD/CD clear, the lower-case question and TTLs
+    /// as stored at `stored`), served until `until`. `None` when it cannot
+    /// be patched exactly.
+    pub fn forwarded(
+        encoded: Vec<u8>,
+        q: &FastQuery,
+        rcode: ResponseCode,
+        stored: Instant,
+        until: Instant,
+    ) -> Option<Self> {
+        let name = &q.key[..q.key_len - 5];
+        if encoded.get(12..q.name_end)? != name {
+            return None;
+        }
+        let ttls = ttl_offsets(&encoded, q.name_end + 4)?;
+        Some(Self {
+            bytes: encoded.into_boxed_slice(),
+            rotation: None,
+            rcode,
+            forwarded: Some(Forwarded {
+                ttls,
+                stored,
+                until,
+            }),
+        })
+    }
+
+    /// Whether it is a forwarded answer.
+    pub fn is_forwarded(&self) -> bool {
+        self.forwarded.is_some()
+    }
+
+    /// A forwarded answer's age at `now` in whole seconds (as the forward
+    /// cache counts it), while it may still be served; `None` past its
+    /// prefetch point, or for a zone answer.
+    pub fn age(&self, now: Instant) -> Option<u32> {
+        let f = self.forwarded.as_ref()?;
+        (now < f.until).then(|| now.duration_since(f.stored).as_secs() as u32)
+    }
+
+    /// Writes the reply to `query` from a forwarded answer `age` seconds
+    /// old into `out`: as [`render`](Self::render), with every TTL less
+    /// `age` (never below zero).
+    pub fn render_aged(&self, query: &[u8], q: &FastQuery, age: u32, out: &mut Vec<u8>) {
+        self.render(query, q, 0, out);
+        let Some(f) = &self.forwarded else {
+            return;
+        };
+        for &at in f.ttls.iter() {
+            let at = usize::from(at);
+            let ttl = u32::from_be_bytes([out[at], out[at + 1], out[at + 2], out[at + 3]]);
+            out[at..at + 4].copy_from_slice(&ttl.saturating_sub(age).to_be_bytes());
+        }
     }
 
     /// Writes the reply to `query` into `out`.
@@ -212,9 +292,47 @@ impl Entry {
     }
 }
 
+/// The TTL offsets of every record of an encoded message whose records
+/// start at `at`, OPT excluded; `None` when it does not read as a message.
+fn ttl_offsets(b: &[u8], mut at: usize) -> Option<Box<[u16]>> {
+    let records = (6..12)
+        .step_by(2)
+        .map(|i| usize::from(u16_at(b, i)))
+        .sum::<usize>();
+    let mut ttls = Vec::with_capacity(records);
+    for _ in 0..records {
+        at = skip_name(b, at)?;
+        let fixed = b.get(at..at + 10)?;
+        if u16_at(fixed, 0) != TYPE_OPT {
+            ttls.push(u16::try_from(at + 4).ok()?);
+        }
+        at += 10 + usize::from(u16_at(fixed, 8));
+    }
+    (at == b.len()).then(|| ttls.into_boxed_slice())
+}
+
+/// The offset just past the (possibly compressed) name at `at`.
+fn skip_name(b: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let len = *b.get(at)?;
+        match len {
+            0 => return Some(at + 1),
+            1..=63 => at += 1 + usize::from(len),
+            0xC0..=0xFF => return b.get(at + 1).map(|_| at + 2),
+            _ => return None,
+        }
+    }
+}
+
 /// Per-entry bookkeeping counted against a cache's byte budget (the map's
 /// slot and the boxes' headers).
 const ENTRY_OVERHEAD: usize = 64;
+
+/// What an entry counts against a cache's byte budget.
+fn cost(key: &[u8], e: &Entry) -> usize {
+    let ttls = e.forwarded.as_ref().map_or(0, |f| 2 * f.ttls.len());
+    key.len() + e.bytes.len() + ENTRY_OVERHEAD + ttls
+}
 
 /// Cached encodings of one UDP thread, or of all TCP connections together,
 /// valid for one snapshot version. Bounded two ways (issue 11, defect 7: a
@@ -262,12 +380,18 @@ impl FastCache {
         }
     }
 
+    /// Adds `entry`, replacing any entry of `key` (a forwarded answer is
+    /// replaced when the forward cache refreshed it).
     pub fn insert(&mut self, key: &[u8], entry: Entry) {
+        if let Some(old) = self.positive.remove(key) {
+            self.bytes -= cost(key, &old);
+        }
+        self.negative.pop(key);
         if entry.is_negative() {
             self.negative.put(key.into(), entry);
             return;
         }
-        let cost = key.len() + entry.bytes.len() + ENTRY_OVERHEAD;
+        let cost = cost(key, &entry);
         if self.bytes + cost > self.budget {
             // More distinct answers than the budget holds: start over
             // rather than grow.

@@ -135,6 +135,18 @@ pub struct Forwarder {
     runtime: OnceLock<tokio::runtime::Handle>,
 }
 
+/// A cache entry encoded for the fast path: the reply to the query with
+/// ID 0, RD and CD clear, the lower-case question and TTLs as stored; it
+/// may be served (aged by the whole seconds since `stored`) until `until`,
+/// the entry's prefetch point.
+#[derive(Debug)]
+pub struct FastTemplate {
+    pub bytes: Vec<u8>,
+    pub rcode: ResponseCode,
+    pub stored: Instant,
+    pub until: Instant,
+}
+
 /// What one upstream round gave: the cached entry, or why it failed.
 type Resolved = Result<Arc<CacheEntry>, String>;
 
@@ -208,7 +220,54 @@ impl Forwarder {
     /// The reply to `req` from a fresh cache entry, if there is one; an
     /// entry popular enough and close to expiry is refreshed meanwhile.
     pub fn cached(&self, req: &Message, limit: usize) -> Option<(Vec<u8>, ResponseCode)> {
-        let key = key_of(req.queries.first()?);
+        let (entry, now) = self.hit(req.queries.first()?)?;
+        let age = now.duration_since(entry.stored).as_secs() as u32;
+        Some(self.render(req, entry.rcode, Some(&entry), age, limit))
+    }
+
+    /// [`cached`](Self::cached), plus the fast path's template of the
+    /// entry when it may be served from one ([`FastTemplate`]): the entry
+    /// was asked for often enough to be prefetched and is not yet at its
+    /// prefetch point, so queries served from the template never need to
+    /// count towards prefetch.
+    pub fn cached_fast(
+        &self,
+        req: &Message,
+        limit: usize,
+    ) -> Option<(Vec<u8>, ResponseCode, Option<FastTemplate>)> {
+        let (entry, now) = self.hit(req.queries.first()?)?;
+        let age = now.duration_since(entry.stored).as_secs() as u32;
+        let (reply, rcode) = self.render(req, entry.rcode, Some(&entry), age, limit);
+        let ttl = Duration::from_secs(u64::from(entry.ttl));
+        // nearly_expired(t) holds from `until` on.
+        let until = entry.expires().checked_sub(ttl / 10);
+        let template = until
+            .filter(|&until| now < until && entry.asked >= self.prefetch && rcode == entry.rcode)
+            .map(|until| {
+                let mut t = req.clone();
+                t.metadata.id = 0;
+                t.metadata.recursion_desired = false;
+                t.metadata.checking_disabled = false;
+                t.queries = req.queries.iter().map(wire::lowercase).collect();
+                FastTemplate {
+                    bytes: self.render(&t, entry.rcode, Some(&entry), 0, limit).0,
+                    rcode,
+                    stored: entry.stored,
+                    until,
+                }
+            });
+        Some((reply, rcode, template))
+    }
+
+    /// Counts a cache hit answered by the fast path.
+    pub fn count_fast_hit(&self) {
+        self.hits.increment(1);
+    }
+
+    /// A fresh entry for `question` (counted as asked, a prefetch started
+    /// when due) and the time it was looked up at; counts the hit or miss.
+    fn hit(&self, question: &Query) -> Option<(CacheEntry, Instant)> {
+        let key = key_of(question);
         let now = Instant::now();
         let mut refresh = false;
         let entry = {
@@ -231,8 +290,7 @@ impl Forwarder {
         if refresh {
             self.start_prefetch(key);
         }
-        let age = now.duration_since(entry.stored).as_secs() as u32;
-        Some(self.render(req, entry.rcode, Some(&entry), age, limit))
+        Some((entry, now))
     }
 
     /// The reply to `req` (one question, outside the zone).
@@ -377,7 +435,12 @@ impl Forwarder {
     }
 
     /// Encodes the reply to the client: its ID, question and flags; the
-    /// entry's rcode and records with TTLs aged by `age` seconds.
+    /// entry's rcode and records with TTLs aged by `age` seconds. Encoded
+    /// with the lower-cased question, whose bytes are then overwritten with
+    /// the question as asked (as zone answers are, see
+    /// [`handler`](super::handler)): the encoding depends on the question's
+    /// case only through those bytes, which lets the fast path keep one
+    /// template per lower-cased name.
     fn render(
         &self,
         req: &Message,
@@ -387,7 +450,7 @@ impl Forwarder {
         limit: usize,
     ) -> (Vec<u8>, ResponseCode) {
         let mut msg = wire::response(req, rcode, true);
-        msg.queries = req.queries.clone();
+        msg.queries = req.queries.iter().map(wire::lowercase).collect();
         if let Some(e) = entry {
             let aged = |rs: &[Record]| -> Vec<Record> {
                 rs.iter()
@@ -403,7 +466,12 @@ impl Forwarder {
             msg.additionals = aged(&e.additionals);
         }
         match wire::encode_within(&msg, limit) {
-            Some(bytes) => (bytes, rcode),
+            Some(mut bytes) => {
+                if let Some(q) = req.queries.first() {
+                    wire::patch_question_case(&mut bytes, &q.name);
+                }
+                (bytes, rcode)
+            }
             None => (
                 wire::header_for_id(req.metadata.id, ResponseCode::ServFail),
                 ResponseCode::ServFail,

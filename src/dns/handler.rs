@@ -12,6 +12,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use hickory_proto::op::{Edns, Message, OpCode, Query, ResponseCode};
 use hickory_proto::rr::RecordType;
@@ -20,7 +21,7 @@ use ipnet::IpNet;
 use super::answer::{self, Outcome, Zone, ZoneAnswer};
 use super::autopath;
 use super::fast::{self, FastCache};
-use super::forward::Forwarder;
+use super::forward::{FastTemplate, Forwarder};
 use super::job::ForwardJob;
 use super::wire::{self, Proto, QType};
 use crate::model::Snapshot;
@@ -88,18 +89,50 @@ impl Handler {
         rotate: usize,
         out: &mut Vec<u8>,
     ) -> Reply {
-        if let Some(q) = fast::parse(bytes, proto) {
-            cache.sync(snapshot.version);
-            if let Some(entry) = cache.get(q.key()) {
+        let Some(q) = fast::parse(bytes, proto) else {
+            return self.slow(snapshot, bytes, client, proto, rotate, out);
+        };
+        cache.sync(snapshot.version);
+        if let Some(entry) = cache.get(q.key()) {
+            if !entry.is_forwarded() {
                 return fast_reply(entry, bytes, &q, rotate, out);
             }
-            if let Some(entry) = self.template(snapshot, bytes, &q) {
-                let reply = fast_reply(&entry, bytes, &q, rotate, out);
-                cache.insert(q.key(), entry);
-                return reply;
+            // A forwarded answer: only for clients allowed to forward, and
+            // only until its prefetch point (then the forward cache is
+            // asked, which counts the question and starts the prefetch).
+            let age = entry.age(Instant::now());
+            if let (Some(fwd), Some(age)) = (self.forwarder_for(client), age) {
+                entry.render_aged(bytes, &q, age, out);
+                fwd.count_fast_hit();
+                return Reply::Send {
+                    rcode: entry.rcode,
+                    qtype: Some(q.qtype()),
+                };
             }
+        } else if let Some(entry) = self.template(snapshot, bytes, &q) {
+            let reply = fast_reply(&entry, bytes, &q, rotate, out);
+            cache.insert(q.key(), entry);
+            return reply;
         }
-        self.slow(snapshot, bytes, client, proto, rotate, out)
+        let fast = Some((cache, &q));
+        self.slow_with(snapshot, bytes, client, (proto, rotate), fast, out)
+    }
+
+    /// The forwarder, when `client` may use it.
+    fn forwarder_for(&self, client: IpAddr) -> Option<&Arc<Forwarder>> {
+        self.forwarder.as_ref().filter(|_| self.allowed(client))
+    }
+
+    /// Keeps a forwarded answer's template in the fast cache. Not an
+    /// NXDOMAIN with autopath on, as for zone answers (autopath answers
+    /// depend on who asks).
+    fn keep_forwarded(&self, cache: &mut FastCache, q: &fast::FastQuery, t: FastTemplate) {
+        if self.autopath && t.rcode == ResponseCode::NXDomain {
+            return;
+        }
+        if let Some(entry) = fast::Entry::forwarded(t.bytes, q, t.rcode, t.stored, t.until) {
+            cache.insert(q.key(), entry);
+        }
     }
 
     /// Builds the cacheable encoding of a fast-path query: the reply to the
@@ -139,6 +172,20 @@ impl Handler {
         rotate: usize,
         out: &mut Vec<u8>,
     ) -> Reply {
+        self.slow_with(snapshot, bytes, client, (proto, rotate), None, out)
+    }
+
+    /// [`slow`](Self::slow); a forward-cache hit for a fast-path query `q`
+    /// also leaves its template in `cache` when it may be served from one.
+    fn slow_with(
+        &self,
+        snapshot: &Snapshot,
+        bytes: &[u8],
+        client: IpAddr,
+        (proto, rotate): (Proto, usize),
+        fast: Option<(&mut FastCache, &fast::FastQuery)>,
+        out: &mut Vec<u8>,
+    ) -> Reply {
         out.clear();
         if bytes.len() < wire::HEADER_LEN || bytes[2] & 0x80 != 0 {
             // No header, or a response: never answer those (no loops).
@@ -158,7 +205,7 @@ impl Handler {
         let qtype = req.queries.first().map(|q| q.query_type);
         let (rcode, encoded) = match refusal(&req) {
             Some(rcode) => (rcode, self.error(&req, rcode)),
-            None => match self.answer(snapshot, req, client, proto, rotate) {
+            None => match self.answer(snapshot, req, client, (proto, rotate), fast) {
                 Answered::Send(rcode, encoded) => (rcode, encoded),
                 Answered::Forward(job) => return Reply::Forward(job),
             },
@@ -174,8 +221,8 @@ impl Handler {
         snapshot: &Snapshot,
         req: Message,
         client: IpAddr,
-        proto: Proto,
-        rotate: usize,
+        (proto, rotate): (Proto, usize),
+        fast: Option<(&mut FastCache, &fast::FastQuery)>,
     ) -> Answered {
         let limit = wire::limit(proto, req.edns.as_ref().map(Edns::max_payload));
         let query = &req.queries[0];
@@ -185,7 +232,7 @@ impl Handler {
                 let rcode = za.rcode;
                 match self.encode_zone(&req, lower.clone(), za, limit) {
                     Some(mut encoded) => {
-                        patch_question_case(&mut encoded, &query.name);
+                        wire::patch_question_case(&mut encoded, &query.name);
                         if self.autopath && rcode == ResponseCode::NXDomain {
                             return self.search_path(snapshot, &req, lower, client, limit, encoded);
                         }
@@ -200,7 +247,8 @@ impl Handler {
             Outcome::NotOurs => match &self.forwarder {
                 // A forward-cache hit is answered here, like a zone answer:
                 // it takes no forward slot and no task.
-                Some(fwd) if self.allowed(client) => match fwd.cached(&req, limit) {
+                Some(fwd) if self.allowed(client) => match self.forward_hit(fwd, &req, limit, fast)
+                {
                     Some((encoded, rcode)) => Answered::Send(rcode, encoded),
                     None => Answered::Forward(Box::new(ForwardJob {
                         forwarder: fwd.clone(),
@@ -215,6 +263,25 @@ impl Handler {
                 ),
             },
         }
+    }
+
+    /// The reply from a fresh forward-cache entry, if there is one; its
+    /// template goes to the fast cache when `fast` is given and it may.
+    fn forward_hit(
+        &self,
+        fwd: &Forwarder,
+        req: &Message,
+        limit: usize,
+        fast: Option<(&mut FastCache, &fast::FastQuery)>,
+    ) -> Option<(Vec<u8>, ResponseCode)> {
+        let Some((cache, q)) = fast else {
+            return fwd.cached(req, limit);
+        };
+        let (encoded, rcode, template) = fwd.cached_fast(req, limit)?;
+        if let Some(t) = template {
+            self.keep_forwarded(cache, q, t);
+        }
+        Some((encoded, rcode))
     }
 
     /// Autopath for a question whose zone answer (`nxdomain`) is NXDOMAIN:
@@ -233,7 +300,7 @@ impl Handler {
             None => fail(nxdomain),
             Some(autopath::Found::Zone(za)) => match self.encode_zone(req, lower, za, limit) {
                 Some(mut encoded) => {
-                    patch_question_case(&mut encoded, &req.queries[0].name);
+                    wire::patch_question_case(&mut encoded, &req.queries[0].name);
                     Answered::Send(ResponseCode::NoError, encoded)
                 }
                 None => fail(nxdomain),
@@ -319,20 +386,6 @@ fn refusal(req: &Message) -> Option<ResponseCode> {
         return Some(ResponseCode::Refused);
     }
     None
-}
-
-/// Overwrites the question name of an encoded reply (at offset 12, written
-/// uncompressed from the lower-cased name) with the name as asked.
-fn patch_question_case(encoded: &mut [u8], name: &hickory_proto::rr::Name) {
-    let mut at = 12;
-    for label in name.iter() {
-        let end = at + 1 + label.len();
-        if end > encoded.len() {
-            return;
-        }
-        encoded[at + 1..end].copy_from_slice(label);
-        at = end;
-    }
 }
 
 /// IPv4-mapped IPv6 clients count as their IPv4 address.

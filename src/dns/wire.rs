@@ -132,6 +132,20 @@ pub fn lowercase(q: &Query) -> Query {
     lower
 }
 
+/// Overwrites the question name of an encoded reply (at offset 12, written
+/// uncompressed from the lower-cased name) with the name as asked.
+pub fn patch_question_case(encoded: &mut [u8], name: &hickory_proto::rr::Name) {
+    let mut at = 12;
+    for label in name.iter() {
+        let end = at + 1 + label.len();
+        if end > encoded.len() {
+            return;
+        }
+        encoded[at + 1..end].copy_from_slice(label);
+        at = end;
+    }
+}
+
 /// `bytes` with their two-byte length prefix, ready for a TCP stream.
 pub fn frame(bytes: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(bytes.len() + 2);

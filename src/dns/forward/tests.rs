@@ -12,6 +12,8 @@ use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::net::UdpSocket;
 
 use super::{Forwarder, Tuning};
+
+mod fast;
 use crate::dns::testkit::{a_records, cfg, demo, parse, query, start, tcp_ask, udp_ask};
 use crate::registry::Reader;
 
