@@ -35,8 +35,10 @@ measure() { # NAME PORT PID
 for target in $TARGETS; do
     port=$(free_port)
     case "$target" in
-    beacon)
+    beacon | beacon-splice)
         if ! have_beacon; then log "memory: no beacon binary at $BEACON; skipping"; continue; fi
+        splice=auto
+        [ "$target" = beacon-splice ] && splice=always
         cat >"$D/services.toml" <<TOML
 [[service]]
 name = "echo"
@@ -59,6 +61,8 @@ enabled = false
 enabled = false
 [health]
 kind = "none"
+[proxy]
+splice = "$splice"
 [[source]]
 type = "file"
 path = "services.toml"
