@@ -11,15 +11,25 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_beacon");
 
 /// A free port on 127.0.0.1 for both TCP and UDP (checked, then released).
+/// Below the kernel's ephemeral range (32768 and up): a port taken from
+/// that range and released can be handed straight to another test's client
+/// socket before the server that was meant to have it binds it.
 pub fn free_port() -> u16 {
-    for _ in 0..50 {
-        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Each test process starts at its own place and walks on from there.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let seed = (std::process::id() as u16 % 97) * 128;
+    for _ in 0..2_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(7))) % 12_000;
+        let Ok(_tcp) = TcpListener::bind(("127.0.0.1", port)) else {
+            continue;
+        };
         if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no free port with both TCP and UDP free");
+    panic!("no free port with both TCP and UDP free below 32000");
 }
 
 pub fn free_addr() -> SocketAddr {
