@@ -157,37 +157,54 @@ impl Drop for Dnsmasq {
     }
 }
 
-/// dnsmasq answering `*.test.example` with 127.0.0.99 on a free port; a few
-/// tries, since another process may take the port between check and bind.
-pub(crate) fn dnsmasq() -> (Dnsmasq, SocketAddr) {
+/// dnsmasq on `addr` answering `*.test.example` with 127.0.0.99, with
+/// `extra` arguments; None when it does not come up (the port is taken).
+pub(crate) fn dnsmasq_at(addr: SocketAddr, extra: &[String]) -> Option<Dnsmasq> {
+    let child = Command::new("dnsmasq")
+        .args([
+            "--no-daemon",
+            &format!("--port={}", addr.port()),
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            "--conf-file=/dev/null",
+            "--address=/test.example/127.0.0.99",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dnsmasq must be installed: ./scripts/test installs it");
+    let mut d = Dnsmasq(child);
+    for _ in 0..20 {
+        if d.0.try_wait().unwrap().is_some() {
+            return None;
+        }
+        if query_a(addr, "up.test.example.").is_some_and(|ips| !ips.is_empty()) {
+            return Some(d);
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    None
+}
+
+/// [`dnsmasq_at`] on a free port (free for UDP and TCP, as dnsmasq needs);
+/// a few tries, since another process may take the port between check
+/// and bind.
+pub(crate) fn dnsmasq_with(extra: &[String]) -> (Dnsmasq, SocketAddr) {
     for _ in 0..5 {
-        let addr = free_addr(); // free for UDP and TCP, as dnsmasq needs
-        let child = Command::new("dnsmasq")
-            .args([
-                "--no-daemon",
-                &format!("--port={}", addr.port()),
-                "--listen-address=127.0.0.1",
-                "--bind-interfaces",
-                "--no-resolv",
-                "--no-hosts",
-                "--conf-file=/dev/null",
-                "--address=/test.example/127.0.0.99",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq must be installed: ./scripts/test installs it");
-        let mut d = Dnsmasq(child);
-        for _ in 0..10 {
-            if d.0.try_wait().unwrap().is_some() {
-                break; // exited: the port was taken
-            }
-            if query_a(addr, "up.test.example.").is_some_and(|ips| !ips.is_empty()) {
-                return (d, addr);
-            }
+        let addr = free_addr();
+        if let Some(d) = dnsmasq_at(addr, extra) {
+            return (d, addr);
         }
     }
     panic!("dnsmasq did not start in 5 tries");
+}
+
+/// [`dnsmasq_with`] with no extra arguments.
+pub(crate) fn dnsmasq() -> (Dnsmasq, SocketAddr) {
+    dnsmasq_with(&[])
 }
 
 #[test]

@@ -3,64 +3,13 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::dns::{dnsmasq_at, dnsmasq_with as dnsmasq};
 use crate::harness::*;
 
 const FILE_SOURCE: &str = "[[source]]\ntype = \"file\"\npath = \"services.toml\"\n";
 const SERVICES: &str = "[[service]]\nname = \"web\"\nvip = \"127.0.0.20\"\n  [[service.port]]\n  port = 80\n  [[service.endpoint]]\n  ip = \"127.0.0.11\"\n  [service.health]\n  kind = \"none\"\n";
-
-struct Dnsmasq(Child);
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// dnsmasq on `addr` answering `*.test.example` with 127.0.0.99, with
-/// `extra` arguments; None when it does not come up (the port is taken).
-fn dnsmasq_at(addr: SocketAddr, extra: &[String]) -> Option<Dnsmasq> {
-    let child = Command::new("dnsmasq")
-        .args([
-            "--no-daemon",
-            &format!("--port={}", addr.port()),
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            "--no-resolv",
-            "--no-hosts",
-            "--conf-file=/dev/null",
-            "--address=/test.example/127.0.0.99",
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dnsmasq must be installed: ./scripts/test installs it");
-    let mut d = Dnsmasq(child);
-    for _ in 0..20 {
-        if d.0.try_wait().unwrap().is_some() {
-            return None;
-        }
-        if query_a(addr, "up.test.example.").is_some_and(|ips| !ips.is_empty()) {
-            return Some(d);
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    None
-}
-
-fn dnsmasq(extra: &[String]) -> (Dnsmasq, SocketAddr) {
-    for _ in 0..5 {
-        let addr = free_addr();
-        if let Some(d) = dnsmasq_at(addr, extra) {
-            return (d, addr);
-        }
-    }
-    panic!("dnsmasq did not start in 5 tries");
-}
 
 fn start(dns_extra: &str) -> Beacon {
     let b = Beacon::start(Options {
