@@ -17,6 +17,7 @@ use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::EtcdConfig;
 use crate::model::Snapshot;
@@ -121,7 +122,8 @@ impl Publisher {
         // In a task of its own: a long reconcile (10k keys are 80 commits)
         // must not starve the lease (it had outlasted a 10 s TTL under load,
         // and every expiry took this node's endpoints from every node).
-        let mut keepalive = Stopper(tokio::spawn(keep_alive(
+        // Aborted when the session ends, however it ends.
+        let mut keepalive = AbortOnDropHandle::new(tokio::spawn(keep_alive(
             keeper,
             acks,
             self.config.lease_ttl / 3,
@@ -147,7 +149,7 @@ impl Publisher {
             let desired = self.desired(&self.reader.current());
             tokio::select! {
                 r = reconcile(&mut client, lease, &mut current, &mut stale, desired) => r?,
-                e = &mut keepalive.0 => return Err(ended(e)),
+                e = &mut keepalive => return Err(ended(e)),
             }
             backoff.reset();
             tokio::select! {
@@ -170,7 +172,7 @@ impl Publisher {
                         self.shutdown.cancelled().await;
                     }
                 }
-                e = &mut keepalive.0 => return Err(ended(e)),
+                e = &mut keepalive => return Err(ended(e)),
             }
         }
     }
@@ -249,15 +251,6 @@ impl Publisher {
                 tracing::warn!(error = %e, "etcd: could not revoke the lease; the keys leave after lease_ttl")
             }
         }
-    }
-}
-
-/// Aborts the keepalive task when the session ends, however it ends.
-struct Stopper(tokio::task::JoinHandle<SessionError>);
-
-impl Drop for Stopper {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
