@@ -62,6 +62,14 @@ impl Node {
         }
     }
 
+    /// Whether its `/v1/services` lists an endpoint at `ip`.
+    fn lists(&self, ip: &str) -> bool {
+        let v = self.beacon.services_json();
+        v["services"][0]["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["ip"] == ip))
+    }
+
     pub(super) fn a(&self) -> Vec<String> {
         query_a(self.beacon.dns, NAME).unwrap_or_default()
     }
@@ -267,13 +275,7 @@ fn etcd_member_loss_keeps_updates_flowing_quorum_loss_keeps_serving_and_restart_
     eventually(
         Duration::from_secs(10),
         "an update flows with one member down",
-        || {
-            let v = nodes[2].beacon.services_json();
-            v["services"][0]["endpoints"]
-                .as_array()
-                .is_some_and(|e| e.iter().any(|e| e["ip"] == "127.0.0.21"))
-                .then_some(())
-        },
+        || nodes[2].lists("127.0.0.21").then_some(()),
     );
     eprintln!(
         "one member killed: a's update reached c in {:?}",
@@ -340,13 +342,7 @@ fn etcd_a_hung_member_is_left_and_updates_keep_flowing() {
     eventually(
         Duration::from_secs(15),
         "an update flows with one member hung",
-        || {
-            let v = nodes[2].beacon.services_json();
-            v["services"][0]["endpoints"]
-                .as_array()
-                .is_some_and(|e| e.iter().any(|e| e["ip"] == "127.0.0.21"))
-                .then_some(())
-        },
+        || nodes[2].lists("127.0.0.21").then_some(()),
     );
     eprintln!("one member hung: a's update reached c in {:?}", t.elapsed());
     for n in &nodes {
