@@ -32,30 +32,28 @@ name = "adm"
 
 /// A self-signed certificate for `beacon.test` and 127.0.0.1.
 fn make_cert(dir: &Path, name: &str) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args([
+    let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
+    openssl(
+        dir,
+        &[
             "req",
             "-x509",
             "-newkey",
             "ec",
             "-pkeyopt",
             "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "2", "-subj", "/CN=beacon.test"])
-        .args(["-addext", "subjectAltName=DNS:beacon.test,IP:127.0.0.1"])
-        .args([
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=beacon.test",
+            "-addext",
+            "subjectAltName=DNS:beacon.test,IP:127.0.0.1",
             "-keyout",
-            &format!("{name}.key"),
+            &key,
             "-out",
-            &format!("{name}.pem"),
-        ])
-        .output()
-        .expect("openssl must be installed: ./scripts/test installs it");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            &pem,
+        ],
     );
 }
 

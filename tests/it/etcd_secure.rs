@@ -3,27 +3,13 @@
 //! by `etcdctl`; beacon nodes publish through it and serve each other.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use super::etcd::Node;
 use super::etcd_harness::{EtcdCluster, Tls};
-use super::harness::eventually;
+use super::harness::{eventually, openssl};
 
 const CONNECTED: &str = "beacon_source_connected{source=\"etcd\"}";
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl must be installed: ./scripts/test installs it");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A self-signed CA `name` (`name.pem`, `name.key`).
 fn make_ca(dir: &Path, name: &str) {

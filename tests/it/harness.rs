@@ -415,3 +415,17 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .expect("VmRSS line");
     kb * 1024
 }
+
+/// `openssl ARGS` in `dir` (test certificates); fails the test on an error.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl must be installed: ./scripts/test installs it");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
