@@ -29,20 +29,10 @@ import sys
 import tempfile
 import time
 
+from benchlib import a_records, dns_query, free_port, percentile
+
 NAME = "web.default.svc.cluster.local"
 A_IP, C_IP, EXTRA = "127.0.0.11", "127.0.0.13", "127.0.0.21"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def dns_query(name, qid):
-    header = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
-    q = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
-    return header + q + struct.pack(">HH", 1, 1)
 
 
 def dns_a(sock, addr, name, qid):
@@ -55,30 +45,7 @@ def dns_a(sock, addr, name, qid):
             return set()
         if struct.unpack(">H", data[:2])[0] == qid:
             break  # a late reply to an earlier query is skipped
-    an = struct.unpack(">H", data[6:8])[0]
-    i = 12
-    while data[i] != 0:  # the question's name
-        i += data[i] + 1
-    i += 5
-    out = set()
-    for _ in range(an):
-        if data[i] & 0xC0 == 0xC0:
-            i += 2
-        else:
-            while data[i] != 0:
-                i += data[i] + 1
-            i += 1
-        rtype, _, _, rdlen = struct.unpack(">HHIH", data[i:i + 10])
-        i += 10
-        if rtype == 1 and rdlen == 4:
-            out.add(socket.inet_ntoa(data[i:i + 4]))
-        i += rdlen
-    return out
-
-
-def percentile(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return a_records(data)
 
 
 def services(ips):

@@ -33,11 +33,7 @@ import time
 import urllib.request
 from urllib.parse import parse_qs, urlsplit
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchlib import a_records, dns_query, free_port, percentile
 
 
 def ip_of(n):
@@ -167,34 +163,10 @@ def handler(api):
     return H
 
 
-def dns_query(name, qid):
-    header = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
-    q = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
-    return header + q + struct.pack(">HH", 1, 1)
-
-
 def dns_a(sock, addr, name, qid):
     sock.sendto(dns_query(name, qid), addr)
     data, _ = sock.recvfrom(4096)
-    an = struct.unpack(">H", data[6:8])[0]
-    i = 12
-    while data[i] != 0:  # the question's name
-        i += data[i] + 1
-    i += 5
-    out = set()
-    for _ in range(an):
-        if data[i] & 0xC0 == 0xC0:
-            i += 2
-        else:
-            while data[i] != 0:
-                i += data[i] + 1
-            i += 1
-        rtype, _, _, rdlen = struct.unpack(">HHIH", data[i:i + 10])
-        i += 10
-        if rtype == 1 and rdlen == 4:
-            out.add(socket.inet_ntoa(data[i:i + 4]))
-        i += rdlen
-    return out
+    return a_records(data)
 
 
 def rss_kb(pid):
@@ -204,11 +176,6 @@ def rss_kb(pid):
             if line.startswith(("VmRSS:", "VmHWM:")):
                 out[line.split(":")[0]] = int(line.split()[1])
     return out
-
-
-def percentile(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 def main():
