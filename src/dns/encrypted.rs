@@ -1,9 +1,10 @@
-//! DNS over TLS (RFC 7858) and over HTTPS (RFC 8484, `/dns-query`, GET and
-//! POST) on hickory-server: [`hickory_server::Server`] owns the TLS, the
-//! framing and HTTP/2; [`Encrypted`], beacon's `RequestHandler`, answers
-//! each request with the same [`Handler`](super::handler::Handler),
-//! snapshot, fast-path cache and forwarder as UDP and TCP, under the same
-//! forwarding ACL, forward slots and metrics (`proto` = `dot`/`doh`).
+//! DNS over TLS (RFC 7858) on hickory-server, and over HTTPS (RFC 8484) on
+//! hyper ([`doh`](super::doh), which says why not hickory-server's):
+//! [`hickory_server::Server`] owns DoT's TLS and framing; [`Encrypted`],
+//! beacon's `RequestHandler` (and DoH's [`Answer`]), answers each request
+//! with the same [`Handler`](super::handler::Handler), snapshot, fast-path
+//! cache and forwarder as UDP and TCP, under the same forwarding ACL,
+//! forward slots and metrics (`proto` = `dot`/`doh`).
 //!
 //! hickory's response handle takes records, not bytes, so the reply beacon
 //! encoded is parsed and handed over to be encoded again: the same header,
@@ -25,14 +26,12 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponseBuilder;
 use tokio_util::sync::CancellationToken;
 
+use super::doh::{self, Answer};
 use super::handler::Reply;
 use super::server::Shared;
 use super::tls::CertStore;
 use super::wire::{self, Proto};
 use crate::registry::Reader;
-
-/// The DoH path (RFC 8484).
-pub const DOH_PATH: &str = "/dns-query";
 
 /// beacon's request handler for one encrypted transport.
 pub struct Encrypted {
@@ -156,6 +155,12 @@ impl RequestHandler for Encrypted {
     }
 }
 
+impl Answer for Encrypted {
+    async fn answer(&self, bytes: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8>> {
+        self.reply(&bytes, peer).await
+    }
+}
+
 /// Where the encrypted listeners are and what they serve.
 pub struct Listeners {
     pub tls: Option<std::net::TcpListener>,
@@ -177,15 +182,14 @@ impl Listeners {
     }
 }
 
-/// Serves DoT and DoH until `shutdown`; each transport is its own
-/// hickory `Server`, so that the handler knows its `proto` label.
+/// Serves DoT (a hickory `Server`) and DoH until `shutdown`.
 pub async fn serve(
     listeners: Listeners,
     shared: Arc<Shared>,
     reader: Reader,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let mut servers = Vec::new();
+    let mut dot = None;
     if let Some(l) = listeners.tls {
         let mut server =
             hickory_server::Server::new(Encrypted::new(shared.clone(), reader.clone(), Proto::Dot));
@@ -194,25 +198,30 @@ pub async fn serve(
             listeners.timeout,
             listeners.certs.clone(),
         )?;
-        servers.push(server);
+        dot = Some(server);
     }
-    if let Some(l) = listeners.https {
-        let mut server =
-            hickory_server::Server::new(Encrypted::new(shared.clone(), reader.clone(), Proto::Doh));
-        server.register_https_listener(
+    let doh = match listeners.https {
+        Some(l) => Some(tokio::spawn(doh::serve(
             tokio::net::TcpListener::from_std(l)?,
-            listeners.timeout,
+            Arc::new(Encrypted::new(shared, reader, Proto::Doh)),
             listeners.certs.clone(),
-            None,
-            DOH_PATH.to_string(),
-        )?;
-        servers.push(server);
-    }
+            listeners.timeout,
+            shutdown.clone(),
+        ))),
+        None => None,
+    };
     tokio::spawn(listeners.certs.clone().watch(shutdown.clone()));
     shutdown.cancelled().await;
-    for server in &mut servers {
-        if let Err(e) = server.shutdown_gracefully().await {
-            tracing::debug!(error = %e, "dns encrypted listener ended");
+    if let Some(server) = &mut dot
+        && let Err(e) = server.shutdown_gracefully().await
+    {
+        tracing::debug!(error = %e, "dns DoT listener ended");
+    }
+    if let Some(task) = doh {
+        match task.await {
+            Ok(Err(e)) => tracing::debug!(error = %e, "dns DoH listener ended"),
+            Err(e) => tracing::error!(error = %e, "dns DoH listener panicked"),
+            Ok(Ok(())) => {}
         }
     }
     Ok(())

@@ -27,6 +27,7 @@
 pub mod answer;
 pub mod autopath;
 pub mod bind;
+pub mod doh;
 pub mod encrypted;
 pub mod error;
 pub mod fast;

@@ -177,38 +177,23 @@ fn dig_norm_short(dns: SocketAddr, name: &str, qtype: &str) -> String {
     dig_full(dns, &["+short", name, qtype]).trim().to_string()
 }
 
-/// curl POSTs an RFC 8484 query to `/dns-query` and reads the answer.
-/// (`curl --doh-url` itself is refused by hickory-server 0.26, which wants
-/// `Accept: application/dns-message` where curl sends `*/*`.)
-#[test]
-fn curl_posts_a_doh_query() {
+/// An RFC 8484 query for `name` A (ID 0, RD), wire format.
+fn doh_query(name: &str) -> Vec<u8> {
     use hickory_proto::op::{Message, MessageType, OpCode, Query};
-    use hickory_proto::rr::{Name, RData, RecordType};
-    let t = start();
+    use hickory_proto::rr::{Name, RecordType};
     let mut msg = Message::new(0, MessageType::Query, OpCode::Query);
     msg.metadata.recursion_desired = true;
-    let name = Name::from_ascii("adm.default.svc.cluster.local.").unwrap();
+    let name = Name::from_ascii(format!("{name}.")).unwrap();
     msg.queries.push(Query::query(name, RecordType::A));
-    let body = t.certs.path().join("q.bin");
-    std::fs::write(&body, msg.to_vec().unwrap()).unwrap();
-    let out = Command::new("curl")
-        .args(["-sS", "--http2", "--max-time", "5"])
-        .arg("--cacert")
-        .arg(t.certs.path().join("a.pem"))
-        .args(["-H", "content-type: application/dns-message"])
-        .args(["-H", "accept: application/dns-message"])
-        .arg("--data-binary")
-        .arg(format!("@{}", body.display()))
-        .arg(format!("https://127.0.0.1:{}/dns-query", t.doh.port()))
-        .output()
-        .expect("curl must be installed: ./scripts/test installs it");
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let reply = Message::from_vec(&out.stdout).expect("a DNS message in the body");
-    let ips: Vec<String> = reply
+    msg.to_vec().unwrap()
+}
+
+/// The A addresses and the rcode of a DNS reply in an HTTP body.
+fn a_records(body: &[u8]) -> (Vec<String>, String) {
+    use hickory_proto::op::Message;
+    use hickory_proto::rr::RData;
+    let reply = Message::from_vec(body).expect("a DNS message in the body");
+    let ips = reply
         .answers
         .iter()
         .filter_map(|r| match &r.data {
@@ -216,7 +201,218 @@ fn curl_posts_a_doh_query() {
             _ => None,
         })
         .collect();
-    assert_eq!(ips, ["127.0.0.1"], "{reply:?}");
+    (ips, format!("{:?}", reply.metadata.response_code))
+}
+
+/// `curl -sS` against the DoH port, trusting the test CA: (HTTP status, body).
+fn curl(t: &Tls, args: &[&str]) -> (u16, Vec<u8>) {
+    let body = t.certs.path().join(format!("body-{}", fastrand::u64(..)));
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "-o"])
+        .arg(&body)
+        .args(["-w", "%{http_code}"])
+        .arg("--cacert")
+        .arg(t.certs.path().join("a.pem"))
+        .args(args)
+        .output()
+        .expect("curl must be installed: ./scripts/test installs it");
+    let code = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .ok()
+        // 000: no HTTP answer at all, which no case expects.
+        .filter(|&c: &u16| c != 0)
+        .unwrap_or_else(|| panic!("curl {args:?}: {}", String::from_utf8_lossy(&out.stderr)));
+    (code, std::fs::read(&body).unwrap_or_default())
+}
+
+fn doh_url(t: &Tls, rest: &str) -> String {
+    format!("https://127.0.0.1:{}{rest}", t.doh.port())
+}
+
+fn get_param(name: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(doh_query(name))
+}
+
+/// RFC 8484's two forms: POST of an `application/dns-message` body and GET
+/// with `?dns=` (base64url, no padding), over HTTP/2 and over HTTP/1.1; the
+/// same answers, NXDOMAIN included. (hickory-server 0.26, which served DoH
+/// before, refused every GET.)
+#[test]
+fn doh_get_and_post_over_http2_and_http1() {
+    let t = start();
+    let body = t.certs.path().join("q.bin");
+    std::fs::write(&body, doh_query("adm.default.svc.cluster.local")).unwrap();
+    let post = format!("@{}", body.display());
+    for http in ["--http2", "--http1.1"] {
+        let (code, reply) = curl(
+            &t,
+            &[
+                http,
+                "-H",
+                "content-type: application/dns-message",
+                "--data-binary",
+                &post,
+                &doh_url(&t, "/dns-query"),
+            ],
+        );
+        assert_eq!(code, 200, "POST {http}");
+        assert_eq!(
+            a_records(&reply),
+            (vec!["127.0.0.1".into()], "NoError".into()),
+            "POST {http}"
+        );
+        for (name, want) in [
+            (
+                "adm.default.svc.cluster.local",
+                (vec!["127.0.0.1".to_string()], "NoError"),
+            ),
+            (
+                "web.default.svc.cluster.local",
+                (vec!["127.0.0.20".to_string()], "NoError"),
+            ),
+            ("nope.default.svc.cluster.local", (vec![], "NXDomain")),
+        ] {
+            let url = doh_url(&t, &format!("/dns-query?dns={}", get_param(name)));
+            let (code, reply) = curl(&t, &[http, &url]);
+            assert_eq!(code, 200, "GET {http} {name}");
+            assert_eq!(
+                a_records(&reply),
+                (want.0, want.1.to_string()),
+                "GET {http} {name}"
+            );
+        }
+    }
+    let ca = t.certs.path().join("a.pem");
+    let got = kdig_short(
+        "+https-get",
+        t.doh,
+        &ca,
+        "web.default.svc.cluster.local",
+        "A",
+    );
+    assert_eq!(got.trim(), "127.0.0.20", "kdig +https-get");
+}
+
+/// `curl --doh-url`: curl resolves `adm.default.svc.cluster.local` through
+/// beacon's DoH and fetches the admin page it names.
+#[test]
+fn curl_resolves_through_doh_url() {
+    let t = start();
+    let url = format!(
+        "http://adm.default.svc.cluster.local:{}/healthz",
+        t.beacon.admin.port()
+    );
+    let (code, _) = curl(&t, &["--doh-url", &doh_url(&t, "/dns-query"), &url]);
+    assert_eq!(code, 200, "curl --doh-url {url}");
+}
+
+/// Requests that are not DoH get HTTP errors, not DNS answers and not a
+/// closed connection: a wrong path, a GET without `dns`, bad base64url, a
+/// POST of another media type, another method, and a DNS *response* sent
+/// to us.
+#[test]
+fn doh_refuses_what_is_not_a_dns_query() {
+    let t = start();
+    let q = get_param("web.default.svc.cluster.local");
+    let mut response = doh_query("web.default.svc.cluster.local");
+    response[2] |= 0x80; // QR: a response
+    let body = t.certs.path().join("resp.bin");
+    std::fs::write(&body, &response).unwrap();
+    let resp = format!("@{}", body.display());
+    let cases: Vec<(Vec<String>, u16)> = vec![
+        (vec![doh_url(&t, &format!("/other?dns={q}"))], 404),
+        (vec![doh_url(&t, "/dns-query")], 400),
+        (vec![doh_url(&t, "/dns-query?dns=q+/q")], 400),
+        (
+            vec![
+                "-H".into(),
+                "content-type: text/plain".into(),
+                "--data-binary".into(),
+                "x".into(),
+                doh_url(&t, "/dns-query"),
+            ],
+            415,
+        ),
+        (
+            vec![
+                "-X".into(),
+                "PUT".into(),
+                doh_url(&t, &format!("/dns-query?dns={q}")),
+            ],
+            405,
+        ),
+        (
+            vec![
+                "-H".into(),
+                "content-type: application/dns-message".into(),
+                "--data-binary".into(),
+                resp,
+                doh_url(&t, "/dns-query"),
+            ],
+            400,
+        ),
+    ];
+    for (args, want) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(curl(&t, &args).0, want, "curl {args:?}");
+    }
+    // Still serving.
+    let (code, reply) = curl(&t, &[&doh_url(&t, &format!("/dns-query?dns={q}"))]);
+    assert_eq!(
+        (code, a_records(&reply).0),
+        (200, vec!["127.0.0.20".to_string()])
+    );
+}
+
+/// 200 GETs multiplexed over HTTP/2 (curl --parallel, up to 100 streams at
+/// once): every one is answered, each with its own name's address.
+#[test]
+fn doh_answers_many_streams_at_once() {
+    let t = start();
+    let dir = t.certs.path();
+    let mut cfg = String::new();
+    for i in 0..200 {
+        let name = if i % 2 == 0 { "web" } else { "adm" };
+        let q = get_param(&format!("{name}.default.svc.cluster.local"));
+        cfg.push_str(&format!(
+            "url = \"{}\"\noutput = \"{}\"\n",
+            doh_url(&t, &format!("/dns-query?dns={q}")),
+            dir.join(format!("r{i}-{name}.bin")).display()
+        ));
+    }
+    std::fs::write(dir.join("urls.cfg"), cfg).unwrap();
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2",
+            "--parallel",
+            "--parallel-max",
+            "100",
+            "--max-time",
+            "10",
+        ])
+        .arg("--cacert")
+        .arg(dir.join("a.pem"))
+        .arg("-K")
+        .arg(dir.join("urls.cfg"))
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "curl --parallel: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 0..200 {
+        let (name, want) = if i % 2 == 0 {
+            ("web", "127.0.0.20")
+        } else {
+            ("adm", "127.0.0.1")
+        };
+        let body = std::fs::read(dir.join(format!("r{i}-{name}.bin"))).unwrap_or_default();
+        assert_eq!(a_records(&body).0, [want], "stream {i} ({name})");
+    }
 }
 
 /// A broken certificate file keeps the last good pair (logged); a new good
