@@ -9,8 +9,11 @@
 # latency distribution (p50/p99). Forwarding: beacon and unbound forward a
 # cache-hot name set to the same local upstream (knot).
 #
-#   benches/load/dns.sh            # about 2.5 minutes
-#   DNS_SECS=10 benches/load/dns.sh
+# Servers run in DNS_ROUNDS rounds (default 1), alternating (beacon, knot,
+# unbound, dnsmasq, beacon, ...); report.py prints each cell's median.
+#
+#   benches/load/dns.sh            # about 2.5 minutes a round
+#   DNS_SECS=10 DNS_ROUNDS=3 benches/load/dns.sh
 . "$(dirname "$0")/common.sh"
 
 need dnsperf:dnsperf knotd:knot unbound:unbound dnsmasq:dnsmasq dig:bind9-dnsutils python3:python3
@@ -20,6 +23,7 @@ K="${DNS_ENDPOINTS:-3}"
 SECS="${DNS_SECS:-5}"
 LAT_QPS="${DNS_LAT_QPS:-10000}"
 SERVERS="${DNS_SERVERS:-beacon knot unbound dnsmasq}"
+ROUNDS="${DNS_ROUNDS:-1}"
 DATA="$WORK/dns"
 LAST_NAME="svc-$((N - 1)).default.svc.cluster.local"
 
@@ -173,6 +177,8 @@ run_latency() {
         }' >>"$RESULTS_TSV"
 }
 
+for round in $(seq "$ROUNDS"); do
+log "dns: round $round of $ROUNDS"
 for server in $SERVERS; do
     if [ "$server" = beacon ] && ! have_beacon; then
         log "dns: no beacon binary at $BEACON; skipping beacon"
@@ -203,6 +209,7 @@ for server in $SERVERS; do
         run_dnsperf "$server" forward "$port" "$DATA/q-fwd.txt"
     fi
     stop "$SERVER_PID"
+done
 done
 stop "$UP_PID"
 log "dns: done"
