@@ -7,9 +7,11 @@ endpoints; every node has the same service names, so a service answers
 with N x E/S endpoints cluster-wide; ips 10.<node>.x.y, health "none").
 Then a new, watch-only node is started and timed:
 
-1. first sync: process start -> /readyz 200, and -> /v1/services showing
-   all N*E endpoints;
-2. VmRSS of every beacon node (and etcd member) after sync;
+1. first sync: process start -> /readyz 200, and -> the registry holding
+   all N*E endpoints (the `beacon_endpoints` gauges of /metrics, polled;
+   then one /v1/services must show them all, and is timed);
+2. VmRSS of the new node before that /v1/services, and of every beacon
+   node (and etcd member) after sync;
 3. propagation: node 0's file changes (a one-endpoint service `probe`
    flips between two ips), timed from the file write to the new node's DNS
    answer; node 0's own DNS answer is timed too (the hop = new - own).
@@ -269,6 +271,19 @@ class Node:
     def ready(self):
         return http_get(f"http://127.0.0.1:{self.admin}/readyz", timeout=2)[0] == 200
 
+    def gauge_count(self):
+        """Endpoints the registry holds, from the `beacon_endpoints` gauges
+        of /metrics: cheap to poll, unlike /v1/services (tens of MB at
+        100k endpoints, which a poll loop would turn into the node's RSS)."""
+        status, body = http_get(f"http://127.0.0.1:{self.admin}/metrics", timeout=10)
+        if status != 200:
+            return None
+        n = 0.0
+        for line in body.decode().splitlines():
+            if line.startswith("beacon_endpoints{"):
+                n += float(line.rsplit(" ", 1)[1])
+        return int(n)
+
     def endpoint_count(self):
         status, body = http_get(f"http://127.0.0.1:{self.admin}/v1/services", timeout=30)
         if status != 200:
@@ -338,20 +353,29 @@ def first_sync(a, new, want_eps, results):
 
     def synced():
         new.alive()
-        seen[0] = new.endpoint_count()
+        seen[0] = new.gauge_count()
         return seen[0] == want_eps
 
     try:
-        wait(f"new node shows {want_eps} endpoints", a.sync_timeout, synced, every=0.01)
+        wait(f"new node holds {want_eps} endpoints", a.sync_timeout, synced, every=0.01)
     except SystemExit:
-        raise SystemExit(f"/readyz 200 after {t_readyz:.3f} s but /v1/services shows {seen[0]} of {want_eps} endpoints after {a.sync_timeout} s")
+        raise SystemExit(f"/readyz 200 after {t_readyz:.3f} s but the registry holds {seen[0]} of {want_eps} endpoints after {a.sync_timeout} s")
     t_sync = time.monotonic() - new.started
+    time.sleep(1)
+    results["rss_new_before_v1_services_kb"] = rss_kb(new.proc.pid)
+    # Then once through the operators' view, which must agree.
+    t = time.monotonic()
+    shown = new.endpoint_count()
+    results["v1_services_s"] = round(time.monotonic() - t, 3)
+    if shown != want_eps:
+        raise SystemExit(f"the registry holds {want_eps} endpoints but /v1/services shows {shown}")
     results["first_sync_readyz_s"] = round(t_readyz, 3)
     results["first_sync_all_endpoints_s"] = round(t_sync, 3)
     results["load_sync"] = loadavg()
     log(
-        f"new node: /readyz 200 after {t_readyz:.3f} s, /v1/services shows all {want_eps} endpoints "
-        f"after {t_sync:.3f} s (load {loadavg()})"
+        f"new node: /readyz 200 after {t_readyz:.3f} s, all {want_eps} endpoints in the registry "
+        f"after {t_sync:.3f} s, VmRSS then {results['rss_new_before_v1_services_kb'] / 1024:.0f} MiB; "
+        f"one /v1/services of them took {results['v1_services_s']} s (load {loadavg()})"
     )
 
 
