@@ -428,10 +428,12 @@ fn etcd_compaction_while_a_watcher_is_away_relists_and_leaves_nothing_stale() {
     );
 }
 
-/// A first list over gRPC's 4 MiB message limit, read in pages of 2,000
-/// keys (one answer of the whole prefix failed with "decoded message length
-/// too large" and the node never synced): 50,000 external endpoints (about
-/// 7 MB listed), all served, from one list.
+/// A first list over gRPC's 4 MiB message limit, read in pages (one
+/// answer of the whole prefix failed with "decoded message length too
+/// large" and the node never synced): 50,000 external endpoints (about
+/// 7 MB listed), all served, from one list. Five 1 MB values come first
+/// in key order, so the first page of 2,000 keys is over the limit and is
+/// asked again with fewer keys.
 #[test]
 fn etcd_a_first_list_of_many_pages_is_served_whole() {
     const N: usize = 50_000;
@@ -446,6 +448,11 @@ fn etcd_a_first_list_of_many_pages_is_served_whole() {
                 .await
                 .unwrap();
             let spec = r#"{"ports":[{"name":"http","port":80}]}"#;
+            let huge = "x".repeat(1 << 20);
+            for i in 0..5 {
+                let k = format!("/beacon/v1/nodes/aaa/endpoints/default/huge/10.8.0.{i}");
+                c.put(k, huge.as_str(), None).await.unwrap();
+            }
             c.put("/beacon/v1/nodes/ext/services/default/big", spec, None)
                 .await
                 .unwrap();
@@ -493,6 +500,14 @@ fn etcd_a_first_list_of_many_pages_is_served_whole() {
         a.beacon.log_text().matches("etcd: listed").count(),
         1,
         "one list"
+    );
+    // The huge values were read too (and refused as values).
+    assert_eq!(
+        a.beacon
+            .log_text()
+            .matches("etcd: ignored a value that does not parse")
+            .count(),
+        5
     );
 }
 
