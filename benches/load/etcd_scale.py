@@ -157,6 +157,48 @@ class Dns:
             return None
 
 
+def per_query_reads(members, far, rounds=5, per_round=200):
+    """What a DNS server that reads etcd per uncached query pays (CoreDNS's
+    etcd plugin: one linearizable prefix Get per question, no watch)
+    beside beacon answering from memory. Neither CoreDNS nor kube-proxy is
+    packaged in Debian and Go's module proxy is not reachable, so the peer
+    is measured by its mechanism: a linearizable Range of one name's keys
+    (the probe endpoint, one key) through etcd's JSON gateway on member m0
+    with a kept-alive connection (the gateway adds an in-process hop, and
+    CoreDNS adds its DNS handling on top, so this is about a floor), vs a
+    UDP A query for the same name to the watching node. Alternating rounds;
+    medians of the rounds' p50 and p99, in microseconds."""
+    import base64
+    import http.client
+
+    key = b"/beacon/v1/nodes/node-0/endpoints/default/probe/"
+    end = key[:-1] + bytes([key[-1] + 1])
+    body = json.dumps({"key": base64.b64encode(key).decode(), "range_end": base64.b64encode(end).decode()})
+    conn = http.client.HTTPConnection("127.0.0.1", members[0]["client"], timeout=5)
+
+    def etcd_get():
+        conn.request("POST", "/v3/kv/range", body, {"content-type": "application/json"})
+        r = conn.getresponse()
+        data = r.read()
+        assert r.status == 200 and b'"kvs"' in data, data[:200]
+
+    def dns_get():
+        assert far.a(PROBE), "no answer"
+
+    out = {"etcd_range": ([], []), "beacon_dns": ([], [])}
+    for _ in range(rounds):
+        for name, fn in (("beacon_dns", dns_get), ("etcd_range", etcd_get)):
+            lat = []
+            for _ in range(per_round):
+                t = time.perf_counter()
+                fn()
+                lat.append((time.perf_counter() - t) * 1e6)
+            out[name][0].append(pct(lat, 0.5))
+            out[name][1].append(pct(lat, 0.99))
+    med = lambda v: round(sorted(v)[len(v) // 2], 1)  # noqa: E731
+    return {k: {"p50_us": med(p50), "p99_us": med(p99)} for k, (p50, p99) in out.items()}
+
+
 # --- etcd ---------------------------------------------------------------
 
 
@@ -485,6 +527,13 @@ def run(a, work, services, total, results):
     results["file_to_far_dns_ms"] = {"p50": ms(pct(at_new, 0.5)), "p99": ms(pct(at_new, 0.99)), "max": ms(max(at_new))}
     results["hop_ms"] = {"p50": ms(pct(hop, 0.5)), "p99": ms(pct(hop, 0.99))}
     results["load_changes"] = loadavg()
+    reads = per_query_reads(members, far)
+    results["per_query_read"] = reads
+    log(
+        f"per query: beacon DNS from memory p50 {reads['beacon_dns']['p50_us']} / p99 {reads['beacon_dns']['p99_us']} us; "
+        f"a linearizable etcd Range (what an uncached query costs CoreDNS's etcd plugin) p50 "
+        f"{reads['etcd_range']['p50_us']} / p99 {reads['etcd_range']['p99_us']} us (load {loadavg()})"
+    )
     log(
         f"{a.changes} changes ({missed} not seen in 10 s): file on node-0 -> DNS on node-new p50 {ms(pct(at_new, 0.5))} ms "
         f"p99 {ms(pct(at_new, 0.99))} ms, max {ms(max(at_new))} ms; hop (new - own) p50 {ms(pct(hop, 0.5))} ms "

@@ -355,7 +355,8 @@ async fn proxy(
     let _ = upstream.set_nodelay(true);
     let endpoint = route.backends[idx].addr;
     let spec = &route.state.spec.proxy;
-    // Taken before any byte moves, so a removal from now on closes it.
+    // Taken before any byte moves, so a removal (or the drain deadline)
+    // from now on closes it.
     let removal = route.entries[idx].removal();
     if let Some(version) = spec.proxy_protocol
         && let Err(e) = send_proxy_header(version, &client, &mut upstream, peer).await
@@ -403,8 +404,12 @@ async fn proxy(
             }
         },
         end = quiet_expired(&activity, spec) => end,
-        _ = removal.cancelled() => ConnEnd::Removed,
-        _ = shared.kill.cancelled() => ConnEnd::DrainDeadline,
+        // A child of the kill token: cancelled by a removal or the drain.
+        _ = removal.cancelled() => if shared.kill.is_cancelled() {
+            ConnEnd::DrainDeadline
+        } else {
+            ConnEnd::Removed
+        },
     };
     if end.forced() {
         // A forced close must not look like a complete stream: reset both.

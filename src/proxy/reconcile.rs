@@ -141,13 +141,14 @@ fn addrs<'a>(
 fn entry_of(
     endpoints: &mut HashMap<EndpointKey, Arc<EndpointEntry>>,
     proxy_live: &ProxyLive,
+    kill: &CancellationToken,
     key: &ServiceKey,
     addr: SocketAddr,
 ) -> Arc<EndpointEntry> {
     endpoints
         .entry((key.clone(), addr))
         .or_insert_with(|| {
-            let e = Arc::new(EndpointEntry::default());
+            let e = Arc::new(EndpointEntry::new(kill));
             proxy_live.track(key, addr, e.load.clone());
             e
         })
@@ -254,7 +255,14 @@ impl Reconciler {
             }
             let was = serving_addrs(before);
             for addr in serving_addrs(state).difference(&was) {
-                entry_of(&mut self.endpoints, &self.shared.live, key, *addr).start_ramp(now);
+                entry_of(
+                    &mut self.endpoints,
+                    &self.shared.live,
+                    &self.shared.kill,
+                    key,
+                    *addr,
+                )
+                .start_ramp(now);
                 tracing::debug!(service = %key, endpoint = %addr, "slow start");
                 self.ramping.insert(key.clone());
             }
@@ -441,8 +449,9 @@ impl Reconciler {
             .clone();
         let endpoints = &mut self.endpoints;
         let proxy_live = &self.shared.live;
+        let kill = &self.shared.kill;
         Route::build(state, port, live, proxy_live, |addr| {
-            entry_of(endpoints, proxy_live, key, addr)
+            entry_of(endpoints, proxy_live, kill, key, addr)
         })
     }
 

@@ -19,16 +19,29 @@ use super::balancer::{self, Backend, Balancer, EndpointLoad};
 use crate::model::{ProxyLive, ServiceKey, ServiceState};
 
 /// Live counts of one endpoint and the signal that closes its connections
-/// when it leaves a `close_on_removal` service.
-#[derive(Debug, Default)]
+/// when it leaves a `close_on_removal` service, or at the drain deadline:
+/// its token is a child of the proxy's kill token, so a connection waits
+/// on one token for both (one waiter less in every idle connection).
+#[derive(Debug)]
 pub(super) struct EndpointEntry {
     pub(super) load: Arc<EndpointLoad>,
     removal: Mutex<CancellationToken>,
+    /// The proxy's kill token, the parent of every removal token.
+    kill: CancellationToken,
     /// When its slow start began (it appeared or turned healthy).
     ramp_since: Mutex<Option<Instant>>,
 }
 
 impl EndpointEntry {
+    pub(super) fn new(kill: &CancellationToken) -> Self {
+        Self {
+            load: Arc::default(),
+            removal: Mutex::new(kill.child_token()),
+            kill: kill.clone(),
+            ramp_since: Mutex::new(None),
+        }
+    }
+
     pub(super) fn start_ramp(&self, now: Instant) {
         *self.ramp_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
     }
@@ -54,7 +67,7 @@ impl EndpointEntry {
     pub(super) fn close_connections(&self) {
         let mut t = self.removal.lock().unwrap_or_else(|e| e.into_inner());
         t.cancel();
-        *t = CancellationToken::new();
+        *t = self.kill.child_token();
     }
 }
 
