@@ -387,22 +387,7 @@ async fn proxy(
         true,
     );
     let end = tokio::select! {
-        r = copy => match r {
-            Ok(t) => {
-                tracing::debug!(%endpoint, to_upstream = t.a_to_b.bytes, to_client = t.b_to_a.bytes,
-                    path = t.a_to_b.path.as_str(), "connection closed");
-                ConnEnd::Fin
-            }
-            Err(b) => {
-                let end = match b.side {
-                    copy::Side::A => ConnEnd::ClientReset,
-                    copy::Side::B => ConnEnd::UpstreamReset,
-                };
-                tracing::debug!(%endpoint, error = %b.error, end = end.as_str(),
-                    "connection broke; the other side is reset");
-                end
-            }
-        },
+        r = copy => copy_end(r, endpoint),
         end = quiet_expired(&activity, spec) => end,
         // A child of the kill token: cancelled by a removal or the drain.
         _ = removal.cancelled() => if shared.kill.is_cancelled() {
@@ -424,6 +409,26 @@ async fn proxy(
         to_client: moved[1].load(Ordering::Relaxed),
         end: access_end(end),
         detail: end.as_str(),
+    }
+}
+
+/// How a copy that ended by itself ended: both FINs, or a reset on a side.
+fn copy_end(r: Result<copy::Totals, copy::Broken>, endpoint: SocketAddr) -> ConnEnd {
+    match r {
+        Ok(t) => {
+            tracing::debug!(%endpoint, to_upstream = t.a_to_b.bytes, to_client = t.b_to_a.bytes,
+                path = t.a_to_b.path.as_str(), "connection closed");
+            ConnEnd::Fin
+        }
+        Err(b) => {
+            let end = match b.side {
+                copy::Side::A => ConnEnd::ClientReset,
+                copy::Side::B => ConnEnd::UpstreamReset,
+            };
+            tracing::debug!(%endpoint, error = %b.error, end = end.as_str(),
+                "connection broke; the other side is reset");
+            end
+        }
     }
 }
 
