@@ -28,11 +28,7 @@ pub fn log_format() -> LogFormat {
 /// Starts logging to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_logging(format: LogFormat) {
     let _ = LOG_FORMAT.set(format);
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // hickory-server logs every DoT/DoH request at info: quiet unless asked.
-    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("hickory")) {
-        filter = filter.add_directive("hickory_server=warn".parse().expect("a directive"));
-    }
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# DNS over TLS and over HTTPS: beacon (hickory-server behind beacon's
-# handler) beside unbound's TLS and HTTPS listeners (Debian's unbound is
+# DNS over TLS and over HTTPS: beacon (its own DoT and DoH listeners)
+# beside unbound's TLS and HTTPS listeners (Debian's unbound is
 # built with libnghttp2; knot 3.2 has no DoT server), both serving the same
 # generated zone from memory with one certificate the bench makes.
 #
@@ -18,6 +18,8 @@
 #
 #   benches/load/dns_tls.sh              # about 1.5 minutes
 #   DNS_TLS_ROUNDS=5 DNS_SECS=10 benches/load/dns_tls.sh
+#   BEACON_ALT=/path/to/other/beacon DNS_TLS_SERVERS="beacon beacon-alt unbound" \
+#       benches/load/dns_tls.sh          # a second beacon build in the same rounds
 . "$(dirname "$0")/common.sh"
 
 need dnsperf:dnsperf h2load:nghttp2-client unbound:unbound openssl:openssl kdig:knot-dnsutils python3:python3
@@ -26,6 +28,7 @@ N="${DNS_SERVICES:-10000}"
 K="${DNS_ENDPOINTS:-3}"
 SECS="${DNS_SECS:-5}"
 ROUNDS="${DNS_TLS_ROUNDS:-3}"
+SERVERS="${DNS_TLS_SERVERS:-beacon unbound}"
 CLIENTS="${DNS_TLS_CLIENTS:-8}"
 DATA="$WORK/dns"
 LAST_NAME="svc-$((N - 1)).default.svc.cluster.local"
@@ -55,7 +58,11 @@ PY
 start_server() { # NAME DOT_PORT DOH_PORT -> SERVER_PID
     local name="$1" dot="$2" doh="$3"
     case "$name" in
-    beacon)
+    beacon | beacon-alt)
+        local bin="$BEACON"
+        if [ "$name" = beacon-alt ]; then
+            bin="${BEACON_ALT:?set BEACON_ALT to the other beacon binary}"
+        fi
         beacon_config "$DATA/beacon.toml" "$(free_port)" "$(free_port)" "$DATA/services"
         # The [dns] table is the first; the TLS keys go into it.
         python3 - "$DATA/beacon.toml" "$dot" "$doh" "$DATA" <<'PY'
@@ -66,7 +73,7 @@ s = s.replace("[dns]\n", f'[dns]\ntls_listen = "127.0.0.1:{dot}"\nhttps_listen =
               f'cert = "{data}/cert.pem"\nkey = "{data}/key.pem"\n', 1)
 open(path, "w").write(s)
 PY
-        start beacon env RUST_LOG=warn "$BEACON" run --config "$DATA/beacon.toml"
+        start "$name" env RUST_LOG=warn "$bin" run --config "$DATA/beacon.toml"
         ;;
     unbound)
         cat >"$DATA/unbound-tls.conf" <<CONF
@@ -173,7 +180,7 @@ run_h2load() {
 }
 
 for round in $(seq 1 "$ROUNDS"); do
-    for server in beacon unbound; do
+    for server in $SERVERS; do
         dot=$(free_port)
         doh=$(free_port)
         start_server "$server" "$dot" "$doh"

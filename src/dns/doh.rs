@@ -2,11 +2,12 @@
 //! `POST /dns-query` with an `application/dns-message` body, over HTTP/2
 //! or HTTP/1.1 (ALPN `h2`, `http/1.1`), on hyper and tokio-rustls (ring).
 //!
-//! Not on hickory-server, as DoT is: hickory-server 0.26's DoH answers POST
-//! only (a GET is refused, "GET unimplemented" in hickory-net's `h2.rs`),
-//! and RFC 8484 makes GET the cache-friendly form clients use.
-//! The answers come from the same [`Answer`] as DoT: the handler, snapshot,
-//! caches, forwarder, ACL and metrics of UDP and TCP (`proto` = `doh`).
+//! Not on hickory-server: its 0.26 DoH answers POST only (a GET is
+//! refused, "GET unimplemented" in hickory-net's `h2.rs`), and RFC 8484
+//! makes GET the cache-friendly form clients use.
+//! The answers come from an [`Answer`] (beacon's `Encrypted`): the handler,
+//! snapshot, caches, forwarder, ACL and metrics of UDP and TCP (`proto` =
+//! `doh`).
 //!
 //! Limits: at most [`MAX_CONNECTIONS`] connections (more are closed at
 //! accept), the TLS handshake and an HTTP/1.1 request's headers within the
@@ -32,7 +33,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -65,17 +65,6 @@ const BASE64URL: GeneralPurpose = GeneralPurpose::new(
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
-/// The TLS side: the certificate store beacon reloads, ALPN h2 then
-/// HTTP/1.1.
-fn acceptor(certs: Arc<CertStore>) -> Result<TlsAcceptor, rustls::Error> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(tls::provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(certs);
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(cfg)))
-}
-
 /// Serves DoH on `listener` until `shutdown`, then drains for [`DRAIN`].
 pub async fn serve<A: Answer>(
     listener: TcpListener,
@@ -84,7 +73,8 @@ pub async fn serve<A: Answer>(
     timeout: Duration,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let acceptor = acceptor(certs).map_err(std::io::Error::other)?;
+    // ALPN: h2, then HTTP/1.1.
+    let acceptor = tls::acceptor(certs, &[b"h2", b"http/1.1"]).map_err(std::io::Error::other)?;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let tasks = TaskTracker::new();
     loop {

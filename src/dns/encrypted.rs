@@ -1,34 +1,28 @@
-//! DNS over TLS (RFC 7858) on hickory-server, and over HTTPS (RFC 8484) on
-//! hyper ([`doh`](super::doh), which says why not hickory-server's):
-//! [`hickory_server::Server`] owns DoT's TLS and framing; [`Encrypted`],
-//! beacon's `RequestHandler` (and DoH's [`Answer`]), answers each request
-//! with the same [`Handler`](super::handler::Handler), snapshot, fast-path
-//! cache and forwarder as UDP and TCP, under the same forwarding ACL,
-//! forward slots and metrics (`proto` = `dot`/`doh`).
+//! What DoT and DoH share: [`Encrypted`], DoH's [`Answer`], answers each
+//! request with the same [`Handler`](super::handler::Handler), snapshot,
+//! fast-path cache and forwarder as UDP and TCP, under the same
+//! forwarding ACL, forward slots and metrics (`proto` = `doh`); DoT runs
+//! TCP's own stream loop over TLS ([`dot`]). [`serve`] starts both
+//! listeners. The replies are the bytes beacon encodes, as over TCP.
 //!
-//! hickory's response handle takes records, not bytes, so the reply beacon
-//! encoded is parsed and handed over to be encoded again: the same header,
-//! question (from the request's own bytes, as asked), sections and OPT
-//! record, but not byte for byte: hickory-server 0.26 stores its
-//! compression pointer for the whole question entry, so the answers' owner
-//! names go out uncompressed (a unit test holds the rest).
+//! Neither runs on hickory-server any more: its 0.26 DoH answers no GET
+//! and refuses clients that accept `*/*` ([`doh`] says more), and its TLS
+//! loop answers one query of a connection at a time and re-encodes every
+//! reply ([`dot`] has the numbers).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{
-    Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode,
-};
-use hickory_server::net::runtime::Time;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_proto::op::ResponseCode;
 use tokio_util::sync::CancellationToken;
 
 use super::doh::{self, Answer};
+use super::dot;
 use super::handler::Reply;
 use super::server::Shared;
+use super::tcp::TcpSettings;
 use super::tls::CertStore;
 use super::wire::{self, Proto};
 use crate::registry::Reader;
@@ -100,61 +94,6 @@ impl Encrypted {
     }
 }
 
-/// A header-only `ResponseInfo` for when nothing was sent.
-fn nothing_sent(request: &Request) -> ResponseInfo {
-    let mut metadata = Metadata::new(request.metadata.id, MessageType::Response, OpCode::Query);
-    metadata.response_code = ResponseCode::ServFail;
-    ResponseInfo::from(Header {
-        metadata,
-        counts: HeaderCounts::default(),
-    })
-}
-
-/// Hands the reply beacon encoded (`bytes`) to hickory's response handle:
-/// parsed, then encoded again by hickory with the request's question.
-pub async fn send_bytes<R: ResponseHandler>(
-    request: &Request,
-    bytes: &[u8],
-    mut response_handle: R,
-) -> ResponseInfo {
-    let Ok(msg) = Message::from_vec(bytes) else {
-        tracing::warn!("dns: cannot read back our own reply");
-        return nothing_sent(request);
-    };
-    let mut builder = MessageResponseBuilder::from_message_request(request);
-    if let Some(edns) = &msg.edns {
-        builder.edns(edns);
-    }
-    let response = builder.build(
-        msg.metadata,
-        msg.answers.iter(),
-        msg.authorities.iter(),
-        std::iter::empty(),
-        msg.additionals.iter(),
-    );
-    match response_handle.send_response(response).await {
-        Ok(info) => info,
-        Err(e) => {
-            tracing::debug!(error = %e, "dns: encrypted send failed");
-            nothing_sent(request)
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl RequestHandler for Encrypted {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        response_handle: R,
-    ) -> ResponseInfo {
-        match self.reply(request.as_slice(), request.src()).await {
-            Some(bytes) => send_bytes(request, &bytes, response_handle).await,
-            None => nothing_sent(request),
-        }
-    }
-}
-
 impl Answer for Encrypted {
     async fn answer(&self, bytes: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8>> {
         self.reply(&bytes, peer).await
@@ -168,6 +107,8 @@ pub struct Listeners {
     pub certs: Arc<CertStore>,
     /// Per connection: the TLS handshake and the wait for the next query.
     pub timeout: Duration,
+    /// DoT connections at most (TCP's cap).
+    pub max_connections: usize,
 }
 
 impl Listeners {
@@ -182,24 +123,27 @@ impl Listeners {
     }
 }
 
-/// Serves DoT (a hickory `Server`) and DoH until `shutdown`.
+/// Serves DoT ([`dot`]) and DoH ([`doh`]) until `shutdown`.
 pub async fn serve(
     listeners: Listeners,
     shared: Arc<Shared>,
     reader: Reader,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let mut dot = None;
-    if let Some(l) = listeners.tls {
-        let mut server =
-            hickory_server::Server::new(Encrypted::new(shared.clone(), reader.clone(), Proto::Dot));
-        server.register_tls_listener(
+    let dot = match listeners.tls {
+        Some(l) => Some(tokio::spawn(dot::serve(
             tokio::net::TcpListener::from_std(l)?,
-            listeners.timeout,
+            shared.clone(),
+            reader.clone(),
             listeners.certs.clone(),
-        )?;
-        dot = Some(server);
-    }
+            TcpSettings {
+                idle_timeout: listeners.timeout,
+                max_connections: listeners.max_connections,
+            },
+            shutdown.clone(),
+        ))),
+        None => None,
+    };
     let doh = match listeners.https {
         Some(l) => Some(tokio::spawn(doh::serve(
             tokio::net::TcpListener::from_std(l)?,
@@ -212,15 +156,11 @@ pub async fn serve(
     };
     tokio::spawn(listeners.certs.clone().watch(shutdown.clone()));
     shutdown.cancelled().await;
-    if let Some(server) = &mut dot
-        && let Err(e) = server.shutdown_gracefully().await
-    {
-        tracing::debug!(error = %e, "dns DoT listener ended");
-    }
-    if let Some(task) = doh {
+    for (name, task) in [("DoT", dot), ("DoH", doh)] {
+        let Some(task) = task else { continue };
         match task.await {
-            Ok(Err(e)) => tracing::debug!(error = %e, "dns DoH listener ended"),
-            Err(e) => tracing::error!(error = %e, "dns DoH listener panicked"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "dns {name} listener ended"),
+            Err(e) => tracing::error!(error = %e, "dns {name} listener panicked"),
             Ok(Ok(())) => {}
         }
     }

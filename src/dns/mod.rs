@@ -28,6 +28,7 @@ pub mod answer;
 pub mod autopath;
 pub mod bind;
 pub mod doh;
+pub mod dot;
 pub mod encrypted;
 pub mod error;
 pub mod fast;
@@ -161,5 +162,6 @@ fn encrypted_listeners(cfg: &DnsConfig) -> Result<Option<encrypted::Listeners>, 
         https: bind(cfg.https_listen, "doh")?,
         certs,
         timeout: cfg.tcp_idle_timeout,
+        max_connections: cfg.tcp_max_connections.max(1),
     }))
 }

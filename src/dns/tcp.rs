@@ -1,16 +1,16 @@
 //! The TCP shell (RFC 7766): an accept loop with a connection cap, one task
 //! per connection, pipelined queries answered as soon as each is ready
 //! (forwarded ones may overtake each other), an idle timeout, and a write
-//! deadline so a client that stops reading loses its slot.
+//! deadline so a client that stops reading loses its slot. The connection
+//! loop is generic over the stream: DoT ([`super::dot`]) runs it over TLS.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -70,10 +70,13 @@ pub async fn tcp_accept_loop(
             shared: shared.clone(),
             reader: reader.clone(),
             settings,
+            proto: Proto::Tcp,
         };
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            conn.serve(stream, shutdown).await;
+            let _ = stream.set_nodelay(true);
+            let (rd, wr) = stream.into_split();
+            conn.serve(rd, wr, shutdown).await;
             drop(permit);
         });
     }
@@ -81,12 +84,37 @@ pub async fn tcp_accept_loop(
     tracker.wait().await;
 }
 
-/// One TCP connection.
+/// Serves one stream connection (its two halves) as RFC 7766 has it,
+/// under `proto`'s metrics; for DoT over its TLS stream.
+pub(super) async fn serve_stream<R, W>(
+    (rd, wr): (R, W),
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    reader: Reader,
+    settings: TcpSettings,
+    proto: Proto,
+    shutdown: CancellationToken,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Connection {
+        peer,
+        shared,
+        reader,
+        settings,
+        proto,
+    };
+    conn.serve(rd, wr, shutdown).await;
+}
+
+/// One TCP (or DoT) connection.
 struct Connection {
     peer: SocketAddr,
     shared: Arc<Shared>,
     reader: Reader,
     settings: TcpSettings,
+    proto: Proto,
 }
 
 /// The connection's writer: replies go out in the order they are ready.
@@ -95,9 +123,11 @@ type Replies = mpsc::Sender<Vec<u8>>;
 impl Connection {
     /// Reads length-prefixed queries and answers each; closes when idle,
     /// on a read error, or at shutdown.
-    async fn serve(mut self, stream: TcpStream, shutdown: CancellationToken) {
-        let _ = stream.set_nodelay(true);
-        let (mut rd, wr) = stream.into_split();
+    async fn serve<R, W>(mut self, mut rd: R, wr: W, shutdown: CancellationToken)
+    where
+        R: AsyncRead + Unpin + Send,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let (tx, writer) = spawn_writer(wr, self.settings.idle_timeout);
         let mut out = Vec::with_capacity(4096);
         let mut rotate = fastrand::usize(..);
@@ -149,7 +179,7 @@ impl Connection {
                 &snapshot,
                 body,
                 self.peer.ip(),
-                Proto::Tcp,
+                self.proto,
                 rotate,
                 out,
             )
@@ -157,12 +187,12 @@ impl Connection {
         let metrics = &self.shared.metrics;
         match reply {
             Reply::Send { rcode, qtype } => {
-                metrics.record(Proto::Tcp, qtype, Some(rcode), started);
+                metrics.record(self.proto, qtype, Some(rcode), started);
                 tx.send(wire::frame(out)).await.is_ok()
             }
             Reply::Forward(job) => self.forward(job, body, tx, started).await,
             Reply::Drop => {
-                metrics.record(Proto::Tcp, None, None, started);
+                metrics.record(self.proto, None, None, started);
                 true
             }
         }
@@ -182,15 +212,13 @@ impl Connection {
             let bytes = wire::header_only(body, ResponseCode::ServFail);
             self.shared
                 .metrics
-                .record(Proto::Tcp, qtype, Some(ResponseCode::ServFail), started);
+                .record(self.proto, qtype, Some(ResponseCode::ServFail), started);
             return tx.send(wire::frame(&bytes)).await.is_ok();
         };
-        let (tx, shared) = (tx.clone(), self.shared.clone());
+        let (tx, shared, proto) = (tx.clone(), self.shared.clone(), self.proto);
         tokio::spawn(async move {
             let (bytes, rcode) = job.run().await;
-            shared
-                .metrics
-                .record(Proto::Tcp, qtype, Some(rcode), started);
+            shared.metrics.record(proto, qtype, Some(rcode), started);
             let _ = tx.send(wire::frame(&bytes)).await;
             drop(permit);
         });
@@ -200,7 +228,10 @@ impl Connection {
 
 /// The task that writes replies. A client that stops reading cannot hold
 /// the connection forever: each write must finish within `deadline`.
-fn spawn_writer(mut wr: OwnedWriteHalf, deadline: Duration) -> (Replies, JoinHandle<()>) {
+fn spawn_writer<W>(mut wr: W, deadline: Duration) -> (Replies, JoinHandle<()>)
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
     let writer = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {

@@ -23,6 +23,20 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A TLS acceptor over the certificate store beacon reloads, offering
+/// `alpn` (none: any client, with or without ALPN).
+pub fn acceptor(
+    certs: Arc<CertStore>,
+    alpn: &[&[u8]],
+) -> Result<tokio_rustls::TlsAcceptor, rustls::Error> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
 /// What the files looked like when last read: modification time and length.
 type Stamp = Option<(SystemTime, u64)>;
 

@@ -32,29 +32,33 @@ name = "adm"
 
 /// A self-signed certificate for `beacon.test` and 127.0.0.1.
 fn make_cert(dir: &Path, name: &str) {
+    make_cert_with(dir, name, &[]);
+}
+
+/// [`make_cert`] with more `openssl req` arguments.
+fn make_cert_with(dir: &Path, name: &str, more: &[&str]) {
     let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=beacon.test",
-            "-addext",
-            "subjectAltName=DNS:beacon.test,IP:127.0.0.1",
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-        ],
-    );
+    let args = [
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=beacon.test",
+        "-addext",
+        "subjectAltName=DNS:beacon.test,IP:127.0.0.1",
+        "-keyout",
+        &key,
+        "-out",
+        &pem,
+    ];
+    let args: Vec<&str> = args.iter().copied().chain(more.iter().copied()).collect();
+    openssl(dir, &args);
 }
 
 /// `kdig` with `args`, its stdout.
@@ -464,4 +468,91 @@ fn served_cert(addr: SocketAddr) -> String {
         "no certificate served: {pem}"
     );
     pem
+}
+
+/// One DoT connection, queries pipelined (RFC 7766 §6.2.1.1): a question
+/// forwarded to an upstream that never answers, then a zone question. The
+/// zone answer must come back at once, ahead of the forwarded one (which
+/// ends in SERVFAIL at the forward timeout). On hickory-server's TLS loop,
+/// which DoT ran on before, it waited behind the forwarded query: that loop
+/// reads a connection's next query only once the last one is answered.
+#[test]
+fn dot_answers_a_zone_query_pipelined_behind_a_stuck_forward() {
+    use std::io::{Read, Write};
+    let certs = tempfile::tempdir().unwrap();
+    // Not a CA: webpki (rustls' client) refuses a CA certificate as the
+    // server's own.
+    make_cert_with(
+        certs.path(),
+        "a",
+        &["-addext", "basicConstraints=critical,CA:FALSE"],
+    );
+    // An upstream that takes queries and never answers.
+    let hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dot = free_addr();
+    let dns_extra = format!(
+        "forward = [\"{}\"]\nforward_timeout = \"3s\"\ntls_listen = \"{dot}\"\n\
+         cert = \"{}\"\nkey = \"{}\"\n",
+        hole.local_addr().unwrap(),
+        certs.path().join("a.pem").display(),
+        certs.path().join("a.key").display()
+    );
+    let beacon = Beacon::start(Options {
+        extra: FILE_SOURCE.into(),
+        dns_extra,
+        services: Some(SERVICES.into()),
+        ..Options::default()
+    });
+    beacon.wait_ready();
+
+    let pem = std::fs::read(certs.path().join("a.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("beacon.test").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let tcp = std::net::TcpStream::connect(dot).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+
+    let framed = |id: u16, name: &str| {
+        let mut q = doh_query(name);
+        q[..2].copy_from_slice(&id.to_be_bytes());
+        let mut f = (q.len() as u16).to_be_bytes().to_vec();
+        f.extend_from_slice(&q);
+        f
+    };
+    let mut both = framed(1, "stuck.example.org");
+    both.extend(framed(2, "web.default.svc.cluster.local"));
+    let sent = std::time::Instant::now();
+    tls.write_all(&both).unwrap();
+    let mut read_reply = || {
+        let mut len = [0u8; 2];
+        tls.read_exact(&mut len).unwrap();
+        let mut body = vec![0; u16::from_be_bytes(len) as usize];
+        tls.read_exact(&mut body).unwrap();
+        (u16::from_be_bytes([body[0], body[1]]), body)
+    };
+    let (id, body) = read_reply();
+    let first_after = sent.elapsed();
+    assert_eq!(id, 2, "the zone answer comes first");
+    assert!(
+        first_after < Duration::from_secs(1),
+        "the zone answer took {first_after:?}"
+    );
+    assert_eq!(a_records(&body).0, vec!["127.0.0.20".to_string()]);
+    // The forwarded one still gets its answer on the same connection.
+    let (id, body) = read_reply();
+    assert_eq!(id, 1);
+    assert_eq!(a_records(&body).1, "ServFail");
+    let mut buf = [0u8; 64];
+    assert!(hole.recv_from(&mut buf).is_ok(), "the upstream was asked");
 }
