@@ -14,6 +14,8 @@
 #
 #   benches/load/dns.sh            # about 2.5 minutes a round
 #   DNS_SECS=10 DNS_ROUNDS=3 benches/load/dns.sh
+#   DNS_SERVERS="beacon-b1 beacon-b4 beacon beacon-b64 knot" benches/load/dns.sh
+#                                  # beacon-b<N>: beacon with [dns] udp_batch = N
 . "$(dirname "$0")/common.sh"
 
 need dnsperf:dnsperf knotd:knot unbound:unbound dnsmasq:dnsmasq dig:bind9-dnsutils python3:python3
@@ -59,9 +61,13 @@ wait_dns "$UP_PORT" host-1.upstream.test
 start_server() { # NAME PORT -> sets SERVER_PID; knows how to start each one
     local name="$1" port="$2"
     case "$name" in
-    beacon)
+    beacon | beacon-b*)
         beacon_config "$DATA/beacon.toml" "$port" "$(free_port)" "$DATA/services" "127.0.0.1:$UP_PORT"
-        start beacon env RUST_LOG=warn "$BEACON" run --config "$DATA/beacon.toml"
+        if [ "$name" != beacon ]; then
+            # beacon-b<N>: [dns] udp_batch = N (the batch-size tuning rows).
+            sed -i "s/^\[dns\]\$/[dns]\nudp_batch = ${name#beacon-b}/" "$DATA/beacon.toml"
+        fi
+        start "$name" env RUST_LOG=warn "$BEACON" run --config "$DATA/beacon.toml"
         ;;
     knot)
         mkdir -p "$DATA/knot"
@@ -180,7 +186,7 @@ run_latency() {
 for round in $(seq "$ROUNDS"); do
 log "dns: round $round of $ROUNDS"
 for server in $SERVERS; do
-    if [ "$server" = beacon ] && ! have_beacon; then
+    if [[ "$server" == beacon* ]] && ! have_beacon; then
         log "dns: no beacon binary at $BEACON; skipping beacon"
         continue
     fi
@@ -199,6 +205,7 @@ for server in $SERVERS; do
     run_dnsperf "$server" srv "$port" "$DATA/q-srv.txt"
     run_latency "$server" "$port"
     if [ "$server" = beacon ] || [ "$server" = unbound ]; then
+        # (the beacon-b<N> tuning rows skip forwarding: not a UDP-loop path)
         # Only the upstream knows upstream.test: an address proves a real forward.
         fwd=$(dig +short +time=2 +tries=1 @127.0.0.1 -p "$port" host-1.upstream.test A)
         if [ -z "$fwd" ]; then

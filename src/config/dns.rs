@@ -23,6 +23,9 @@ pub struct DnsConfig {
     pub cache_size: usize,
     /// UDP sockets bound with SO_REUSEPORT (default: one per core).
     pub udp_sockets: usize,
+    /// Datagrams per `recvmmsg`/`sendmmsg` on each UDP socket (1: one
+    /// `recvfrom`-like call per query).
+    pub udp_batch: usize,
     pub forward_timeout: Duration,
     /// Failures in a row (timeout, socket error, unreadable reply) that
     /// mark an upstream down; 0: never (CoreDNS's `max_fails`).
@@ -62,6 +65,7 @@ impl Default for DnsConfig {
             forward_allow: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
             cache_size: 10_000,
             udp_sockets: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            udp_batch: 16,
             forward_timeout: Duration::from_secs(2),
             max_fails: 2,
             health_check: Duration::from_millis(500),
@@ -115,6 +119,9 @@ pub(super) fn validate(r: &mut Reporter<'_>, raw: &RawDns, base: &Path) -> DnsCo
     }
     if let Some(v) = &raw.udp_sockets {
         d.udp_sockets = int_in(r, v, 1, 64, "udp_sockets").unwrap_or(1) as usize;
+    }
+    if let Some(v) = &raw.udp_batch {
+        d.udp_batch = int_in(r, v, 1, 256, "udp_batch").unwrap_or(1) as usize;
     }
     if let Some(v) = &raw.forward_timeout {
         d.forward_timeout = positive(r, v, "forward_timeout").unwrap_or(d.forward_timeout);

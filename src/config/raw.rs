@@ -45,6 +45,7 @@ pub struct RawDns {
     pub forward_allow: Option<Vec<Spanned<String>>>,
     pub cache_size: Option<Spanned<i64>>,
     pub udp_sockets: Option<Spanned<i64>>,
+    pub udp_batch: Option<Spanned<i64>>,
     pub forward_timeout: Option<Spanned<HumanDuration>>,
     pub max_fails: Option<Spanned<i64>>,
     pub health_check: Option<Spanned<HumanDuration>>,

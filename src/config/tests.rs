@@ -913,3 +913,27 @@ fn the_resolver_recipe_forwards_for_loopback_only() {
     );
     assert!(!config.proxy.enabled);
 }
+
+#[test]
+fn udp_batch_is_read_and_bounded() {
+    let c = Config::parse(
+        "[dns]\nudp_batch = 32\n",
+        Path::new("b.toml"),
+        Path::new(""),
+    )
+    .unwrap();
+    assert_eq!(c.dns.udp_batch, 32);
+    let d = Config::parse("", Path::new("b.toml"), Path::new("")).unwrap();
+    assert_eq!(d.dns.udp_batch, 16);
+    for bad in ["0", "257"] {
+        let errs = Config::parse(
+            &format!("[dns]\nudp_batch = {bad}\n"),
+            Path::new("b.toml"),
+            Path::new(""),
+        )
+        .unwrap_err()
+        .0;
+        assert_eq!((errs[0].line, errs[0].col), (2, 13), "{errs:?}");
+        assert!(errs[0].message.contains("allowed: 1 to 256"), "{errs:?}");
+    }
+}

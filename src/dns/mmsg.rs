@@ -12,15 +12,16 @@ use std::os::fd::AsRawFd;
 use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrLike, SockaddrStorage, recvmmsg, sendmmsg};
 
-/// Datagrams per system call. Queued queries beyond it wait for the next
-/// call, which comes right after this batch is answered.
+/// Datagrams per system call by default (`[dns] udp_batch`). Queued
+/// queries beyond it wait for the next call, which comes right after this
+/// batch is answered.
 pub const BATCH: usize = 16;
 /// Receive buffer per slot: the largest UDP payload.
 const SLOT: usize = 65536;
 
 /// One thread's receive slots.
 pub struct RecvBatch {
-    bufs: [Vec<u8>; BATCH],
+    bufs: Vec<Vec<u8>>,
     headers: MultiHeaders<SockaddrStorage>,
     /// (length, sender) of each datagram of the last receive.
     got: Vec<(usize, SocketAddr)>,
@@ -28,6 +29,7 @@ pub struct RecvBatch {
 
 /// The replies of one batch, sent together; buffers reused across batches.
 pub struct SendBatch {
+    /// One per datagram of a receive: the batch size.
     replies: Vec<Vec<u8>>,
     peers: Vec<Option<SockaddrStorage>>,
     pending: usize,
@@ -36,32 +38,47 @@ pub struct SendBatch {
 
 impl Default for RecvBatch {
     fn default() -> Self {
-        Self {
-            bufs: std::array::from_fn(|_| vec![0u8; SLOT]),
-            headers: MultiHeaders::preallocate(BATCH, None),
-            got: Vec::with_capacity(BATCH),
-        }
+        Self::new(BATCH)
     }
 }
 
 impl Default for SendBatch {
     fn default() -> Self {
+        Self::new(BATCH)
+    }
+}
+
+impl SendBatch {
+    /// Room for `batch` replies (at least one).
+    pub fn new(batch: usize) -> Self {
+        let batch = batch.max(1);
         Self {
-            replies: (0..BATCH).map(|_| Vec::with_capacity(512)).collect(),
-            peers: vec![None; BATCH],
+            replies: (0..batch).map(|_| Vec::with_capacity(512)).collect(),
+            peers: vec![None; batch],
             pending: 0,
-            headers: MultiHeaders::preallocate(BATCH, None),
+            headers: MultiHeaders::preallocate(batch, None),
         }
     }
 }
 
 impl RecvBatch {
+    /// `batch` receive slots (at least one) of the largest UDP payload.
+    pub fn new(batch: usize) -> Self {
+        let batch = batch.max(1);
+        Self {
+            bufs: (0..batch).map(|_| vec![0u8; SLOT]).collect(),
+            headers: MultiHeaders::preallocate(batch, None),
+            got: Vec::with_capacity(batch),
+        }
+    }
+
     /// Receives at least one datagram (blocking up to the socket's read
-    /// timeout), at most [`BATCH`]; how many. `WouldBlock`/`TimedOut` when
-    /// none came in time.
+    /// timeout), at most the batch size; how many. `WouldBlock`/`TimedOut`
+    /// when none came in time.
     pub fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
         self.got.clear();
-        let mut slices = self.bufs.each_mut().map(|b| [IoSliceMut::new(b)]);
+        let mut slices: Vec<[IoSliceMut<'_>; 1]> =
+            self.bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
         let res = recvmmsg(
             sock.as_raw_fd(),
             &mut self.headers,
@@ -86,10 +103,10 @@ impl RecvBatch {
 }
 
 impl SendBatch {
-    /// Queues a reply to send with the batch's others (at most [`BATCH`]
-    /// are queued: one per datagram received).
+    /// Queues a reply to send with the batch's others (at most the batch
+    /// size are queued: one per datagram received).
     pub fn reply(&mut self, sock: &UdpSocket, bytes: &[u8], peer: SocketAddr) {
-        if self.pending == BATCH {
+        if self.pending == self.replies.len() {
             self.send(sock);
         }
         let i = self.pending;

@@ -100,9 +100,10 @@ pub async fn spawn(
     for (i, sock) in bound.udp.into_iter().enumerate() {
         let (shared, reader, shutdown) = (shared.clone(), reader.clone(), shutdown.clone());
         let runtime = tokio::runtime::Handle::current();
+        let batch = cfg.udp_batch.max(1);
         server
             .spawn_udp_thread(format!("beacon-dns-udp-{i}"), move || {
-                udp::udp_thread(sock, shared, reader, shutdown, runtime)
+                udp::udp_thread(sock, shared, reader, shutdown, runtime, batch)
             })
             .map_err(|source| DnsError::Bind {
                 proto: "udp",

@@ -64,6 +64,7 @@ pub fn udp_thread(
     mut reader: Reader,
     shutdown: CancellationToken,
     runtime: tokio::runtime::Handle,
+    batch: usize,
 ) {
     let snapshot = reader.latest();
     let mut lp = UdpLoop {
@@ -77,8 +78,8 @@ pub fn udp_thread(
         rotate: fastrand::usize(..),
         tally: UdpTally::new(UDP_BATCH as usize),
     };
-    let mut recv = RecvBatch::default();
-    let mut send = SendBatch::default();
+    let mut recv = RecvBatch::new(batch);
+    let mut send = SendBatch::new(batch);
     let mut handled = 0u32;
     let mut flushed = Instant::now();
     while !shutdown.is_cancelled() {
