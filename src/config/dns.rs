@@ -65,7 +65,7 @@ impl Default for DnsConfig {
             forward_allow: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
             cache_size: 10_000,
             udp_sockets: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            udp_batch: 16,
+            udp_batch: 64,
             forward_timeout: Duration::from_secs(2),
             max_fails: 2,
             health_check: Duration::from_millis(500),

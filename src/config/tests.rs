@@ -924,7 +924,7 @@ fn udp_batch_is_read_and_bounded() {
     .unwrap();
     assert_eq!(c.dns.udp_batch, 32);
     let d = Config::parse("", Path::new("b.toml"), Path::new("")).unwrap();
-    assert_eq!(d.dns.udp_batch, 16);
+    assert_eq!(d.dns.udp_batch, 64);
     for bad in ["0", "257"] {
         let errs = Config::parse(
             &format!("[dns]\nudp_batch = {bad}\n"),

@@ -15,7 +15,7 @@ use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrLike, SockaddrStorage, re
 /// Datagrams per system call by default (`[dns] udp_batch`). Queued
 /// queries beyond it wait for the next call, which comes right after this
 /// batch is answered.
-pub const BATCH: usize = 16;
+pub const BATCH: usize = 64;
 /// Receive buffer per slot: the largest UDP payload.
 const SLOT: usize = 65536;
 
