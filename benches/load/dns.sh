@@ -16,6 +16,8 @@
 #   DNS_SECS=10 DNS_ROUNDS=3 benches/load/dns.sh
 #   DNS_SERVERS="beacon-b1 beacon-b4 beacon beacon-b64 knot" benches/load/dns.sh
 #                                  # beacon-b<N>: beacon with [dns] udp_batch = N
+#   DNS_TCP=1 BEACON_ALT=/other/beacon DNS_SERVERS="beacon beacon-alt knot" benches/load/dns.sh
+#                                  # adds pipelined TCP (tcp-hit); beacon-alt: a second build
 . "$(dirname "$0")/common.sh"
 
 need dnsperf:dnsperf knotd:knot unbound:unbound dnsmasq:dnsmasq dig:bind9-dnsutils python3:python3
@@ -61,13 +63,17 @@ wait_dns "$UP_PORT" host-1.upstream.test
 start_server() { # NAME PORT -> sets SERVER_PID; knows how to start each one
     local name="$1" port="$2"
     case "$name" in
-    beacon | beacon-b*)
+    beacon | beacon-b* | beacon-alt)
+        local bin="$BEACON"
+        if [ "$name" = beacon-alt ]; then
+            bin="${BEACON_ALT:?set BEACON_ALT to the other beacon binary}"
+        fi
         beacon_config "$DATA/beacon.toml" "$port" "$(free_port)" "$DATA/services" "127.0.0.1:$UP_PORT"
-        if [ "$name" != beacon ]; then
+        if [[ "$name" == beacon-b* ]]; then
             # beacon-b<N>: [dns] udp_batch = N (the batch-size tuning rows).
             sed -i "s/^\[dns\]\$/[dns]\nudp_batch = ${name#beacon-b}/" "$DATA/beacon.toml"
         fi
-        start "$name" env RUST_LOG=warn "$BEACON" run --config "$DATA/beacon.toml"
+        start "$name" env RUST_LOG=warn "$bin" run --config "$DATA/beacon.toml"
         ;;
     knot)
         mkdir -p "$DATA/knot"
@@ -204,6 +210,10 @@ for server in $SERVERS; do
     run_dnsperf "$server" nxdomain "$port" "$DATA/q-nx.txt"
     run_dnsperf "$server" srv "$port" "$DATA/q-srv.txt"
     run_latency "$server" "$port"
+    if [ -n "${DNS_TCP:-}" ]; then
+        # Pipelined TCP: 4 connections, 500 queries in flight over them.
+        run_dnsperf "$server" tcp-hit "$port" "$DATA/q-hit.txt" -m tcp
+    fi
     if [ "$server" = beacon ] || [ "$server" = unbound ]; then
         # (the beacon-b<N> tuning rows skip forwarding: not a UDP-loop path)
         # Only the upstream knows upstream.test: an address proves a real forward.
