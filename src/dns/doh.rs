@@ -155,6 +155,7 @@ async fn respond<A: Answer>(
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     if req.uri().path() != DOH_PATH {
+        drain(req.into_body()).await;
         return status(StatusCode::NOT_FOUND);
     }
     let query = match *req.method() {
@@ -167,6 +168,7 @@ async fn respond<A: Answer>(
             Err(code) => return status(code),
         },
         _ => {
+            drain(req.into_body()).await;
             let mut r = status(StatusCode::METHOD_NOT_ALLOWED);
             r.headers_mut()
                 .insert(ALLOW, HeaderValue::from_static("GET, POST"));
@@ -218,6 +220,7 @@ async fn post_message(req: Request<Incoming>) -> Result<Vec<u8>, StatusCode> {
                 .eq_ignore_ascii_case(DNS_MESSAGE)
         });
     if !typed {
+        drain(req.into_body()).await;
         return Err(StatusCode::UNSUPPORTED_MEDIA_TYPE);
     }
     let body = Limited::new(req.into_body(), MAX_MESSAGE)
@@ -225,6 +228,16 @@ async fn post_message(req: Request<Incoming>) -> Result<Vec<u8>, StatusCode> {
         .await
         .map_err(|_| StatusCode::PAYLOAD_TOO_LARGE)?;
     Ok(body.to_bytes().to_vec())
+}
+
+/// Reads (and drops) a request body that is refused, up to
+/// [`MAX_MESSAGE`] bytes, before the error goes out. Answering an HTTP/2
+/// request whose body is still coming makes hyper reset the stream, and
+/// curl then reported "Stream error in the HTTP/2 framing layer" instead
+/// of the status, now and then (CI saw it on a 415). A larger body is
+/// left to that reset, as a 413 is.
+async fn drain(body: Incoming) {
+    let _ = Limited::new(body, MAX_MESSAGE).collect().await;
 }
 
 fn status(code: StatusCode) -> Response<Full<Bytes>> {
