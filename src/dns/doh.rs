@@ -32,7 +32,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -74,35 +73,19 @@ pub async fn serve<A: Answer>(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     // ALPN: h2, then HTTP/1.1.
-    let acceptor = tls::acceptor(certs, &[b"h2", b"http/1.1"]).map_err(std::io::Error::other)?;
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let accept = tls::Accept {
+        acceptor: tls::acceptor(certs, &[b"h2", b"http/1.1"]).map_err(std::io::Error::other)?,
+        max_connections: MAX_CONNECTIONS,
+        handshake: timeout,
+        what: "doh",
+    };
     let tasks = TaskTracker::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of descriptors and the like: back off, keep serving.
-                    tracing::debug!(error = %e, "dns doh accept");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "dns doh: connection cap reached");
-            continue;
-        };
-        let (acceptor, answer, shutdown) = (acceptor.clone(), answer.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            let _slot = slot;
-            let Ok(Ok(stream)) = tokio::time::timeout(timeout, acceptor.accept(tcp)).await else {
-                return;
-            };
-            connection(stream, peer, answer, timeout, shutdown).await;
-        });
-    }
+    let stop = shutdown.clone();
+    accept
+        .run(listener, &shutdown, &tasks, move |stream, peer| {
+            connection(stream, peer, answer.clone(), timeout, stop.clone())
+        })
+        .await;
     tasks.close();
     let _ = tokio::time::timeout(DRAIN, tasks.wait()).await;
     Ok(())

@@ -16,10 +16,8 @@
 //! deadline as TCP.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -41,54 +39,21 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     // No ALPN offered: RFC 7858 clients need none ("dot" is optional).
-    let acceptor = tls::acceptor(certs, &[]).map_err(std::io::Error::other)?;
-    let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
+    let accept = tls::Accept {
+        acceptor: tls::acceptor(certs, &[]).map_err(std::io::Error::other)?,
+        max_connections: settings.max_connections,
+        handshake: settings.idle_timeout,
+        what: "dot",
+    };
     let tasks = TaskTracker::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of descriptors and the like: back off, keep serving.
-                    tracing::debug!(error = %e, "dns dot accept");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "dns dot: connection cap reached; closing");
-            continue;
-        };
-        let (acceptor, shared, reader, shutdown) = (
-            acceptor.clone(),
-            shared.clone(),
-            reader.clone(),
-            shutdown.clone(),
-        );
-        tasks.spawn(async move {
-            let _slot = slot;
-            let _ = tcp.set_nodelay(true);
-            let handshake = tokio::time::timeout(settings.idle_timeout, acceptor.accept(tcp));
-            let stream = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                h = handshake => match h {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "dns dot: TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "dns dot: TLS handshake timed out");
-                        return;
-                    }
-                },
-            };
+    let stop = shutdown.clone();
+    accept
+        .run(listener, &shutdown, &tasks, move |stream, peer| {
+            let (shared, reader, shutdown) = (shared.clone(), reader.clone(), stop.clone());
             let halves = tokio::io::split(stream);
-            tcp::serve_stream(halves, peer, shared, reader, settings, Proto::Dot, shutdown).await;
-        });
-    }
+            tcp::serve_stream(halves, peer, shared, reader, settings, Proto::Dot, shutdown)
+        })
+        .await;
     tasks.close();
     tasks.wait().await;
     Ok(())

@@ -2,7 +2,10 @@
 //! bad pair is an error then), re-read when either file changes. A pair
 //! that does not load later keeps the last good one in force and is logged.
 //!
-//! A leaf: rustls (ring) and the standard library, nothing else of `dns/`.
+//! Also the accept loop DoT and DoH share ([`Accept`]).
+//!
+//! A leaf: rustls (ring), tokio and the standard library, nothing else of
+//! `dns/`.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -13,7 +16,11 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// How often the files are looked at for a change.
 pub const CERT_POLL: Duration = Duration::from_secs(1);
@@ -35,6 +42,75 @@ pub fn acceptor(
         .with_cert_resolver(certs);
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// How a TLS listener accepts: at most `max_connections` at once (more
+/// are closed at accept), each TLS handshake within `handshake`, `what`
+/// (`dot`, `doh`) in the log.
+pub struct Accept {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub max_connections: usize,
+    pub handshake: Duration,
+    pub what: &'static str,
+}
+
+impl Accept {
+    /// Accepts on `listener` until `shutdown` and runs `serve` on each
+    /// connection that completed its handshake, as a task of `tasks`
+    /// (which the caller closes and waits on). Accept errors (out of
+    /// descriptors and the like) back off 10 ms; a handshake still going
+    /// at shutdown is dropped.
+    pub async fn run<F, Fut>(
+        self,
+        listener: TcpListener,
+        shutdown: &CancellationToken,
+        tasks: &TaskTracker,
+        serve: F,
+    ) where
+        F: Fn(TlsStream<TcpStream>, std::net::SocketAddr) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let what = self.what;
+        let slots = Arc::new(Semaphore::new(self.max_connections.max(1)));
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "dns {what} accept");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "dns {what}: connection cap reached; closing");
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let handshake = tokio::time::timeout(self.handshake, self.acceptor.accept(tcp));
+            let (serve, shutdown) = (serve.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                let _slot = slot;
+                let stream = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    h = handshake => match h {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "dns {what}: TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "dns {what}: TLS handshake timed out");
+                            return;
+                        }
+                    },
+                };
+                serve(stream, peer).await;
+            });
+        }
+    }
 }
 
 /// What the files looked like when last read: modification time and length.
