@@ -7,37 +7,13 @@ use std::time::Duration;
 
 use super::etcd::Node;
 use super::etcd_harness::{EtcdCluster, Tls};
-use super::harness::{eventually, openssl};
+use super::harness::{eventually, openssl, self_signed};
 
 const CONNECTED: &str = "beacon_source_connected{source=\"etcd\"}";
 
 /// A self-signed CA `name` (`name.pem`, `name.key`).
 fn make_ca(dir: &Path, name: &str) {
-    let (key, pem, subj) = (
-        format!("{name}.key"),
-        format!("{name}.pem"),
-        format!("/CN={name}"),
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &subj,
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-        ],
-    );
+    self_signed(dir, name, &format!("/CN={name}"), &[]);
 }
 
 /// A certificate `name` signed by CA `ca`, for 127.0.0.1, usable by a

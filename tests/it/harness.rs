@@ -365,7 +365,7 @@ pub fn fetch_name(addr: SocketAddr) -> Result<String, String> {
 /// and measure time; `None` when no reply came within 500 ms.
 pub fn query_a(dns: SocketAddr, name: &str) -> Option<Vec<String>> {
     use hickory_proto::op::{Message, MessageType, OpCode, Query};
-    use hickory_proto::rr::{Name, RData, RecordType};
+    use hickory_proto::rr::{Name, RecordType};
     let mut msg = Message::new(fastrand::u16(..), MessageType::Query, OpCode::Query);
     msg.queries
         .push(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
@@ -376,16 +376,22 @@ pub fn query_a(dns: SocketAddr, name: &str) -> Option<Vec<String>> {
     let mut buf = [0u8; 4096];
     let n = sock.recv(&mut buf).ok()?;
     let reply = Message::from_vec(&buf[..n]).ok()?;
-    let mut ips: Vec<String> = reply
+    let mut ips = a_addresses(&reply);
+    ips.sort();
+    Some(ips)
+}
+
+/// The A addresses in a reply's answer section, in order.
+pub fn a_addresses(reply: &hickory_proto::op::Message) -> Vec<String> {
+    use hickory_proto::rr::RData;
+    reply
         .answers
         .iter()
         .filter_map(|r| match &r.data {
             RData::A(a) => Some(a.0.to_string()),
             _ => None,
         })
-        .collect();
-    ips.sort();
-    Some(ips)
+        .collect()
 }
 
 /// Serializes the tests that measure time, so they do not load each other.
@@ -417,6 +423,32 @@ pub fn rss_bytes(pid: u32) -> u64 {
 }
 
 /// `openssl ARGS` in `dir` (test certificates); fails the test on an error.
+/// A self-signed EC (P-256) certificate `name.pem` with its key
+/// `name.key` in `dir`, for subject `subj`, valid 2 days; `more` is added
+/// to the `openssl req` arguments (`-addext ...`).
+pub fn self_signed(dir: &std::path::Path, name: &str, subj: &str, more: &[&str]) {
+    let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
+    let mut args = vec![
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        subj,
+        "-keyout",
+        &key,
+        "-out",
+        &pem,
+    ];
+    args.extend_from_slice(more);
+    openssl(dir, &args);
+}
+
 pub fn openssl(dir: &std::path::Path, args: &[&str]) {
     let out = std::process::Command::new("openssl")
         .current_dir(dir)
