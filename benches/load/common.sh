@@ -142,6 +142,24 @@ rss_kb() {
 
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS_TSV"; }
 
+# record_dnsperf SERVER TEST CPU_TICKS DNSPERF_OUTPUT: qps, average latency,
+# lost % and the server's CPU per completed query, from one dnsperf run.
+record_dnsperf() {
+    local server="$1" test="$2" ticks="$3" out="$4"
+    awk -v server="$server" -v test="$test" -v ticks="$ticks" -v hz="$CLK_TCK" '
+        /Queries completed:/ { done = $3 }
+        /Queries lost:/ { lost = $4; gsub(/[()%]/, "", lost) }
+        /Queries per second:/ { qps = $4 }
+        /Average Latency/ { lat = $4 * 1000 }
+        END {
+            cpu = done > 0 ? ticks / hz / done * 1e6 : 0
+            printf "dns\t%s\t%s\tqps\t%.0f\n", test, server, qps
+            printf "dns\t%s\t%s\tavg_ms\t%.3f\n", test, server, lat
+            printf "dns\t%s\t%s\tlost_pct\t%.2f\n", test, server, lost
+            printf "dns\t%s\t%s\tcpu_us_per_q\t%.2f\n", test, server, cpu
+        }' "$out" >>"$RESULTS_TSV"
+}
+
 have_beacon() { [ -x "$BEACON" ] && [ -z "${NO_BEACON:-}" ]; }
 
 # Builds the release binary and the convergence driver unless told not to.

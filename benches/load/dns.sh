@@ -162,18 +162,7 @@ run_dnsperf() {
     c0=$(cpu_ticks "$SERVER_PID")
     dnsperf -s 127.0.0.1 -p "$port" -d "$qf" -l "$SECS" -c 4 -T 1 -q 500 -t 2 "$@" >"$out" 2>&1 || true
     c1=$(cpu_ticks "$SERVER_PID")
-    awk -v server="$server" -v test="$test" -v ticks=$((c1 - c0)) -v hz="$CLK_TCK" '
-        /Queries completed:/ { done = $3 }
-        /Queries lost:/ { lost = $4; gsub(/[()%]/, "", lost) }
-        /Queries per second:/ { qps = $4 }
-        /Average Latency/ { lat = $4 * 1000 }
-        END {
-            cpu = done > 0 ? ticks / hz / done * 1e6 : 0
-            printf "dns\t%s\t%s\tqps\t%.0f\n", test, server, qps
-            printf "dns\t%s\t%s\tavg_ms\t%.3f\n", test, server, lat
-            printf "dns\t%s\t%s\tlost_pct\t%.2f\n", test, server, lost
-            printf "dns\t%s\t%s\tcpu_us_per_q\t%.2f\n", test, server, cpu
-        }' "$out" >>"$RESULTS_TSV"
+    record_dnsperf "$server" "$test" $((c1 - c0)) "$out"
 }
 
 # run_latency SERVER PORT: fixed rate, every query's latency -> p50/p99.

@@ -137,18 +137,7 @@ run_tls() {
         cat "$out" >&2
         exit 1
     fi
-    awk -v server="$server" -v test="$test" -v ticks=$((c1 - c0)) -v hz="$CLK_TCK" '
-        /Queries completed:/ { done = $3 }
-        /Queries lost:/ { lost = $4; gsub(/[()%]/, "", lost) }
-        /Queries per second:/ { qps = $4 }
-        /Average Latency/ { lat = $4 * 1000 }
-        END {
-            cpu = done > 0 ? ticks / hz / done * 1e6 : 0
-            printf "dns\t%s\t%s\tqps\t%.0f\n", test, server, qps
-            printf "dns\t%s\t%s\tavg_ms\t%.3f\n", test, server, lat
-            printf "dns\t%s\t%s\tlost_pct\t%.2f\n", test, server, lost
-            printf "dns\t%s\t%s\tcpu_us_per_q\t%.2f\n", test, server, cpu
-        }' "$out" >>"$RESULTS_TSV"
+    record_dnsperf "$server" "$test" $((c1 - c0)) "$out"
 }
 
 # run_h2load SERVER TEST PORT [h2load args]: one saturated DoH run.
