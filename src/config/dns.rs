@@ -24,7 +24,8 @@ pub struct DnsConfig {
     /// UDP sockets bound with SO_REUSEPORT (default: one per core).
     pub udp_sockets: usize,
     /// Datagrams per `recvmmsg`/`sendmmsg` on each UDP socket (1: one
-    /// `recvfrom`-like call per query).
+    /// `recvfrom`-like call per query); default 64, the best size at
+    /// saturation in the tuning runs (BENCHMARKS.md).
     pub udp_batch: usize,
     pub forward_timeout: Duration,
     /// Failures in a row (timeout, socket error, unreadable reply) that

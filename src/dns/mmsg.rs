@@ -12,10 +12,6 @@ use std::os::fd::AsRawFd;
 use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrLike, SockaddrStorage, recvmmsg, sendmmsg};
 
-/// Datagrams per system call by default (`[dns] udp_batch`). Queued
-/// queries beyond it wait for the next call, which comes right after this
-/// batch is answered.
-pub const BATCH: usize = 64;
 /// Receive buffer per slot: the largest UDP payload.
 const SLOT: usize = 65536;
 
@@ -34,18 +30,6 @@ pub struct SendBatch {
     peers: Vec<Option<SockaddrStorage>>,
     pending: usize,
     headers: MultiHeaders<SockaddrStorage>,
-}
-
-impl Default for RecvBatch {
-    fn default() -> Self {
-        Self::new(BATCH)
-    }
-}
-
-impl Default for SendBatch {
-    fn default() -> Self {
-        Self::new(BATCH)
-    }
 }
 
 impl SendBatch {
